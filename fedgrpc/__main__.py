@@ -1,0 +1,5 @@
+"""``python -m fedgrpc``."""
+
+from fedgrpc.cli import main
+
+raise SystemExit(main())

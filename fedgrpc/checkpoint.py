@@ -1,0 +1,93 @@
+"""Model checkpoints: ``.npz`` written atomically (temp file, fsync, rename) with a checksum."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedgrpc.errors import ConfigError
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_arrays(path: Path, arrays: Mapping[str, np.ndarray],
+                meta: Mapping[str, Any] | None = None) -> str:
+    """Save named arrays (and JSON metadata) as ``.npz`` atomically; return its SHA-256 hex.
+
+    A sidecar ``<path>.sha256`` holds the checksum so a torn or edited file is detected.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            payload = dict(arrays)
+            if meta is not None:
+                payload["__meta__"] = np.frombuffer(
+                    json.dumps(dict(meta), sort_keys=True).encode(), dtype=np.uint8
+                )
+            np.savez(f, **payload)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = _file_sha256(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write(path.with_name(path.name + ".sha256"), (digest + "\n").encode())
+    return digest
+
+
+def load_arrays(path: Path, *, expected_sha256: str | None = None,
+                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Load a checkpoint written by :func:`save_arrays`, verifying its checksum.
+
+    The checksum comes from ``expected_sha256`` or else the sidecar file, if present.
+    """
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    digest = _file_sha256(path)
+    side = path.with_name(path.name + ".sha256")
+    want = expected_sha256 or (side.read_text().strip() if side.is_file() else None)
+    if want is not None and want != digest:
+        raise ConfigError(f"checkpoint {path} is corrupt: sha256 {digest} != {want}")
+    # Never allow_pickle: a checkpoint may come from someone else.
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files if k != "__meta__"}
+            meta = json.loads(bytes(z["__meta__"]).decode()) if "__meta__" in z.files else {}
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"cannot read checkpoint {path}: {err}") from None
+    return arrays, meta
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,614 @@
+"""SQLite run ledger: run provenance, parties, rounds, per-party scores (DESIGN §6).
+
+One file per run directory (``ledger.sqlite``) in WAL mode with ``synchronous=FULL``: a
+round's row, its per-party rows and the resume state commit in one transaction, and a
+crash at any moment loses at most the open round. Readers in other processes (the
+``contributions`` and ``status`` commands) open the same file read-only while the
+aggregator writes (:meth:`Ledger.open_readonly`).
+
+Re-recording a round:
+
+* byte-identical content (everything but the commit time) is a no-op, so a retried
+  commit is safe;
+* a round stored as failed ("failed: ...") may be superseded by a later attempt with the
+  same number (quorum retries); the failed row is replaced, and a warning is logged;
+* anything else raises :class:`~fedgrpc.errors.FedGrpcError` with code ALREADY_EXISTS.
+
+Floats that are NaN are stored as SQL NULL (SQLite has no NaN) and read back as NaN.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from enum import Enum
+from pathlib import Path, PurePath
+from types import TracebackType
+from typing import Any, Self
+
+from fedgrpc import contribution
+from fedgrpc.errors import ConfigError, FedGrpcError
+from fedgrpc.types import (
+    ContributionReport,
+    PartyContribution,
+    PartyRound,
+    RoundResult,
+)
+
+log = logging.getLogger(__name__)
+
+LEDGER_FILE = "ledger.sqlite"
+"""File name of the ledger inside a run directory."""
+
+SCHEMA_VERSION = 1
+"""Stored in ``PRAGMA user_version``; bump with a migration when the schema changes."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS run (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    run_id TEXT NOT NULL,
+    created_at REAL NOT NULL,          -- unix time (s)
+    config TEXT NOT NULL,              -- JSON object
+    validation_digest TEXT NOT NULL,   -- hex digest of the validation set
+    method TEXT NOT NULL,              -- scoring method, e.g. "digfl"
+    method_version TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS parties (
+    party_id TEXT PRIMARY KEY,
+    num_samples INTEGER NOT NULL CHECK (num_samples >= 0),
+    attack TEXT NOT NULL DEFAULT '',   -- simulated attack ("" = none)
+    joined_at REAL NOT NULL,           -- unix time (s)
+    last_seen REAL NOT NULL            -- unix time (s)
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY CHECK (round >= 0),
+    status TEXT NOT NULL,              -- "ok" or "failed: <reason>"
+    val_loss_before REAL,              -- NULL = NaN
+    val_acc_before REAL,
+    val_loss_after REAL,
+    val_acc_after REAL,
+    predicted_drop REAL,               -- sum of the round's scores
+    measured_drop REAL,                -- val_loss_before - val_loss_after
+    duration_s REAL,
+    val_grad_s REAL,
+    aggregate_s REAL,
+    model_digest TEXT NOT NULL,
+    submitted TEXT NOT NULL,           -- JSON list of party ids, in PartyRound order
+    late TEXT NOT NULL,                -- JSON list of party ids
+    closed_at REAL NOT NULL,           -- unix time (s) of the commit
+    extra TEXT NOT NULL,               -- JSON object
+    content_digest TEXT NOT NULL       -- SHA-256 of the canonical RoundResult JSON
+);
+CREATE TABLE IF NOT EXISTS party_rounds (
+    round INTEGER NOT NULL REFERENCES rounds(round) ON DELETE CASCADE,
+    party_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,              -- position in RoundResult.parties
+    num_samples INTEGER NOT NULL CHECK (num_samples >= 0),
+    weight REAL,
+    score REAL,
+    dot REAL,
+    update_norm REAL,
+    train_loss REAL,
+    submission_id TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (round, party_id)
+);
+CREATE INDEX IF NOT EXISTS party_rounds_by_party ON party_rounds (party_id, round);
+CREATE TABLE IF NOT EXISTS state (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL                -- JSON
+);
+"""
+
+_ROUND_COLUMNS = (
+    "round, status, val_loss_before, val_acc_before, val_loss_after, val_acc_after, "
+    "predicted_drop, measured_drop, duration_s, val_grad_s, aggregate_s, model_digest, "
+    "submitted, late, closed_at, extra, content_digest"
+)
+_PARTY_COLUMNS = (
+    "round, party_id, seq, num_samples, weight, score, dot, update_norm, train_loss, "
+    "submission_id, digest"
+)
+
+
+def _json_default(obj: object) -> Any:
+    """Encode the few non-JSON types a config mapping carries; refuse the rest."""
+    if isinstance(obj, PurePath):
+        return str(obj)
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    item = getattr(obj, "item", None)  # NumPy scalars
+    if callable(item):
+        return item()
+    raise TypeError(f"cannot store {type(obj).__name__} in the ledger as JSON")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=_json_default)
+
+
+def _nan(value: float | None) -> float:
+    """SQL NULL back to NaN."""
+    return math.nan if value is None else float(value)
+
+
+def _is_failed(status: str) -> bool:
+    return status.startswith("failed")
+
+
+def _content_digest(result: RoundResult) -> str:
+    """SHA-256 of a canonical JSON form of everything in ``result``."""
+    canonical = json.dumps(asdict(result), sort_keys=True, default=_json_default)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Ledger:
+    """The run ledger: one SQLite file, one connection, guarded by a lock.
+
+    Every public method is thread-safe. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        readonly: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Open (creating if needed) the ledger at ``path``.
+
+        Args:
+            path: The SQLite file, or a run directory holding ``ledger.sqlite``.
+            readonly: Open without write access; safe while another process writes.
+            clock: Source of unix timestamps (tests pass a fake one).
+
+        Raises:
+            ConfigError: ``readonly`` and there is no ledger at ``path``, or the file
+                has a newer schema than this code knows.
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / LEDGER_FILE
+        self.path = path
+        self.readonly = readonly
+        self._clock = clock
+        self._lock = threading.Lock()
+        if readonly:
+            if not path.is_file():
+                raise ConfigError(f"no ledger at {path}")
+            self._conn = sqlite3.connect(
+                f"{path.resolve().as_uri()}?mode=ro",
+                uri=True,
+                check_same_thread=False,
+                isolation_level=None,
+            )
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(
+                path, check_same_thread=False, isolation_level=None
+            )
+        try:
+            self._setup()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    @classmethod
+    def open_readonly(cls, path: Path) -> Ledger:
+        """Open an existing ledger for reading only (another process may be writing)."""
+        return cls(path, readonly=True)
+
+    def _setup(self) -> None:
+        conn = self._conn
+        conn.row_factory = sqlite3.Row
+        # Readers wait out a writer's checkpoint instead of failing with SQLITE_BUSY.
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("PRAGMA foreign_keys = ON")
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"ledger {self.path} has schema {version}; this fedgrpc knows "
+                f"{SCHEMA_VERSION}"
+            )
+        if self.readonly:
+            return
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise ConfigError(f"ledger {self.path}: cannot enable WAL (got {mode})")
+        # FULL: fsync the WAL on every commit, so a committed round survives power loss.
+        conn.execute("PRAGMA synchronous = FULL")
+        with self._transaction():
+            # Not executescript: it COMMITs first, which would split the transaction.
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # -- plumbing -------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error. Caller holds lock."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: several SELECTs see one committed state."""
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise FedGrpcError(
+                f"ledger {self.path} is open read-only", code="FAILED_PRECONDITION"
+            )
+
+    def close(self) -> None:
+        """Close the connection; further calls fail."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def journal_mode(self) -> str:
+        """The database's journal mode (``"wal"`` for a ledger)."""
+        with self._lock:
+            return str(self._conn.execute("PRAGMA journal_mode").fetchone()[0])
+
+    # -- run --------------------------------------------------------------------------
+
+    def start_run(
+        self,
+        run_id: str,
+        config: Mapping[str, Any],
+        validation_digest: str,
+        method: str = "digfl",
+        method_version: str = "1",
+    ) -> None:
+        """Record the run's provenance; on resume keep the existing row.
+
+        Raises:
+            ConfigError: The ledger already belongs to a different run id.
+            TypeError: ``config`` holds values that cannot be stored as JSON.
+        """
+        self._writable()
+        config_json = _dumps(dict(config))
+        with self._lock, self._transaction() as conn:
+            row = conn.execute("SELECT run_id FROM run WHERE id = 1").fetchone()
+            if row is not None:
+                if row["run_id"] != run_id:
+                    raise ConfigError(
+                        f"ledger {self.path} belongs to run {row['run_id']!r}, "
+                        f"not {run_id!r}"
+                    )
+                log.info("resuming run %s from %s", run_id, self.path)
+                return
+            conn.execute(
+                "INSERT INTO run (id, run_id, created_at, config, validation_digest, "
+                "method, method_version) VALUES (1, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    self._clock(),
+                    config_json,
+                    validation_digest,
+                    method,
+                    method_version,
+                ),
+            )
+
+    def run_info(self) -> dict[str, Any] | None:
+        """The run row (config parsed from JSON), or None before :meth:`start_run`."""
+        with self._snapshot() as conn:
+            return self._run_info(conn)
+
+    @staticmethod
+    def _run_info(conn: sqlite3.Connection) -> dict[str, Any] | None:
+        row = conn.execute(
+            "SELECT run_id, created_at, config, validation_digest, method, "
+            "method_version FROM run WHERE id = 1"
+        ).fetchone()
+        if row is None:
+            return None
+        info = dict(row)
+        info["config"] = json.loads(info["config"])
+        return info
+
+    # -- parties ----------------------------------------------------------------------
+
+    def upsert_party(self, party_id: str, num_samples: int, attack: str = "") -> None:
+        """Insert a party or update its sample count, attack and last-seen time."""
+        self._writable()
+        now = self._clock()
+        with self._lock, self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO parties (party_id, num_samples, attack, joined_at, "
+                "last_seen) VALUES (?, ?, ?, ?, ?) ON CONFLICT (party_id) DO UPDATE "
+                "SET num_samples = excluded.num_samples, attack = excluded.attack, "
+                "last_seen = excluded.last_seen",
+                (party_id, int(num_samples), attack, now, now),
+            )
+
+    def parties(self) -> list[dict[str, Any]]:
+        """Every party row, ordered by party id."""
+        with self._snapshot() as conn:
+            return self._parties(conn)
+
+    @staticmethod
+    def _parties(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+        rows = conn.execute(
+            "SELECT party_id, num_samples, attack, joined_at, last_seen "
+            "FROM parties ORDER BY party_id"
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    # -- rounds -----------------------------------------------------------------------
+
+    def record_round(
+        self, result: RoundResult, state: Mapping[str, Any] | None = None
+    ) -> None:
+        """Commit a round, its per-party rows and ``state`` in one transaction.
+
+        See the module docstring for what re-recording a round does.
+
+        Raises:
+            FedGrpcError: (ALREADY_EXISTS) the round is stored with different content.
+            TypeError: ``extra`` or ``state`` holds values that cannot be JSON.
+            sqlite3.IntegrityError: A row breaks a constraint (negative round or
+                sample count, a party twice in one round); nothing is committed.
+        """
+        self._writable()
+        # Serialise before BEGIN, so a bad value fails without touching the database.
+        digest = _content_digest(result)
+        extra_json = _dumps(result.extra)
+        state_rows = [(k, _dumps(v)) for k, v in (state or {}).items()]
+        round_row = (
+            result.round,
+            result.status,
+            result.val_loss_before,
+            result.val_acc_before,
+            result.val_loss_after,
+            result.val_acc_after,
+            result.predicted_drop,
+            result.measured_drop,
+            result.duration_s,
+            result.val_grad_s,
+            result.aggregate_s,
+            result.model_digest,
+            json.dumps([p.party_id for p in result.parties]),
+            json.dumps(list(result.late)),
+            self._clock(),
+            extra_json,
+            digest,
+        )
+        party_rows = [
+            (
+                result.round,
+                p.party_id,
+                seq,
+                p.num_samples,
+                p.weight,
+                p.score,
+                p.dot,
+                p.update_norm,
+                p.train_loss,
+                p.submission_id,
+                p.digest,
+            )
+            for seq, p in enumerate(result.parties)
+        ]
+        with self._lock, self._transaction() as conn:
+            old = conn.execute(
+                "SELECT status, content_digest FROM rounds WHERE round = ?",
+                (result.round,),
+            ).fetchone()
+            if old is not None:
+                if old["content_digest"] == digest:
+                    log.debug("round %d already recorded identically", result.round)
+                    return
+                if not _is_failed(old["status"]):
+                    raise FedGrpcError(
+                        f"round {result.round} is already recorded as "
+                        f"{old['status']!r} with different content",
+                        code="ALREADY_EXISTS",
+                    )
+                log.warning(
+                    "round %d: replacing recorded %r with a new attempt (%r)",
+                    result.round,
+                    old["status"],
+                    result.status,
+                )
+                conn.execute("DELETE FROM rounds WHERE round = ?", (result.round,))
+            conn.execute(
+                f"INSERT INTO rounds ({_ROUND_COLUMNS}) VALUES "
+                f"({', '.join('?' * len(round_row))})",
+                round_row,
+            )
+            if party_rows:
+                conn.executemany(
+                    f"INSERT INTO party_rounds ({_PARTY_COLUMNS}) VALUES "
+                    f"({', '.join('?' * len(party_rows[0]))})",
+                    party_rows,
+                )
+                conn.executemany(
+                    "UPDATE parties SET last_seen = ? WHERE party_id = ?",
+                    [(round_row[14], p.party_id) for p in result.parties],
+                )
+            if state_rows:
+                conn.executemany(
+                    "INSERT INTO state (key, value) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    state_rows,
+                )
+
+    def rounds(
+        self, from_round: int = 0, to_round: int | None = None
+    ) -> list[RoundResult]:
+        """Recorded rounds with ``from_round <= round <= to_round``, in round order."""
+        with self._snapshot() as conn:
+            return self._rounds(conn, from_round, to_round)
+
+    @staticmethod
+    def _rounds(
+        conn: sqlite3.Connection, from_round: int, to_round: int | None
+    ) -> list[RoundResult]:
+        upper = to_round if to_round is not None else -1
+        round_rows = conn.execute(
+            f"SELECT {_ROUND_COLUMNS} FROM rounds WHERE round >= ? "
+            "AND (? < 0 OR round <= ?) ORDER BY round",
+            (from_round, upper, upper),
+        ).fetchall()
+        party_rows = conn.execute(
+            f"SELECT {_PARTY_COLUMNS} FROM party_rounds WHERE round >= ? "
+            "AND (? < 0 OR round <= ?) ORDER BY round, seq",
+            (from_round, upper, upper),
+        ).fetchall()
+        by_round: dict[int, list[PartyRound]] = {}
+        for r in party_rows:
+            by_round.setdefault(r["round"], []).append(
+                PartyRound(
+                    party_id=r["party_id"],
+                    num_samples=int(r["num_samples"]),
+                    weight=_nan(r["weight"]),
+                    score=_nan(r["score"]),
+                    dot=_nan(r["dot"]),
+                    update_norm=_nan(r["update_norm"]),
+                    train_loss=_nan(r["train_loss"]),
+                    submission_id=r["submission_id"],
+                    digest=r["digest"],
+                )
+            )
+        return [
+            RoundResult(
+                round=int(r["round"]),
+                status=r["status"],
+                parties=tuple(by_round.get(r["round"], ())),
+                late=tuple(json.loads(r["late"])),
+                val_loss_before=_nan(r["val_loss_before"]),
+                val_acc_before=_nan(r["val_acc_before"]),
+                val_loss_after=_nan(r["val_loss_after"]),
+                val_acc_after=_nan(r["val_acc_after"]),
+                model_digest=r["model_digest"],
+                duration_s=_nan(r["duration_s"]),
+                val_grad_s=_nan(r["val_grad_s"]),
+                aggregate_s=_nan(r["aggregate_s"]),
+                extra=json.loads(r["extra"]),
+            )
+            for r in round_rows
+        ]
+
+    def last_round(self) -> int | None:
+        """Highest recorded round number, or None when none is recorded."""
+        with self._lock:
+            row = self._conn.execute("SELECT MAX(round) FROM rounds").fetchone()
+        return None if row[0] is None else int(row[0])
+
+    # -- resume state -----------------------------------------------------------------
+
+    def get_state(self, key: str, default: Any = None) -> Any:
+        """The JSON value stored under ``key``, or ``default``."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT value FROM state WHERE key = ?", (key,)
+            ).fetchone()
+        return default if row is None else json.loads(row["value"])
+
+    def set_state(self, key: str, value: Any) -> None:
+        """Store a JSON-serialisable value under ``key`` (its own transaction)."""
+        self._writable()
+        value_json = _dumps(value)
+        with self._lock, self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO state (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value_json),
+            )
+
+    # -- contributions ----------------------------------------------------------------
+
+    def contributions(
+        self,
+        party_ids: Sequence[str] | None = None,
+        from_round: int = 0,
+        to_round: int | None = None,
+    ) -> ContributionReport:
+        """DIG-FL contributions over the selected rounds (``to_round`` inclusive).
+
+        Failed rounds are listed in ``rounds`` but contribute no scores. Totals, shares
+        and reference shares are computed over every party, then filtered to
+        ``party_ids``, so a share stays a fraction of the whole drop. ``rounds`` holds
+        the full RoundResults, other parties' rows included: callers that show a
+        report to a party must not forward ``RoundResult.parties``. ``rounds_done``
+        counts every recorded round (ok or failed) in the ledger, whatever the range.
+        """
+        with self._snapshot() as conn:
+            info = self._run_info(conn)
+            selected = self._rounds(conn, from_round, to_round)
+            party_rows = {p["party_id"]: p for p in self._parties(conn)}
+            rounds_done = int(conn.execute("SELECT COUNT(*) FROM rounds").fetchone()[0])
+
+        scored = [r for r in selected if not _is_failed(r.status)]
+        per_round = [{p.party_id: p.score for p in r.parties} for r in scored]
+        known = list(dict.fromkeys([*party_rows, *(p for s in per_round for p in s)]))
+        total = dict.fromkeys(known, 0.0)
+        total.update(contribution.totals(per_round))
+        share = contribution.shares(total)
+        reference = contribution.reference_shares(per_round)
+
+        wanted = known if party_ids is None else list(dict.fromkeys(party_ids))
+        entries: list[PartyContribution] = []
+        for pid in wanted:
+            history = [
+                (r.round, p) for r in scored for p in r.parties if p.party_id == pid
+            ]
+            entries.append(
+                PartyContribution(
+                    party_id=pid,
+                    total=total.get(pid, 0.0),
+                    share=share.get(pid, 0.0),
+                    reference_share=reference.get(pid, 0.0),
+                    rounds=tuple(p for _, p in history),
+                    round_indices=tuple(t for t, _ in history),
+                    attack=str(party_rows.get(pid, {}).get("attack", "")),
+                )
+            )
+        entries.sort(key=lambda c: (-c.total, c.party_id))
+        method = "" if info is None else f"{info['method']}-{info['method_version']}"
+        return ContributionReport(
+            run_id="" if info is None else str(info["run_id"]),
+            method=method,
+            parties=tuple(entries),
+            rounds=tuple(selected),
+            rounds_done=rounds_done,
+        )

@@ -1,0 +1,205 @@
+"""Channel credentials and caller identity at the gRPC edge (DESIGN §5).
+
+The identity of a call comes from the channel, never from the payload: the verified
+client certificate's CN under mutual TLS, or an ``authorization: Bearer <token>``
+header checked against the parties file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import cast
+
+import grpc
+
+from fedgrpc.config import TlsConfig
+from fedgrpc.errors import AuthError, ConfigError
+from fedgrpc.security import Identity, PartyRegistry
+
+log = logging.getLogger(__name__)
+
+AUTH_HEADER = "authorization"
+"""Metadata key of the bearer token (gRPC metadata keys are lower case)."""
+_BEARER = "bearer"
+_CN_KEY = "x509_common_name"
+"""auth_context key of the verified peer certificate's subject CN (values are bytes)."""
+
+# mTLS without a parties file: any CA-signed certificate with a valid party id as its
+# CN is that party.
+_OPEN_REGISTRY = PartyRegistry(open=True)
+
+
+def _cert_name(context: grpc.ServicerContext) -> str | None:
+    """CN of the verified client certificate, or None if the peer sent none."""
+    # grpc-stubs types this as Mapping[str, bytes]; at runtime each value is a list
+    # of bytes, and the key is absent when the peer presented no certificate.
+    auth = cast("Mapping[str, Iterable[bytes]]", context.auth_context())
+    names = list(auth.get(_CN_KEY, ()))
+    if not names:
+        return None
+    if len(names) != 1:
+        raise AuthError("client certificate has more than one common name")
+    try:
+        return names[0].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise AuthError("client certificate common name is not UTF-8") from e
+
+
+def _bearer_token(context: grpc.ServicerContext) -> str | None:
+    """The token of the call's ``authorization: Bearer`` header, or None if absent."""
+    headers = [v for k, v in context.invocation_metadata() if k.lower() == AUTH_HEADER]
+    if not headers:
+        return None
+    if len(headers) != 1:
+        raise AuthError("more than one authorization header")
+    header = headers[0]
+    if isinstance(header, bytes):
+        try:
+            header = header.decode("ascii")
+        except UnicodeDecodeError as e:
+            raise AuthError("authorization header is not ASCII") from e
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != _BEARER or not token:
+        raise AuthError("authorization header must be 'Bearer <token>'")
+    return token
+
+
+def identity_from_context(
+    context: grpc.ServicerContext, registry: PartyRegistry | None, *, mtls: bool
+) -> Identity | None:
+    """Authenticate the caller of an RPC from its channel and metadata.
+
+    Under mTLS the verified certificate's CN is looked up in ``registry`` (or, with no
+    registry, any valid party id is accepted). A call without a client certificate (or
+    without mTLS) must carry a bearer token listed in ``registry``.
+
+    Args:
+        context: The call's servicer context.
+        registry: Parties and admins from the parties file; None if no file given.
+        mtls: Whether the server verifies client certificates (the CA given and
+            ``require_client_cert`` on).
+
+    Returns:
+        The caller, or None in open insecure mode (no registry and no mTLS), where the
+        caller falls back to the party id in the payload.
+
+    Raises:
+        AuthError: Missing, malformed or unknown credentials.
+    """
+    if registry is None and not mtls:
+        return None
+    if mtls:
+        name = _cert_name(context)
+        if name is not None:
+            identity = (registry or _OPEN_REGISTRY).identity_for_cert_name(name)
+            if identity is None:
+                log.info("rejected certificate %r from %s", name, context.peer())
+                raise AuthError(f"client certificate {name!r} is not a known party")
+            return identity
+    # No certificate: only reachable without required client certs, since the TLS
+    # handshake already rejects a client that sends none.
+    if registry is None:
+        raise AuthError("no client certificate presented")
+    token = _bearer_token(context)
+    if token is None:
+        raise AuthError(
+            "missing credentials: send 'authorization: Bearer <token>' metadata"
+            + (" or a client certificate" if mtls else "")
+        )
+    identity = registry.authenticate_token(token)
+    if identity is None:
+        # Never log the token itself.
+        log.info("rejected unknown bearer token from %s", context.peer())
+        raise AuthError("unknown bearer token")
+    return identity
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e}") from e
+
+
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    """TLS credentials for the aggregator's port.
+
+    gRPC Python either requires and verifies a client certificate or does not ask
+    for one at all; ``tls.ca`` is only used when ``tls.require_client_cert``.
+
+    Raises:
+        ConfigError: Missing certificate or key, unreadable files, or client
+            certificates required without a CA to verify them.
+    """
+    if tls.cert is None or tls.key is None:
+        raise ConfigError(
+            "TLS needs both a certificate and a key (--tls-cert/--tls-key)"
+        )
+    if tls.require_client_cert and tls.ca is None:
+        raise ConfigError(
+            "requiring client certificates needs a CA to verify them (--tls-ca)"
+        )
+    pair = (_read(tls.key, "TLS key"), _read(tls.cert, "TLS certificate"))
+    root = _read(tls.ca, "CA certificate") if tls.ca is not None else None
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=root, require_client_auth=tls.require_client_cert
+    )
+
+
+def channel_credentials(
+    ca: Path, cert: Path | None = None, key: Path | None = None
+) -> grpc.ChannelCredentials:
+    """TLS credentials for a client channel that trusts ``ca`` only.
+
+    Args:
+        ca: PEM CA certificate that signed the aggregator's certificate.
+        cert: This party's PEM client certificate, for mutual TLS.
+        key: Its private key; given exactly when ``cert`` is.
+
+    Raises:
+        ConfigError: Only one of cert and key given, or unreadable files.
+    """
+    if (cert is None) != (key is None):
+        raise ConfigError("a client certificate needs its key and vice versa")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca, "CA certificate"),
+        private_key=_read(key, "TLS key") if key is not None else None,
+        certificate_chain=_read(cert, "TLS certificate") if cert is not None else None,
+    )
+
+
+class BearerToken(grpc.AuthMetadataPlugin):
+    """Call credentials that send ``authorization: Bearer <token>`` with every call."""
+
+    def __init__(self, token: str) -> None:
+        if not token or any(c.isspace() for c in token):
+            raise ConfigError("bearer token must be non-empty without whitespace")
+        self._metadata = tuple(token_metadata(token))
+
+    def __call__(
+        self,
+        context: grpc.AuthMetadataContext,
+        callback: grpc.AuthMetadataPluginCallback,
+    ) -> None:
+        """Attach the token to an outgoing call."""
+        callback(self._metadata, None)
+
+    def __repr__(self) -> str:
+        return "BearerToken(<redacted>)"
+
+
+def token_call_credentials(token: str) -> grpc.CallCredentials:
+    """Bearer-token call credentials; combine with `channel_credentials`.
+
+    gRPC only sends call credentials over secure channels; on an insecure (test)
+    channel pass ``metadata=token_metadata(token)`` to each call instead.
+    """
+    return grpc.metadata_call_credentials(BearerToken(token), name="fedgrpc-bearer")
+
+
+def token_metadata(token: str) -> list[tuple[str, str]]:
+    """Per-call metadata carrying a bearer token, for channels without call creds."""
+    return [(AUTH_HEADER, f"Bearer {token}")]

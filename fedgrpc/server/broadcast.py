@@ -1,0 +1,94 @@
+"""Model versions encoded once and shared by every GetModel stream."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedgrpc import wire
+from fedgrpc.proto import aggregator_pb2
+
+
+@dataclass(frozen=True)
+class Version:
+    """One published item: a model version (header, chunks, end) or the done message."""
+
+    round: int
+    messages: tuple[bytes, ...]  # serialized ModelMessage, sent as-is to every stream
+    digest: bytes
+    done: bool = False
+
+
+class ModelBroadcaster:
+    """Holds the latest encoded model; GetModel streams wait on it.
+
+    Each version is encoded exactly once (``publish``); streams send those same bytes. A
+    stream that fell behind gets the latest version, never a replay of history.
+    """
+
+    def __init__(self, layout: wire.FlatLayout, *, wire_dtype: str = "float32",
+                 chunk_bytes: int = wire.CHUNK_BYTES) -> None:
+        self._layout = layout
+        self._wire_dtype = wire_dtype
+        self._chunk_bytes = chunk_bytes
+        self._cond = threading.Condition()
+        self._latest: Version | None = None
+        self._done: Version | None = None
+
+    def publish(self, round_index: int, flat: np.ndarray) -> Version:
+        """Encode ``flat`` as the model of ``round_index`` and wake every stream."""
+        h = hashlib.sha256()
+        body = []
+        total = 0
+        for chunk in wire.iter_bundle_chunks(
+            self._layout.iter_arrays(flat), chunk_bytes=self._chunk_bytes,
+            wire_dtype=self._wire_dtype,
+        ):
+            data = chunk.data
+            h.update(data)
+            total += len(data)
+            body.append(aggregator_pb2.ModelMessage(chunk=chunk).SerializeToString())
+        digest = h.digest()
+        header = aggregator_pb2.ModelMessage(
+            header=aggregator_pb2.ModelHeader(
+                round=round_index, version=round_index, digest=digest, total_bytes=total,
+                wire_dtype=wire.dtype_to_proto(self._wire_dtype),
+            )
+        ).SerializeToString()
+        end = aggregator_pb2.ModelMessage(end=aggregator_pb2.ModelEnd(digest=digest))
+        version = Version(round_index, (header, *body, end.SerializeToString()), digest)
+        with self._cond:
+            self._latest = version
+            self._cond.notify_all()
+        return version
+
+    def finish(self, rounds_completed: int, reason: str) -> None:
+        """Publish the final done message; streams end after sending it."""
+        msg = aggregator_pb2.ModelMessage(
+            done=aggregator_pb2.TrainingDone(rounds_completed=rounds_completed, reason=reason)
+        ).SerializeToString()
+        with self._cond:
+            self._done = Version(rounds_completed, (msg,), b"", done=True)
+            self._cond.notify_all()
+
+    @property
+    def latest(self) -> Version | None:
+        """The newest model version, if any."""
+        return self._latest
+
+    def wait_next(self, from_round: int, timeout_s: float) -> Version | None:
+        """The latest version with round >= ``from_round``, the done message, or None."""
+        with self._cond:
+            ready = self._cond.wait_for(
+                lambda: self._done is not None
+                or (self._latest is not None and self._latest.round >= from_round),
+                timeout=timeout_s,
+            )
+            if not ready:
+                return None
+            if self._latest is not None and self._latest.round >= from_round:
+                return self._latest
+            return self._done

@@ -1,0 +1,441 @@
+"""The only code that turns arrays into wire bytes and back (DESIGN §2).
+
+A tensor travels as name, dtype, shape and raw little-endian C-order bytes, split into
+``TensorChunk`` messages of at most ``CHUNK_BYTES``. Decoders check every declared size against
+the expected spec and the configured limits *before* allocating, refuse object dtypes, and
+check ``len(bytes) == prod(shape) * itemsize``. Nothing here unpickles or evaluates anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedgrpc.errors import InvalidUpdateError, LimitError
+from fedgrpc.proto import tensor_pb2
+from fedgrpc.types import TensorSpec
+
+CHUNK_BYTES = 1 << 20
+"""Default chunk payload (bytes); 1 MiB measured best here (DESIGN §9)."""
+
+# dtype name -> (proto enum, itemsize). bfloat16 has no NumPy dtype: it travels as the upper
+# 16 bits of a float32 and is decoded to float32.
+_DTYPES: dict[str, tuple[int, int]] = {
+    "float32": (tensor_pb2.FLOAT32, 4),
+    "float16": (tensor_pb2.FLOAT16, 2),
+    "bfloat16": (tensor_pb2.BFLOAT16, 2),
+    "float64": (tensor_pb2.FLOAT64, 8),
+    "int64": (tensor_pb2.INT64, 8),
+    "int32": (tensor_pb2.INT32, 4),
+    "uint8": (tensor_pb2.UINT8, 1),
+    "bool": (tensor_pb2.BOOL, 1),
+}
+_FROM_PROTO = {enum: name for name, (enum, _) in _DTYPES.items()}
+# Storage dtype of the raw bytes for each wire dtype (little-endian).
+_STORAGE = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<u2"),
+    "float64": np.dtype("<f8"),
+    "int64": np.dtype("<i8"),
+    "int32": np.dtype("<i4"),
+    "uint8": np.dtype("u1"),
+    "bool": np.dtype("?"),
+}
+FLOAT_WIRE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def dtype_names() -> tuple[str, ...]:
+    """Every dtype that can travel on the wire."""
+    return tuple(_DTYPES)
+
+
+def dtype_to_proto(name: str) -> int:
+    """Proto enum of a dtype name."""
+    try:
+        return _DTYPES[name][0]
+    except KeyError:
+        raise InvalidUpdateError(f"dtype {name!r} cannot travel on the wire") from None
+
+
+def dtype_from_proto(value: int) -> str:
+    """Dtype name of a proto enum value."""
+    try:
+        return _FROM_PROTO[value]
+    except KeyError:
+        raise InvalidUpdateError(f"unknown wire dtype enum {value}") from None
+
+
+def itemsize(name: str) -> int:
+    """Bytes per element of a wire dtype."""
+    return _DTYPES[name][1]
+
+
+def dtype_name_of(arr: np.ndarray) -> str:
+    """Wire dtype name of an array (object and other dtypes refused)."""
+    kind = arr.dtype
+    if kind == np.bool_:
+        return "bool"
+    name = kind.name
+    if name not in _DTYPES or name == "bfloat16":
+        raise InvalidUpdateError(f"arrays of dtype {kind} cannot travel on the wire")
+    return name
+
+
+def to_wire_array(arr: np.ndarray, wire_dtype: str | None = None) -> np.ndarray:
+    """The array as its little-endian, C-contiguous wire representation.
+
+    Float arrays are converted to ``wire_dtype`` (float16, or bfloat16 by round-to-nearest-even
+    of the float32 bit pattern) when given. Returns a view when no conversion is needed.
+    """
+    src = dtype_name_of(arr)
+    target = src if wire_dtype is None or src != "float32" else wire_dtype
+    if target == "bfloat16":
+        f32 = np.ascontiguousarray(arr, dtype="<f4")
+        bits = f32.view("<u4")
+        # Round to nearest even on the dropped 16 bits; NaNs stay NaN (quiet bit kept).
+        rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+        out = ((bits + rounding) >> 16).astype("<u2")
+        nan = np.isnan(f32)
+        if nan.any():
+            out[nan] = (bits[nan] >> 16).astype("<u2") | np.uint16(0x40)
+        return out
+    return np.ascontiguousarray(arr, dtype=_STORAGE[target])
+
+
+def from_wire_array(raw: np.ndarray, wire_dtype: str, out_dtype: str) -> np.ndarray:
+    """Values of wire-format elements as ``out_dtype`` (a view when no conversion is needed)."""
+    if wire_dtype == "bfloat16":
+        values = (raw.astype("<u4") << 16).view("<f4")
+        return values if out_dtype == "float32" else values.astype(out_dtype)
+    if wire_dtype == out_dtype:
+        return raw
+    return raw.astype(out_dtype)
+
+
+def iter_tensor_chunks(
+    name: str,
+    arr: np.ndarray,
+    *,
+    chunk_bytes: int = CHUNK_BYTES,
+    wire_dtype: str | None = None,
+) -> Iterator[tensor_pb2.TensorChunk]:
+    """Split one tensor into ``TensorChunk`` messages of at most ``chunk_bytes`` of data."""
+    wire = to_wire_array(arr, wire_dtype)
+    dname = "bfloat16" if wire.dtype == np.dtype("<u2") else dtype_name_of(wire)
+    size = itemsize(dname)
+    step = max(size, chunk_bytes - chunk_bytes % size)
+    buf = memoryview(wire.reshape(-1).view(np.uint8))
+    total = len(buf)
+    offset = 0
+    while True:
+        end = min(total, offset + step)
+        msg = tensor_pb2.TensorChunk(name=name, offset=offset, data=bytes(buf[offset:end]))
+        if offset == 0:
+            msg.dtype = dtype_to_proto(dname)
+            msg.shape.extend(int(d) for d in arr.shape)
+            msg.total_bytes = total
+        yield msg
+        offset = end
+        if offset >= total:
+            return
+
+
+def iter_bundle_chunks(
+    arrays: Iterable[tuple[str, np.ndarray]],
+    *,
+    chunk_bytes: int = CHUNK_BYTES,
+    wire_dtype: str | None = None,
+) -> Iterator[tensor_pb2.TensorChunk]:
+    """Chunks of several tensors, one tensor after the other, in the given order."""
+    for name, arr in arrays:
+        yield from iter_tensor_chunks(name, arr, chunk_bytes=chunk_bytes, wire_dtype=wire_dtype)
+
+
+def spec_to_proto(spec: TensorSpec) -> tensor_pb2.TensorSpec:
+    """Proto of a TensorSpec."""
+    return tensor_pb2.TensorSpec(
+        name=spec.name, dtype=dtype_to_proto(spec.dtype), shape=list(spec.shape)
+    )
+
+
+def spec_from_proto(msg: tensor_pb2.TensorSpec) -> TensorSpec:
+    """TensorSpec of a proto, checked."""
+    if any(d < 0 for d in msg.shape):
+        raise InvalidUpdateError(f"tensor {msg.name!r} has a negative dimension {list(msg.shape)}")
+    return TensorSpec(msg.name, dtype_from_proto(msg.dtype), tuple(int(d) for d in msg.shape))
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Size limits checked before any allocation."""
+
+    max_chunk_bytes: int = 4 << 20
+    max_tensor_bytes: int = 8 << 30
+    max_total_bytes: int = 16 << 30
+
+
+class BundleDecoder:
+    """Validates a stream of chunks against the expected specs and yields element views.
+
+    Tensors must arrive in spec order, each as contiguous chunks in increasing offset with no
+    gap or overlap; the first chunk of a tensor declares dtype, shape and total bytes, which
+    must match the spec (float tensors in ``wire_dtype``). A running SHA-256 covers every data
+    byte in arrival order.
+
+    Args:
+        specs: expected tensors, in order.
+        wire_dtype: dtype of float tensors on the wire (float32, float16 or bfloat16).
+        limits: size limits.
+        label: prefix for error messages, e.g. ``"party p3, round 4"``.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[TensorSpec],
+        *,
+        wire_dtype: str = "float32",
+        limits: DecodeLimits | None = None,
+        label: str = "",
+    ) -> None:
+        self._specs = list(specs)
+        self._index = {s.name: i for i, s in enumerate(self._specs)}
+        self._wire_dtype = wire_dtype
+        self._limits = limits or DecodeLimits()
+        self._label = f"{label}: " if label else ""
+        self._current = -1  # index of the tensor being received
+        self._received = 0  # bytes of the current tensor received
+        self._expected_bytes = 0
+        self._total = 0
+        self._hash = hashlib.sha256()
+        self._done = False
+
+    def wire_dtype_of(self, spec: TensorSpec) -> str:
+        """Dtype in which ``spec``'s bytes travel."""
+        if spec.dtype == "float32":
+            return self._wire_dtype
+        return spec.dtype
+
+    @property
+    def bytes_received(self) -> int:
+        """Data bytes accepted so far."""
+        return self._total
+
+    def _err(self, text: str) -> InvalidUpdateError:
+        return InvalidUpdateError(self._label + text)
+
+    def feed(self, chunk: tensor_pb2.TensorChunk) -> tuple[int, int, np.ndarray]:
+        """Check one chunk; return (tensor index, element offset, wire-dtype element view)."""
+        data = chunk.data  # read once: upb returns a new bytes object on every access
+        name = chunk.name
+        if len(data) > self._limits.max_chunk_bytes:
+            raise LimitError(
+                f"{self._label}chunk of tensor {name!r} has {len(data)} bytes; "
+                f"limit is {self._limits.max_chunk_bytes}"
+            )
+        idx = self._index.get(name)
+        if idx is None:
+            expected = self._next_name()
+            raise self._err(f"unknown tensor {name!r}; expected {expected!r}")
+        if chunk.offset == 0 and idx != self._current:
+            self._start_tensor(idx, chunk)
+        elif idx != self._current:
+            raise self._err(
+                f"chunk of tensor {name!r} at offset {chunk.offset} arrived out of order; "
+                f"expected the first chunk of {self._next_name()!r}"
+            )
+        elif not self._expected_bytes:
+            raise self._err(f"tensor {name!r} has no bytes but was sent twice")
+        spec = self._specs[idx]
+        if chunk.offset != self._received:
+            kind = "overlaps" if chunk.offset < self._received else "leaves a gap"
+            raise self._err(
+                f"chunk of tensor {name!r} at offset {chunk.offset} {kind}; "
+                f"expected offset {self._received}"
+            )
+        wdt = self.wire_dtype_of(spec)
+        size = itemsize(wdt)
+        if len(data) % size:
+            raise self._err(
+                f"chunk of tensor {name!r} has {len(data)} bytes, not a multiple of "
+                f"{size} ({wdt})"
+            )
+        if self._received + len(data) > self._expected_bytes:
+            raise self._err(
+                f"tensor {name!r} overflows: {self._received + len(data)} bytes > "
+                f"{self._expected_bytes} expected for shape {list(spec.shape)} {wdt}"
+            )
+        if not data and self._expected_bytes:
+            raise self._err(f"empty chunk for tensor {name!r}")
+        self._hash.update(data)
+        self._received += len(data)
+        self._total += len(data)
+        view = np.frombuffer(data, dtype=_STORAGE[wdt])
+        return idx, chunk.offset // size, view
+
+    def _next_name(self) -> str:
+        if self._current >= 0 and self._received < self._expected_bytes:
+            return self._specs[self._current].name
+        nxt = self._current + 1
+        return self._specs[nxt].name if nxt < len(self._specs) else "<end of update>"
+
+    def _start_tensor(self, idx: int, chunk: tensor_pb2.TensorChunk) -> None:
+        spec = self._specs[idx]
+        if self._current >= 0 and self._received < self._expected_bytes:
+            prev = self._specs[self._current]
+            raise self._err(
+                f"tensor {prev.name!r} truncated: {self._received} of "
+                f"{self._expected_bytes} bytes before tensor {spec.name!r} began"
+            )
+        if idx != self._current + 1:
+            raise self._err(
+                f"tensor {spec.name!r} arrived out of order; expected {self._next_name()!r}"
+            )
+        wdt = self.wire_dtype_of(spec)
+        got_dtype = dtype_from_proto(chunk.dtype) if chunk.dtype else "<unset>"
+        if got_dtype != wdt:
+            raise self._err(f"tensor {spec.name!r} has dtype {got_dtype}; expected {wdt}")
+        shape = tuple(int(d) for d in chunk.shape)
+        if shape != spec.shape:
+            raise self._err(
+                f"tensor {spec.name!r} has shape {list(shape)}; expected {list(spec.shape)}"
+            )
+        expected = spec.numel * itemsize(wdt)
+        if chunk.total_bytes != expected:
+            raise self._err(
+                f"tensor {spec.name!r} declares {chunk.total_bytes} bytes; shape "
+                f"{list(spec.shape)} {wdt} needs {expected}"
+            )
+        if expected > self._limits.max_tensor_bytes:
+            raise LimitError(
+                f"{self._label}tensor {spec.name!r} has {expected} bytes; limit is "
+                f"{self._limits.max_tensor_bytes}"
+            )
+        if self._total + expected > self._limits.max_total_bytes:
+            raise LimitError(
+                f"{self._label}update exceeds {self._limits.max_total_bytes} bytes at "
+                f"tensor {spec.name!r}"
+            )
+        self._current = idx
+        self._received = 0
+        self._expected_bytes = expected
+
+    def finish(self, digest: bytes | None = None) -> str:
+        """Check that every tensor arrived whole; compare the digest; return it as hex."""
+        if self._current >= 0 and self._received < self._expected_bytes:
+            spec = self._specs[self._current]
+            raise self._err(
+                f"tensor {spec.name!r} truncated: got {self._received} of "
+                f"{self._expected_bytes} bytes"
+            )
+        if self._current < len(self._specs) - 1:
+            missing = self._specs[self._current + 1].name
+            raise self._err(
+                f"missing tensor {missing!r}: update ended after "
+                f"{self._current + 1} of {len(self._specs)} tensors"
+            )
+        got = self._hash.digest()
+        if digest is not None and digest != got:
+            raise self._err(
+                f"digest mismatch: trailer says {digest.hex()[:16]}..., data hashes to "
+                f"{got.hex()[:16]}..."
+            )
+        self._done = True
+        return got.hex()
+
+
+def decode_tensor(chunks: Iterable[tensor_pb2.TensorChunk], spec: TensorSpec | None = None,
+                  *, limits: DecodeLimits | None = None) -> np.ndarray:
+    """Reassemble one tensor of any wire dtype from its chunks.
+
+    Without ``spec`` the first chunk's dtype and shape are taken as declared (still checked
+    against ``limits`` before allocation). bfloat16 decodes to float32.
+    """
+    lim = limits or DecodeLimits()
+    it = iter(chunks)
+    first = next(it, None)
+    if first is None:
+        raise InvalidUpdateError("no chunks for tensor")
+    if spec is None:
+        shape = tuple(int(d) for d in first.shape)
+        if any(d < 0 for d in shape):
+            raise InvalidUpdateError(f"tensor {first.name!r} has a negative dimension")
+        spec = TensorSpec(first.name, dtype_from_proto(first.dtype), shape)
+        if spec.numel * itemsize(spec.dtype) > lim.max_tensor_bytes:
+            raise LimitError(
+                f"tensor {first.name!r} declares {spec.numel * itemsize(spec.dtype)} bytes; "
+                f"limit is {lim.max_tensor_bytes}"
+            )
+    wdt = spec.dtype
+    dec = BundleDecoder([spec], wire_dtype=wdt if wdt in FLOAT_WIRE_DTYPES else "float32",
+                        limits=lim)
+    out = np.empty(spec.numel, dtype=_STORAGE[wdt])
+    for chunk in _chain(first, it):
+        _, off, view = dec.feed(chunk)
+        out[off : off + view.size] = view
+    dec.finish()
+    values = from_wire_array(out, wdt, "float32") if wdt == "bfloat16" else out
+    return values.reshape(spec.shape)
+
+
+def _chain(
+    first: tensor_pb2.TensorChunk, rest: Iterator[tensor_pb2.TensorChunk]
+) -> Iterator[tensor_pb2.TensorChunk]:
+    yield first
+    yield from rest
+
+
+@dataclass
+class FlatLayout:
+    """Where each float tensor of a model lives in one flat float32 vector."""
+
+    specs: tuple[TensorSpec, ...]
+    offsets: tuple[int, ...]  # element offset of each tensor in the flat vector
+    size: int  # total elements
+
+    @classmethod
+    def of(cls, specs: Sequence[TensorSpec]) -> FlatLayout:
+        """Layout of ``specs`` in order."""
+        offsets = []
+        pos = 0
+        for s in specs:
+            offsets.append(pos)
+            pos += s.numel
+        return cls(tuple(specs), tuple(offsets), pos)
+
+    def views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """Named reshaped views into ``flat`` (no copies)."""
+        return {
+            s.name: flat[o : o + s.numel].reshape(s.shape)
+            for s, o in zip(self.specs, self.offsets, strict=True)
+        }
+
+    def flatten(self, arrays: Mapping[str, np.ndarray], out: np.ndarray | None = None
+                ) -> np.ndarray:
+        """Copy named arrays into one flat float32 vector (checked against the specs)."""
+        flat = np.empty(self.size, dtype=np.float32) if out is None else out
+        for s, o in zip(self.specs, self.offsets, strict=True):
+            a = arrays.get(s.name)
+            if a is None:
+                raise InvalidUpdateError(f"missing tensor {s.name!r}")
+            if tuple(a.shape) != s.shape:
+                raise InvalidUpdateError(
+                    f"tensor {s.name!r} has shape {list(a.shape)}; expected {list(s.shape)}"
+                )
+            flat[o : o + s.numel] = np.asarray(a).reshape(-1)
+        extra = set(arrays) - {s.name for s in self.specs}
+        if extra:
+            raise InvalidUpdateError(f"unexpected tensors {sorted(extra)}")
+        return flat
+
+    def iter_arrays(self, flat: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, view) pairs in spec order."""
+        yield from self.views(flat).items()
+
+
+def digest_hex(flat: np.ndarray) -> str:
+    """SHA-256 of an array's raw bytes (hex)."""
+    return hashlib.sha256(memoryview(np.ascontiguousarray(flat)).cast("B")).hexdigest()
