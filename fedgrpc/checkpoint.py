@@ -35,8 +35,9 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def save_arrays(path: Path, arrays: Mapping[str, np.ndarray],
-                meta: Mapping[str, Any] | None = None) -> str:
+def save_arrays(
+    path: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None
+) -> str:
     """Save named arrays (and JSON metadata) as ``.npz`` atomically; return its SHA-256 hex.
 
     A sidecar ``<path>.sha256`` holds the checksum so a torn or edited file is detected.
@@ -62,8 +63,11 @@ def save_arrays(path: Path, arrays: Mapping[str, np.ndarray],
     return digest
 
 
-def load_arrays(path: Path, *, expected_sha256: str | None = None,
-                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def load_arrays(
+    path: Path,
+    *,
+    expected_sha256: str | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Load a checkpoint written by :func:`save_arrays`, verifying its checksum.
 
     The checksum comes from ``expected_sha256`` or else the sidecar file, if present.
@@ -79,7 +83,11 @@ def load_arrays(path: Path, *, expected_sha256: str | None = None,
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files if k != "__meta__"}
-            meta = json.loads(bytes(z["__meta__"]).decode()) if "__meta__" in z.files else {}
+            meta = (
+                json.loads(bytes(z["__meta__"]).decode())
+                if "__meta__" in z.files
+                else {}
+            )
     except (ValueError, OSError) as err:
         raise ConfigError(f"cannot read checkpoint {path}: {err}") from None
     return arrays, meta

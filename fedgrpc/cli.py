@@ -26,95 +26,177 @@ log = logging.getLogger("fedgrpc")
 def _add_training_options(p: argparse.ArgumentParser, *, defaults: RoundConfig) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--rounds", type=int, default=defaults.rounds)
-    g.add_argument("--update-kind", choices=[k.value for k in UpdateKind],
-                   default=defaults.update_kind.value,
-                   help="gradient (FedSGD, server lr) or delta (local SGD steps)")
-    g.add_argument("--server-lr", type=float, default=defaults.server_lr,
-                   help="server step size for gradient updates")
-    g.add_argument("--lr", type=float, default=defaults.lr, help="local SGD learning rate")
-    g.add_argument("--local-steps", type=int, default=defaults.local_steps,
-                   help="local steps per round (delta); 0 = --local-epochs")
+    g.add_argument(
+        "--update-kind",
+        choices=[k.value for k in UpdateKind],
+        default=defaults.update_kind.value,
+        help="gradient (FedSGD, server lr) or delta (local SGD steps)",
+    )
+    g.add_argument(
+        "--server-lr",
+        type=float,
+        default=defaults.server_lr,
+        help="server step size for gradient updates",
+    )
+    g.add_argument(
+        "--lr", type=float, default=defaults.lr, help="local SGD learning rate"
+    )
+    g.add_argument(
+        "--local-steps",
+        type=int,
+        default=defaults.local_steps,
+        help="local steps per round (delta); 0 = --local-epochs",
+    )
     g.add_argument("--local-epochs", type=int, default=defaults.local_epochs)
-    g.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                   help="local mini-batch size; 0 = full local data")
-    g.add_argument("--model", default=defaults.model,
-                   help="logreg, mlp, cnn or package.module:factory")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help="local mini-batch size; 0 = full local data",
+    )
+    g.add_argument(
+        "--model",
+        default=defaults.model,
+        help="logreg, mlp, cnn or package.module:factory",
+    )
     g.add_argument("--hidden", type=int, default=defaults.model_hidden)
     g.add_argument("--seed", type=int, default=defaults.seed)
-    g.add_argument("--aggregation", choices=["samples", "uniform", "digfl"],
-                   default=defaults.aggregation)
-    g.add_argument("--wire-dtype", choices=["float32", "float16", "bfloat16"],
-                   default="float32")
-    g.add_argument("--round-timeout", type=float, default=defaults.round_timeout_s,
-                   help="seconds before a round closes on quorum (or fails)")
+    g.add_argument(
+        "--aggregation",
+        choices=["samples", "uniform", "digfl"],
+        default=defaults.aggregation,
+    )
+    g.add_argument(
+        "--wire-dtype", choices=["float32", "float16", "bfloat16"], default="float32"
+    )
+    g.add_argument(
+        "--round-timeout",
+        type=float,
+        default=defaults.round_timeout_s,
+        help="seconds before a round closes on quorum (or fails)",
+    )
     g.add_argument("--join-timeout", type=float, default=defaults.join_timeout_s)
     g.add_argument("--quorum-retries", type=int, default=0)
 
 
-def _round_config(a: argparse.Namespace, *, min_parties: int, expected: int) -> RoundConfig:
+def _round_config(
+    a: argparse.Namespace, *, min_parties: int, expected: int
+) -> RoundConfig:
     return RoundConfig(
-        rounds=a.rounds, min_parties=min_parties, expected_parties=expected,
-        update_kind=UpdateKind(a.update_kind), server_lr=a.server_lr, lr=a.lr,
-        local_steps=a.local_steps, local_epochs=a.local_epochs, batch_size=a.batch_size,
-        round_timeout_s=a.round_timeout, join_timeout_s=a.join_timeout,
-        aggregation=a.aggregation, quorum_retries=a.quorum_retries, seed=a.seed,
-        model=a.model, model_hidden=a.hidden, wire_dtype=a.wire_dtype,
+        rounds=a.rounds,
+        min_parties=min_parties,
+        expected_parties=expected,
+        update_kind=UpdateKind(a.update_kind),
+        server_lr=a.server_lr,
+        lr=a.lr,
+        local_steps=a.local_steps,
+        local_epochs=a.local_epochs,
+        batch_size=a.batch_size,
+        round_timeout_s=a.round_timeout,
+        join_timeout_s=a.join_timeout,
+        aggregation=a.aggregation,
+        quorum_retries=a.quorum_retries,
+        seed=a.seed,
+        model=a.model,
+        model_hidden=a.hidden,
+        wire_dtype=a.wire_dtype,
     )
 
 
 def _add_tls_client_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("security")
-    g.add_argument("--insecure", action="store_true", help="plaintext (no TLS): tests only")
-    g.add_argument("--tls-ca", type=Path, help="CA certificate that signed the aggregator's")
-    g.add_argument("--tls-cert", type=Path, help="this party's certificate (mutual TLS)")
+    g.add_argument(
+        "--insecure", action="store_true", help="plaintext (no TLS): tests only"
+    )
+    g.add_argument(
+        "--tls-ca", type=Path, help="CA certificate that signed the aggregator's"
+    )
+    g.add_argument(
+        "--tls-cert", type=Path, help="this party's certificate (mutual TLS)"
+    )
     g.add_argument("--tls-key", type=Path, help="this party's private key (mutual TLS)")
-    g.add_argument("--token-file", type=Path, help="file holding this caller's bearer token")
+    g.add_argument(
+        "--token-file", type=Path, help="file holding this caller's bearer token"
+    )
 
 
-def _client_config(a: argparse.Namespace, party_id: str = "observer",
-                   data: str = "") -> ClientConfig:
+def _client_config(
+    a: argparse.Namespace, party_id: str = "observer", data: str = ""
+) -> ClientConfig:
     token = a.token_file.read_text().strip() if a.token_file else None
     return ClientConfig(
-        server=a.server, party_id=party_id, data=data, insecure=a.insecure,
-        tls=TlsConfig(cert=a.tls_cert, key=a.tls_key, ca=a.tls_ca), token=token,
+        server=a.server,
+        party_id=party_id,
+        data=data,
+        insecure=a.insecure,
+        tls=TlsConfig(cert=a.tls_cert, key=a.tls_key, ca=a.tls_ca),
+        token=token,
         rpc_timeout_s=getattr(a, "rpc_timeout", 30.0),
         connect_timeout_s=getattr(a, "connect_timeout", 60.0),
-        attack=getattr(a, "attack", "") or "", threads=getattr(a, "threads", 1),
+        attack=getattr(a, "attack", "") or "",
+        threads=getattr(a, "threads", 1),
     )
 
 
 # ----------------------------------------------------------------------- serve
 def _serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the aggregator")
-    p.add_argument("--address", default="localhost:50051",
-                   help="host:port to listen on (port 0 = any free port)")
+    p.add_argument(
+        "--address",
+        default="localhost:50051",
+        help="host:port to listen on (port 0 = any free port)",
+    )
     p.add_argument("--run-dir", type=Path, default=Path("runs/latest"))
-    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its last committed round")
-    p.add_argument("--val-data", default="digits", help="digits, mnist:DIR, npz:FILE, mod:fn")
-    p.add_argument("--val-count", type=int, default=0, help="use the first N samples only")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last committed round",
+    )
+    p.add_argument(
+        "--val-data", default="digits", help="digits, mnist:DIR, npz:FILE, mod:fn"
+    )
+    p.add_argument(
+        "--val-count", type=int, default=0, help="use the first N samples only"
+    )
     p.add_argument("--min-parties", type=int, default=2, help="quorum")
-    p.add_argument("--expected-parties", type=int, default=0,
-                   help="parties to wait for before round 0 (default: --min-parties)")
+    p.add_argument(
+        "--expected-parties",
+        type=int,
+        default=0,
+        help="parties to wait for before round 0 (default: --min-parties)",
+    )
     p.add_argument("--init-model", type=Path, help="start from these weights (.npz)")
     p.add_argument("--port-file", type=Path, help="write the bound port here")
-    p.add_argument("--keep-serving", action="store_true",
-                   help="after the last round keep answering queries until SIGTERM")
+    p.add_argument(
+        "--keep-serving",
+        action="store_true",
+        help="after the last round keep answering queries until SIGTERM",
+    )
     _add_training_options(p, defaults=RoundConfig())
     g = p.add_argument_group("security")
-    g.add_argument("--insecure", action="store_true", help="plaintext (no TLS): tests only")
+    g.add_argument(
+        "--insecure", action="store_true", help="plaintext (no TLS): tests only"
+    )
     g.add_argument("--tls-cert", type=Path)
     g.add_argument("--tls-key", type=Path)
-    g.add_argument("--tls-ca", type=Path, help="CA for client certificates (mutual TLS)")
-    g.add_argument("--require-client-cert", action="store_true",
-                   help="mutual TLS: party identity from its certificate")
+    g.add_argument(
+        "--tls-ca", type=Path, help="CA for client certificates (mutual TLS)"
+    )
+    g.add_argument(
+        "--require-client-cert",
+        action="store_true",
+        help="mutual TLS: party identity from its certificate",
+    )
     g.add_argument("--parties-file", type=Path, help="TOML file of parties and tokens")
     lim = Limits()
     g = p.add_argument_group("limits")
     g.add_argument("--max-chunk-bytes", type=int, default=lim.max_chunk_bytes)
     g.add_argument("--max-tensor-bytes", type=int, default=lim.max_tensor_bytes)
     g.add_argument("--max-submission-bytes", type=int, default=lim.max_submission_bytes)
-    g.add_argument("--max-streams-per-party", type=int, default=lim.max_streams_per_party)
+    g.add_argument(
+        "--max-streams-per-party", type=int, default=lim.max_streams_per_party
+    )
     g.add_argument("--max-parties", type=int, default=lim.max_parties)
     p.set_defaults(func=_cmd_serve)
 
@@ -125,14 +207,28 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     run_dir = a.resume or a.run_dir
     cfg = ServerConfig(
         round=_round_config(a, min_parties=a.min_parties, expected=a.expected_parties),
-        address=a.address, run_dir=run_dir, val_data=a.val_data, val_count=a.val_count,
+        address=a.address,
+        run_dir=run_dir,
+        val_data=a.val_data,
+        val_count=a.val_count,
         insecure=a.insecure,
-        tls=TlsConfig(cert=a.tls_cert, key=a.tls_key, ca=a.tls_ca,
-                      require_client_cert=a.require_client_cert),
+        tls=TlsConfig(
+            cert=a.tls_cert,
+            key=a.tls_key,
+            ca=a.tls_ca,
+            require_client_cert=a.require_client_cert,
+        ),
         parties_file=a.parties_file,
-        limits=Limits(a.max_chunk_bytes, a.max_tensor_bytes, a.max_submission_bytes,
-                      a.max_streams_per_party, a.max_parties),
-        port_file=a.port_file, keep_serving=a.keep_serving, init_model=a.init_model,
+        limits=Limits(
+            a.max_chunk_bytes,
+            a.max_tensor_bytes,
+            a.max_submission_bytes,
+            a.max_streams_per_party,
+            a.max_parties,
+        ),
+        port_file=a.port_file,
+        keep_serving=a.keep_serving,
+        init_model=a.init_model,
         resume=a.resume is not None,
     )
     return serve(cfg)
@@ -144,10 +240,18 @@ def _client_parser(sub: Any) -> None:
     p.add_argument("--server", required=True, help="aggregator HOST:PORT")
     p.add_argument("--party-id", required=True)
     p.add_argument("--data", required=True, help="digits, mnist:DIR, npz:FILE, mod:fn")
-    p.add_argument("--rpc-timeout", type=float, default=60.0, help="deadline per call (s)")
-    p.add_argument("--connect-timeout", type=float, default=300.0,
-                   help="give up after this long without reaching the aggregator (s)")
-    p.add_argument("--attack", default="", help="simulated update attack (evaluation only)")
+    p.add_argument(
+        "--rpc-timeout", type=float, default=60.0, help="deadline per call (s)"
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=300.0,
+        help="give up after this long without reaching the aggregator (s)",
+    )
+    p.add_argument(
+        "--attack", default="", help="simulated update attack (evaluation only)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     _add_tls_client_options(p)
     p.set_defaults(func=_cmd_client)
@@ -157,25 +261,51 @@ def _cmd_client(a: argparse.Namespace) -> int:
     from fedgrpc.client.party import run_party
 
     result = run_party(_client_config(a, a.party_id, a.data))
-    print(json.dumps({"party_id": a.party_id, "rounds_submitted": result.rounds_submitted,
-                      "rounds_completed": result.rounds_completed, "reason": result.reason,
-                      "train_loss": result.last_train_loss}))
+    print(
+        json.dumps(
+            {
+                "party_id": a.party_id,
+                "rounds_submitted": result.rounds_submitted,
+                "rounds_completed": result.rounds_completed,
+                "reason": result.reason,
+                "train_loss": result.last_train_loss,
+            }
+        )
+    )
     return 0 if result.reason == "completed" else 1
 
 
 # ----------------------------------------------------------------------- split
 def _add_data_options(p: argparse.ArgumentParser, *, parties: int) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="digits", help="digits, mnist:DIR, npz:FILE, mod:fn")
+    g.add_argument(
+        "--data", default="digits", help="digits, mnist:DIR, npz:FILE, mod:fn"
+    )
     g.add_argument("--parties", type=int, default=parties)
-    g.add_argument("--partition", default="iid",
-                   help="iid, dirichlet:ALPHA, quantity:ALPHA, shards:K")
-    g.add_argument("--val-holdout", type=int, default=0,
-                   help="samples held out for validation (default: 20%% of the data)")
-    g.add_argument("--train-count", type=int, default=0,
-                   help="use only N training samples (0 = all)")
-    g.add_argument("--attack", action="append", default=[], metavar="IDX=SPEC",
-                   help="e.g. 3=label-flip:0.6, 1=mix:6->2:0.8, 2=free-rider, 4=scale:5")
+    g.add_argument(
+        "--partition",
+        default="iid",
+        help="iid, dirichlet:ALPHA, quantity:ALPHA, shards:K",
+    )
+    g.add_argument(
+        "--val-holdout",
+        type=int,
+        default=0,
+        help="samples held out for validation (default: 20%% of the data)",
+    )
+    g.add_argument(
+        "--train-count",
+        type=int,
+        default=0,
+        help="use only N training samples (0 = all)",
+    )
+    g.add_argument(
+        "--attack",
+        action="append",
+        default=[],
+        metavar="IDX=SPEC",
+        help="e.g. 3=label-flip:0.6, 1=mix:6->2:0.8, 2=free-rider, 4=scale:5",
+    )
 
 
 def _prepare(a: argparse.Namespace) -> tuple[dict[str, Any], Any, dict[str, Any]]:
@@ -185,8 +315,9 @@ def _prepare(a: argparse.Namespace) -> tuple[dict[str, Any], Any, dict[str, Any]
 
     attacks = parse_assignments(a.attack)
     holdout = a.val_holdout or max(1, len(load_dataset(a.data)) // 5)
-    parties, val = prepare_parties(a.data, a.parties, a.partition, holdout, attacks, a.seed,
-                                   a.train_count)
+    parties, val = prepare_parties(
+        a.data, a.parties, a.partition, holdout, attacks, a.seed, a.train_count
+    )
     by_id: dict[str, Any] = {}
     for key, att in attacks.items():
         pid = key if key.startswith("party-") else f"party-{key}"
@@ -195,7 +326,9 @@ def _prepare(a: argparse.Namespace) -> tuple[dict[str, Any], Any, dict[str, Any]
 
 
 def _split_parser(sub: Any) -> None:
-    p = sub.add_parser("split", help="write each party's partition and the validation set")
+    p = sub.add_parser(
+        "split", help="write each party's partition and the validation set"
+    )
     _add_data_options(p, parties=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="output directory")
@@ -207,17 +340,29 @@ def _cmd_split(a: argparse.Namespace) -> int:
 
     parties, val, attacks = _prepare(a)
     a.out.mkdir(parents=True, exist_ok=True)
-    manifest: dict[str, Any] = {"data": a.data, "partition": a.partition, "seed": a.seed,
-                                "validation": {"file": "val.npz", "samples": len(val)},
-                                "parties": []}
+    manifest: dict[str, Any] = {
+        "data": a.data,
+        "partition": a.partition,
+        "seed": a.seed,
+        "validation": {"file": "val.npz", "samples": len(val)},
+        "parties": [],
+    }
     save_npz(a.out / "val.npz", val)
     for pid, ds in parties.items():
         save_npz(a.out / f"{pid}.npz", ds)
         att = attacks.get(pid)
-        manifest["parties"].append({"party_id": pid, "file": f"{pid}.npz", "samples": len(ds),
-                                    "attack": att.spec if att else ""})
-        print(f"{pid}: {len(ds)} samples -> {a.out / (pid + '.npz')}"
-              + (f" (attack {att.spec})" if att else ""))
+        manifest["parties"].append(
+            {
+                "party_id": pid,
+                "file": f"{pid}.npz",
+                "samples": len(ds),
+                "attack": att.spec if att else "",
+            }
+        )
+        print(
+            f"{pid}: {len(ds)} samples -> {a.out / (pid + '.npz')}"
+            + (f" (attack {att.spec})" if att else "")
+        )
     (a.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"validation: {len(val)} samples -> {a.out / 'val.npz'}")
     return 0
@@ -225,14 +370,22 @@ def _cmd_split(a: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------- simulate
 def _simulate_parser(sub: Any) -> None:
-    p = sub.add_parser("simulate",
-                       help="aggregator + N client processes on loopback, one command")
+    p = sub.add_parser(
+        "simulate", help="aggregator + N client processes on loopback, one command"
+    )
     _add_data_options(p, parties=5)
-    defaults = RoundConfig(rounds=15, update_kind=UpdateKind.DELTA, lr=0.1, batch_size=16,
-                           round_timeout_s=60.0, join_timeout_s=60.0)
+    defaults = RoundConfig(
+        rounds=15,
+        update_kind=UpdateKind.DELTA,
+        lr=0.1,
+        batch_size=16,
+        round_timeout_s=60.0,
+        join_timeout_s=60.0,
+    )
     _add_training_options(p, defaults=defaults)
-    p.add_argument("--run-dir", type=Path,
-                   help="run directory (default runs/sim-YYYYmmdd-HHMMSS)")
+    p.add_argument(
+        "--run-dir", type=Path, help="run directory (default runs/sim-YYYYmmdd-HHMMSS)"
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="give up after (s)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=_cmd_simulate)
@@ -241,7 +394,9 @@ def _simulate_parser(sub: Any) -> None:
 def _cmd_simulate(a: argparse.Namespace) -> int:
     from fedgrpc.simulate import simulate
 
-    return simulate(a, _prepare, _round_config(a, min_parties=a.parties, expected=a.parties))
+    return simulate(
+        a, _prepare, _round_config(a, min_parties=a.parties, expected=a.parties)
+    )
 
 
 # --------------------------------------------------------------- contributions
@@ -278,8 +433,9 @@ def load_report(a: argparse.Namespace) -> Any:
     from fedgrpc.reports import report_from_proto
 
     with AggregatorClient(_client_config(a)) as client:
-        return report_from_proto(client.contributions(a.party or None, a.from_round,
-                                                      a.to_round))
+        return report_from_proto(
+            client.contributions(a.party or None, a.from_round, a.to_round)
+        )
 
 
 def _cmd_contributions(a: argparse.Namespace) -> int:
@@ -314,7 +470,8 @@ def _cmd_status(a: argparse.Namespace) -> int:
             info = ledger.run_info() or {}
             rounds = ledger.rounds()
             st: dict[str, Any] = {
-                "run_id": info.get("run_id", ""), "rounds_done": len(rounds),
+                "run_id": info.get("run_id", ""),
+                "rounds_done": len(rounds),
                 "rounds_total": info.get("config", {}).get("round", {}).get("rounds"),
                 "val_acc": rounds[-1].val_acc_after if rounds else None,
                 "val_loss": rounds[-1].val_loss_after if rounds else None,
@@ -326,8 +483,11 @@ def _cmd_status(a: argparse.Namespace) -> int:
         from fedgrpc.client.stub import AggregatorClient
 
         with AggregatorClient(_client_config(a)) as client:
-            st = MessageToDict(client.status(), preserving_proto_field_name=True,
-                               always_print_fields_with_no_presence=True)
+            st = MessageToDict(
+                client.status(),
+                preserving_proto_field_name=True,
+                always_print_fields_with_no_presence=True,
+            )
     if a.format == "json":
         print(json.dumps(st, indent=2))
     else:
@@ -340,13 +500,21 @@ def _cmd_status(a: argparse.Namespace) -> int:
 def _certs_parser(sub: Any) -> None:
     p = sub.add_parser("certs", help="create a CA and certificates")
     csub = p.add_subparsers(dest="certs_cmd", required=True)
-    i = csub.add_parser("init", help="create a CA and the aggregator's certificate in DIR")
+    i = csub.add_parser(
+        "init", help="create a CA and the aggregator's certificate in DIR"
+    )
     i.add_argument("dir", type=Path)
-    i.add_argument("--name", action="append", default=[],
-                   help="server DNS name or IP (repeatable; default localhost, 127.0.0.1, ::1)")
+    i.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        help="server DNS name or IP (repeatable; default localhost, 127.0.0.1, ::1)",
+    )
     i.add_argument("--force", action="store_true")
     i.set_defaults(func=_cmd_certs_init)
-    s = csub.add_parser("issue", help="issue a party certificate whose name is PARTY_ID")
+    s = csub.add_parser(
+        "issue", help="issue a party certificate whose name is PARTY_ID"
+    )
     s.add_argument("dir", type=Path)
     s.add_argument("party_id")
     s.set_defaults(func=_cmd_certs_issue)
@@ -372,11 +540,15 @@ def _cmd_certs_issue(a: argparse.Namespace) -> int:
 def _parties_parser(sub: Any) -> None:
     p = sub.add_parser("parties", help="manage the aggregator's parties file")
     psub = p.add_subparsers(dest="parties_cmd", required=True)
-    add = psub.add_parser("add", help="add a party (or admin) and print its new token once")
+    add = psub.add_parser(
+        "add", help="add a party (or admin) and print its new token once"
+    )
     add.add_argument("file", type=Path)
     add.add_argument("party_id")
     add.add_argument("--admin", action="store_true")
-    add.add_argument("--token-out", type=Path, help="write the token to this file (0600)")
+    add.add_argument(
+        "--token-out", type=Path, help="write the token to this file (0600)"
+    )
     add.set_defaults(func=_cmd_parties_add)
 
 
@@ -398,7 +570,8 @@ def _cmd_parties_add(a: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser."""
     parser = argparse.ArgumentParser(
-        prog="fedgrpc", description="Federated learning over gRPC with DIG-FL contributions."
+        prog="fedgrpc",
+        description="Federated learning over gRPC with DIG-FL contributions.",
     )
     parser.add_argument("--version", action="version", version=fedgrpc.__version__)
     parser.add_argument("-v", "--verbose", action="count", default=0)
@@ -421,10 +594,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedgrpc`` console script."""
     args = build_parser().parse_args(argv)
-    level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1
-                                                else logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    # Long-running services log progress; interactive commands print their own output.
+    chatty = args.command in ("serve", "client")
+    if args.quiet:
+        level = logging.WARNING
+    elif args.verbose > 1:
+        level = logging.DEBUG
+    else:
+        level = logging.INFO if chatty or args.verbose else logging.WARNING
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         return int(args.func(args))
     except FedGrpcError as err:

@@ -32,10 +32,17 @@ class Limits:
     """Parties that may join."""
 
     def __post_init__(self) -> None:
-        for name in ("max_chunk_bytes", "max_tensor_bytes", "max_submission_bytes",
-                     "max_streams_per_party", "max_parties"):
+        for name in (
+            "max_chunk_bytes",
+            "max_tensor_bytes",
+            "max_submission_bytes",
+            "max_streams_per_party",
+            "max_parties",
+        ):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"limit {name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"limit {name} must be positive, got {getattr(self, name)}"
+                )
 
 
 @dataclass(frozen=True)
@@ -87,19 +94,25 @@ class RoundConfig:
         if self.min_parties < 1:
             raise ConfigError(f"min_parties must be >= 1, got {self.min_parties}")
         if self.expected_parties < 0:
-            raise ConfigError(f"expected_parties must be >= 0, got {self.expected_parties}")
+            raise ConfigError(
+                f"expected_parties must be >= 0, got {self.expected_parties}"
+            )
         if self.server_lr <= 0 or self.lr <= 0:
             raise ConfigError("learning rates must be positive")
-        if self.local_steps < 0 or self.local_epochs < 1 and self.local_steps == 0:
+        if self.local_steps < 0 or (self.local_epochs < 1 and self.local_steps == 0):
             raise ConfigError("need local_steps >= 1 or local_epochs >= 1")
         if self.batch_size < 0:
             raise ConfigError(f"batch_size must be >= 0, got {self.batch_size}")
         if self.round_timeout_s <= 0 or self.join_timeout_s <= 0:
             raise ConfigError("timeouts must be positive")
         if self.aggregation not in AGGREGATIONS:
-            raise ConfigError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+            raise ConfigError(
+                f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}"
+            )
         if self.wire_dtype not in WIRE_DTYPES:
-            raise ConfigError(f"wire dtype must be one of {WIRE_DTYPES}, got {self.wire_dtype!r}")
+            raise ConfigError(
+                f"wire dtype must be one of {WIRE_DTYPES}, got {self.wire_dtype!r}"
+            )
         object.__setattr__(self, "update_kind", UpdateKind(self.update_kind))
 
     @property
@@ -171,6 +184,8 @@ class ClientConfig:
 
     def __post_init__(self) -> None:
         if not self.insecure and self.tls.ca is None:
-            raise ConfigError("no CA certificate given: pass --tls-ca or run with --insecure")
+            raise ConfigError(
+                "no CA certificate given: pass --tls-ca or run with --insecure"
+            )
         if self.rpc_timeout_s <= 0 or self.connect_timeout_s <= 0:
             raise ConfigError("timeouts must be positive")

@@ -226,6 +226,8 @@ class RoundEngine:
             next model is published (the ledger commits here).
         on_publish: called with (round, theta_round) to publish a model to the parties.
         on_finish: called once with the final state (DONE or FAILED) and a reason.
+        on_join: called with (party, num_samples) when a party first joins or changes
+            its sample count (the ledger records the registry here).
         clock: monotonic seconds.
         start_round: first round (a resumed run continues from its last committed round).
         max_in_flight: uploads buffered at once (each holds one model-sized buffer).
@@ -242,6 +244,7 @@ class RoundEngine:
         on_commit: Callable[[RoundResult, np.ndarray], None] | None = None,
         on_publish: Callable[[int, np.ndarray], None] | None = None,
         on_finish: Callable[[RunState, str], None] | None = None,
+        on_join: Callable[[str, int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         start_round: int = 0,
         max_in_flight: int = 4,
@@ -259,6 +262,7 @@ class RoundEngine:
         self._on_commit = on_commit
         self._on_publish = on_publish
         self._on_finish = on_finish
+        self._on_join = on_join
         self._clock = clock
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -310,10 +314,13 @@ class RoundEngine:
     def join(self, party_id: str, num_samples: int) -> PartyInfo:
         """Register (or re-register) a party; it counts from the open round on."""
         if num_samples <= 0:
-            raise InvalidUpdateError(f"party {party_id} declared {num_samples} samples; need > 0")
+            raise InvalidUpdateError(
+                f"party {party_id} declared {num_samples} samples; need > 0"
+            )
         with self._lock:
             now = self._clock()
             info = self.parties.get(party_id)
+            changed = info is None or info.num_samples != num_samples
             if info is None:
                 if len(self.parties) >= self._max_parties:
                     raise LimitError(
@@ -325,6 +332,8 @@ class RoundEngine:
             info.num_samples = num_samples
             info.active = True
             info.last_seen = now
+            if changed and self._on_join is not None:
+                self._on_join(party_id, num_samples)
             self._changed.notify_all()
             return info
 
@@ -351,7 +360,9 @@ class RoundEngine:
         """Start receiving one update; raises for wrong round, unknown party, duplicates."""
         label = f"party {party_id}, round {round_index}"
         if num_samples <= 0:
-            raise InvalidUpdateError(f"{label}: num_samples must be > 0, got {num_samples}")
+            raise InvalidUpdateError(
+                f"{label}: num_samples must be > 0, got {num_samples}"
+            )
         if update_kind is not None and update_kind != self.cfg.update_kind:
             raise InvalidUpdateError(
                 f"{label}: update kind {update_kind.value}; this run expects "
@@ -362,13 +373,26 @@ class RoundEngine:
         with self._lock:
             info = self.parties.get(party_id)
             if info is None:
-                raise UnknownPartyError(f"party {party_id} has not joined; call Join first")
+                raise UnknownPartyError(
+                    f"party {party_id} has not joined; call Join first"
+                )
             info.active = True
             info.last_seen = self._clock()
             past = self._history.get((round_index, party_id))
-            if past is not None and submission_id and past.submission_id == submission_id:
-                return Submission(self, self._closed_round_stub(round_index), party_id,
-                                  num_samples, train_loss, submission_id, resend_of=past)
+            if (
+                past is not None
+                and submission_id
+                and past.submission_id == submission_id
+            ):
+                return Submission(
+                    self,
+                    self._closed_round_stub(round_index),
+                    party_id,
+                    num_samples,
+                    train_loss,
+                    submission_id,
+                    resend_of=past,
+                )
             if self.state == RunState.DONE:
                 raise StaleRoundError(
                     f"{label}: training is over after {self.rounds_done} rounds"
@@ -394,18 +418,29 @@ class RoundEngine:
                     f"{rnd.index + 1}"
                 )
             if prev is not None:
-                return Submission(self, rnd, party_id, num_samples, train_loss,
-                                  submission_id, resend_of=prev)
+                return Submission(
+                    self,
+                    rnd,
+                    party_id,
+                    num_samples,
+                    train_loss,
+                    submission_id,
+                    resend_of=prev,
+                )
             rnd.in_flight[party_id] = rnd.in_flight.get(party_id, 0) + 1
         # Wait for an upload slot outside the lock: this bounds buffered updates.
         if not self._slots.acquire(timeout=slot_timeout_s):
             with self._lock:
                 rnd.in_flight[party_id] -= 1
             raise LimitError(f"{label}: too many uploads in flight; try again")
-        return Submission(self, rnd, party_id, num_samples, train_loss, submission_id, None)
+        return Submission(
+            self, rnd, party_id, num_samples, train_loss, submission_id, None
+        )
 
     def _closed_round_stub(self, index: int) -> _Round:
-        return _Round(index, 0.0, 0.0, _DoneFuture((np.zeros(0, np.float32), 0.0, 0.0)), "")
+        return _Round(
+            index, 0.0, 0.0, _DoneFuture((np.zeros(0, np.float32), 0.0, 0.0)), ""
+        )
 
     def _take_buffer(self) -> np.ndarray:
         with self._lock:
@@ -426,7 +461,11 @@ class RoundEngine:
     def _abort(self, sub: Submission) -> None:
         with self._lock:
             rnd = self._round
-            if rnd is not None and rnd.index == sub.round and sub.party_id in rnd.in_flight:
+            if (
+                rnd is not None
+                and rnd.index == sub.round
+                and sub.party_id in rnd.in_flight
+            ):
                 rnd.in_flight[sub.party_id] -= 1
             if sub._resend_of is None:
                 log.info("party %s round %d: upload discarded", sub.party_id, sub.round)
@@ -439,8 +478,13 @@ class RoundEngine:
                     f"{label}: submission {sub.submission_id!r} was already accepted with "
                     "different bytes"
                 )
-            return SubmitOutcome(True, sub.round, f"{label}: already accepted (identical resend)",
-                                 sub.submission_id, duplicate=True)
+            return SubmitOutcome(
+                True,
+                sub.round,
+                f"{label}: already accepted (identical resend)",
+                sub.submission_id,
+                duplicate=True,
+            )
         with self._lock:
             rnd = self._round
             if rnd is not None and rnd.index == sub.round:
@@ -453,14 +497,25 @@ class RoundEngine:
             prev = rnd.accepted.get(sub.party_id)
             if prev is not None:
                 if prev.digest == digest and prev.submission_id == sub.submission_id:
-                    return SubmitOutcome(True, sub.round, f"{label}: already accepted",
-                                         sub.submission_id, duplicate=True)
+                    return SubmitOutcome(
+                        True,
+                        sub.round,
+                        f"{label}: already accepted",
+                        sub.submission_id,
+                        duplicate=True,
+                    )
                 raise DuplicateSubmissionError(
                     f"{label}: a different update was already accepted for this round"
                 )
             assert sub._buffer is not None
-            entry = _Accepted(sub.submission_id, digest, sub._num_samples, sub._train_loss,
-                              sub._dot, sub._norm_sq)
+            entry = _Accepted(
+                sub.submission_id,
+                digest,
+                sub._num_samples,
+                sub._train_loss,
+                sub._dot,
+                sub._norm_sq,
+            )
             if self.cfg.aggregation == "digfl":
                 entry.buffer = sub._buffer
                 sub._kept = True
@@ -472,7 +527,9 @@ class RoundEngine:
             self._history[(rnd.index, sub.party_id)] = entry
             log.debug("%s: accepted (%d samples)", label, sub._num_samples)
             self._changed.notify_all()
-            return SubmitOutcome(True, rnd.index, f"{label}: accepted", sub.submission_id)
+            return SubmitOutcome(
+                True, rnd.index, f"{label}: accepted", sub.submission_id
+            )
 
     def _fixed_weight(self, num_samples: int) -> float:
         return 1.0 if self.cfg.aggregation == "uniform" else float(num_samples)
@@ -514,7 +571,9 @@ class RoundEngine:
             rnd = self._round
             active = {p for p, i in self.parties.items() if i.active}
             all_in = bool(rnd.accepted) and active <= set(rnd.accepted)
-            if all_in or (now >= rnd.deadline and len(rnd.accepted) >= self.cfg.min_parties):
+            if all_in or (
+                now >= rnd.deadline and len(rnd.accepted) >= self.cfg.min_parties
+            ):
                 self._close_round(now)
             elif now >= rnd.deadline:
                 self._quorum_lost(now)
@@ -529,7 +588,9 @@ class RoundEngine:
         else:
             # v_t is computed while the parties train; theta is never modified in place.
             fut = self._executor.submit(self._validator.gradient, theta)
-        self._round = _Round(self.round_index, now, now + self.cfg.round_timeout_s, fut, digest)
+        self._round = _Round(
+            self.round_index, now, now + self.cfg.round_timeout_s, fut, digest
+        )
         if self._on_publish is not None:
             self._on_publish(self.round_index, theta)
         log.info("round %d open", self.round_index)
@@ -546,8 +607,10 @@ class RoundEngine:
         n = {p: rnd.accepted[p].num_samples for p in parties}
         dots = {p: rnd.accepted[p].dot for p in parties}
         if self.cfg.aggregation == "digfl":
-            base = (contribution.sample_weights(n))
-            pre = contribution.digfl_scores(dots, base, self.cfg.update_kind, self.cfg.server_lr)
+            base = contribution.sample_weights(n)
+            pre = contribution.digfl_scores(
+                dots, base, self.cfg.update_kind, self.cfg.server_lr
+            )
             weights = contribution.digfl_weights(pre, n)
             rnd.acc = None
             for p in parties:
@@ -561,15 +624,23 @@ class RoundEngine:
             weights = contribution.uniform_weights(parties)
         else:
             weights = contribution.sample_weights(n)
-        scores = contribution.digfl_scores(dots, weights, self.cfg.update_kind, self.cfg.server_lr)
-        step = self.cfg.server_lr if self.cfg.update_kind == UpdateKind.GRADIENT else 1.0
+        scores = contribution.digfl_scores(
+            dots, weights, self.cfg.update_kind, self.cfg.server_lr
+        )
+        step = (
+            self.cfg.server_lr if self.cfg.update_kind == UpdateKind.GRADIENT else 1.0
+        )
         assert rnd.acc is not None
         # theta_{t+1} = theta_t - step * sum_i p_i u_i, with p_i = w_i / sum_j w_j.
         scale = np.float32(step / rnd.weight_sum)
-        new_theta = self.theta - scale * rnd.acc  # new array: theta_t stays intact for v_t
+        new_theta = (
+            self.theta - scale * rnd.acc
+        )  # new array: theta_t stays intact for v_t
         aggregate_s = time.perf_counter() - t1
         loss_after, acc_after = self._validator.evaluate(new_theta)
-        late = tuple(sorted(p for p, i in self.parties.items() if p not in rnd.accepted))
+        late = tuple(
+            sorted(p for p, i in self.parties.items() if p not in rnd.accepted)
+        )
         for p in late:
             self.parties[p].active = False
         result = RoundResult(
@@ -608,7 +679,12 @@ class RoundEngine:
         self._prune_history(rnd.index)
         log.info(
             "round %d closed: %d parties, val loss %.4f -> %.4f, acc %.3f, %.2f s",
-            rnd.index, len(parties), loss_before, loss_after, acc_after, result.duration_s,
+            rnd.index,
+            len(parties),
+            loss_before,
+            loss_after,
+            acc_after,
+            result.duration_s,
         )
         del v
         self.round_index += 1
@@ -643,10 +719,16 @@ class RoundEngine:
         for p in late:
             self.parties[p].active = False
         result = RoundResult(
-            round=rnd.index, status=f"failed: {reason}", parties=(), late=late,
-            val_loss_before=loss_before, val_acc_before=acc_before,
-            val_loss_after=loss_before, val_acc_after=acc_before,
-            model_digest=rnd.model_digest, duration_s=now - rnd.opened_at,
+            round=rnd.index,
+            status=f"failed: {reason}",
+            parties=(),
+            late=late,
+            val_loss_before=loss_before,
+            val_acc_before=acc_before,
+            val_loss_after=loss_before,
+            val_acc_after=acc_before,
+            model_digest=rnd.model_digest,
+            duration_s=now - rnd.opened_at,
             extra={"attempt": self._retries},
         )
         # Discard what the round received: it will not be applied.
@@ -661,8 +743,12 @@ class RoundEngine:
         self._round = None
         if self._retries < self.cfg.quorum_retries:
             self._retries += 1
-            log.warning("retrying round %d (%d of %d)", rnd.index, self._retries,
-                        self.cfg.quorum_retries)
+            log.warning(
+                "retrying round %d (%d of %d)",
+                rnd.index,
+                self._retries,
+                self.cfg.quorum_retries,
+            )
             self._open_round(self._clock())
         else:
             self._fail(f"quorum lost: {reason}")
@@ -686,8 +772,9 @@ class RoundEngine:
         with self._lock:
             if not self.finished:
                 self._round = None
-                self._finish_run(RunState.FAILED if reason != "completed" else RunState.DONE,
-                                 reason)
+                self._finish_run(
+                    RunState.FAILED if reason != "completed" else RunState.DONE, reason
+                )
 
     def status(self) -> dict[str, Any]:
         """A snapshot for GetStatus."""
@@ -721,7 +808,11 @@ def submit_arrays(
     """Submit a whole in-memory update (the in-process path: simulation, tests)."""
     flat = engine.layout.flatten(update)
     sub = engine.begin_submission(
-        party_id, round_index, num_samples, train_loss=train_loss, submission_id=submission_id
+        party_id,
+        round_index,
+        num_samples,
+        train_loss=train_loss,
+        submission_id=submission_id,
     )
     try:
         for i, off in enumerate(engine.layout.offsets):

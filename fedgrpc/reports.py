@@ -15,34 +15,57 @@ def report_from_proto(reply: aggregator_pb2.ContributionsReply) -> ContributionR
     parties = []
     for pc in reply.parties:
         rounds = tuple(
-            PartyRound(party_id=pc.party_id, num_samples=int(r.num_samples), weight=r.weight,
-                       score=r.score, dot=float("nan"), update_norm=r.update_norm,
-                       train_loss=r.train_loss)
+            PartyRound(
+                party_id=pc.party_id,
+                num_samples=int(r.num_samples),
+                weight=r.weight,
+                score=r.score,
+                dot=float("nan"),
+                update_norm=r.update_norm,
+                train_loss=r.train_loss,
+            )
             for r in pc.rounds
         )
-        parties.append(PartyContribution(
-            party_id=pc.party_id, total=pc.total, share=pc.share,
-            reference_share=pc.reference_share, rounds=rounds,
-            round_indices=tuple(int(r.round) for r in pc.rounds), attack=pc.attack,
-        ))
+        parties.append(
+            PartyContribution(
+                party_id=pc.party_id,
+                total=pc.total,
+                share=pc.share,
+                reference_share=pc.reference_share,
+                rounds=rounds,
+                round_indices=tuple(int(r.round) for r in pc.rounds),
+                attack=pc.attack,
+            )
+        )
     by_round: dict[int, list[PartyRound]] = {}
     for p in parties:
         for t, pr in zip(p.round_indices, p.rounds, strict=True):
             by_round.setdefault(t, []).append(pr)
     rounds = tuple(
         RoundResult(
-            round=int(r.round), status=r.status,
-            parties=tuple(by_round.get(int(r.round), [])), late=tuple(r.late),
-            val_loss_before=r.val_loss_before, val_acc_before=r.val_acc_before,
-            val_loss_after=r.val_loss_after, val_acc_after=r.val_acc_after, model_digest="",
-            duration_s=r.duration_s, val_grad_s=r.val_grad_s, aggregate_s=r.aggregate_s,
+            round=int(r.round),
+            status=r.status,
+            parties=tuple(by_round.get(int(r.round), [])),
+            late=tuple(r.late),
+            val_loss_before=r.val_loss_before,
+            val_acc_before=r.val_acc_before,
+            val_loss_after=r.val_loss_after,
+            val_acc_after=r.val_acc_after,
+            model_digest="",
+            duration_s=r.duration_s,
+            val_grad_s=r.val_grad_s,
+            aggregate_s=r.aggregate_s,
             extra={"submitted": list(r.submitted), "predicted_drop": r.predicted_drop},
         )
         for r in reply.rounds
     )
-    return ContributionReport(run_id=reply.run_id, method=reply.method,
-                              parties=tuple(parties), rounds=rounds,
-                              rounds_done=int(reply.rounds_done))
+    return ContributionReport(
+        run_id=reply.run_id,
+        method=reply.method,
+        parties=tuple(parties),
+        rounds=rounds,
+        rounds_done=int(reply.rounds_done),
+    )
 
 
 def final_train_loss(pc: PartyContribution) -> float:
@@ -52,9 +75,13 @@ def final_train_loss(pc: PartyContribution) -> float:
 
 def report_table(report: ContributionReport) -> str:
     """A readable table ranking parties by cumulative DIG-FL contribution."""
-    lines = [f"run {report.run_id} · {report.method} · {report.rounds_done} rounds recorded"]
-    head = (f"{'rank':>4}  {'party':<14} {'attack':<16} {'samples':>7} {'rounds':>6} "
-            f"{'contribution':>13} {'share':>8} {'ref share':>9} {'train loss':>10}")
+    lines = [
+        f"run {report.run_id} · {report.method} · {report.rounds_done} rounds recorded"
+    ]
+    head = (
+        f"{'rank':>4}  {'party':<14} {'attack':<16} {'samples':>7} {'rounds':>6} "
+        f"{'contribution':>13} {'share':>8} {'ref share':>9} {'train loss':>10}"
+    )
     lines += [head, "-" * len(head)]
     for i, pc in enumerate(report.parties, 1):
         samples = pc.rounds[-1].num_samples if pc.rounds else 0
@@ -73,10 +100,14 @@ def report_table(report: ContributionReport) -> str:
             f"validation: loss {ok[0].val_loss_before:.4f} -> {last.val_loss_after:.4f}, "
             f"accuracy {ok[0].val_acc_before:.4f} -> {last.val_acc_after:.4f}"
         )
-        lines.append(f"first-order fidelity: predicted drop {pred:.4f} vs measured {meas:.4f}")
+        lines.append(
+            f"first-order fidelity: predicted drop {pred:.4f} vs measured {meas:.4f}"
+        )
     failed = [r for r in report.rounds if r.status != "ok"]
     if failed:
-        lines.append(f"failed rounds: {', '.join(f'{r.round} ({r.status})' for r in failed)}")
+        lines.append(
+            f"failed rounds: {', '.join(f'{r.round} ({r.status})' for r in failed)}"
+        )
     return "\n".join(lines)
 
 
@@ -92,11 +123,16 @@ def report_json(report: ContributionReport) -> dict[str, Any]:
         entry: dict[str, Any] = {"round": t, "scores": rounds.get(t, {})}
         r = metrics.get(t)
         if r is not None:
-            entry.update(status=r.status, val_loss_before=r.val_loss_before,
-                         val_loss_after=r.val_loss_after, val_acc_before=r.val_acc_before,
-                         val_acc_after=r.val_acc_after,
-                         predicted_drop=sum(rounds.get(t, {}).values()),
-                         measured_drop=r.measured_drop, late=list(r.late))
+            entry.update(
+                status=r.status,
+                val_loss_before=r.val_loss_before,
+                val_loss_after=r.val_loss_after,
+                val_acc_before=r.val_acc_before,
+                val_acc_after=r.val_acc_after,
+                predicted_drop=sum(rounds.get(t, {}).values()),
+                measured_drop=r.measured_drop,
+                late=list(r.late),
+            )
         out_rounds.append(entry)
     return {
         "run_id": report.run_id,
@@ -113,14 +149,41 @@ def report_csv(report: ContributionReport) -> str:
     """One row per (round, party): signed score, weight, samples, update norm, train loss."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["round", "party_id", "score", "weight", "num_samples", "update_norm",
-                "train_loss"])
+    w.writerow(
+        [
+            "round",
+            "party_id",
+            "score",
+            "weight",
+            "num_samples",
+            "update_norm",
+            "train_loss",
+        ]
+    )
     rows = []
     for pc in report.parties:
         for t, pr in zip(pc.round_indices, pc.rounds, strict=True):
-            rows.append((t, pc.party_id, pr.score, pr.weight, pr.num_samples, pr.update_norm,
-                         pr.train_loss))
+            rows.append(
+                (
+                    t,
+                    pc.party_id,
+                    pr.score,
+                    pr.weight,
+                    pr.num_samples,
+                    pr.update_norm,
+                    pr.train_loss,
+                )
+            )
     for row in sorted(rows, key=lambda r: (r[0], r[1])):
-        w.writerow([row[0], row[1], repr(row[2]), repr(row[3]), row[4], repr(row[5]),
-                    repr(row[6])])
+        w.writerow(
+            [
+                row[0],
+                row[1],
+                repr(row[2]),
+                repr(row[3]),
+                row[4],
+                repr(row[5]),
+                repr(row[6]),
+            ]
+        )
     return buf.getvalue()

@@ -38,7 +38,9 @@ def party_rng(seed: int, party_id: str, round_index: int) -> np.random.Generator
 
 def config_for_data(cfg: RoundConfig, data: Dataset) -> RoundConfig:
     """``cfg`` with input shape and class count taken from a data set."""
-    return replace(cfg, input_shape=tuple(data.x.shape[1:]), num_classes=data.num_classes)
+    return replace(
+        cfg, input_shape=tuple(data.x.shape[1:]), num_classes=data.num_classes
+    )
 
 
 class FlatValidator:
@@ -76,12 +78,15 @@ def setup_model(cfg: RoundConfig, init_model: Path | None = None) -> ModelSetup:
     if init_model is not None:
         arrays, _ = load_arrays(init_model)
         try:
-            theta0 = layout.flatten({k: v.astype(np.float32) for k, v in arrays.items()})
+            theta0 = layout.flatten(
+                {k: v.astype(np.float32) for k, v in arrays.items()}
+            )
         except Exception as err:
             raise ConfigError(f"--init-model {init_model}: {err}") from None
     else:
-        params = init_params(cfg.model, cfg.input_shape, cfg.num_classes, cfg.model_hidden,
-                             cfg.seed)
+        params = init_params(
+            cfg.model, cfg.input_shape, cfg.num_classes, cfg.model_hidden, cfg.seed
+        )
         theta0 = layout.flatten(params)
     return ModelSetup(model, specs, layout, theta0)
 
@@ -99,9 +104,16 @@ def train_round(
     """One party's update from theta_t: local training, then any simulated update attack."""
     rng = party_rng(cfg.seed, party_id, round_index)
     update, loss = local_update(
-        model, layout.views(theta), data.x, data.y, kind=cfg.update_kind, lr=cfg.lr,
-        local_steps=cfg.local_steps, local_epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size, rng=rng,
+        model,
+        layout.views(theta),
+        data.x,
+        data.y,
+        kind=cfg.update_kind,
+        lr=cfg.lr,
+        local_steps=cfg.local_steps,
+        local_epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        rng=rng,
     )
     if attack is not None:
         update = apply_update_attack(attack, update, rng)
@@ -133,10 +145,13 @@ def run_in_process(
         if on_round is not None:
             on_round(result)
 
-    engine = RoundEngine(cfg, setup.specs, start, validator, on_commit=commit,
-                         max_in_flight=1)
+    engine = RoundEngine(
+        cfg, setup.specs, start, validator, on_commit=commit, max_in_flight=1
+    )
     # A separate module for party training keeps the validator's model untouched.
-    party_model = build_model(cfg.model, cfg.input_shape, cfg.num_classes, cfg.model_hidden)
+    party_model = build_model(
+        cfg.model, cfg.input_shape, cfg.num_classes, cfg.model_hidden
+    )
     for pid, ds in parties.items():
         engine.join(pid, len(ds))
     engine.tick()
@@ -145,10 +160,25 @@ def run_in_process(
         t = engine.open_round
         theta = engine.theta
         for pid in sorted(parties):
-            update, loss = train_round(party_model, setup.layout, theta, parties[pid], cfg,
-                                       pid, t, attacks.get(pid))
-            submit_arrays(engine, pid, t, len(parties[pid]), update, train_loss=loss,
-                          submission_id=f"{pid}:{t}")
+            update, loss = train_round(
+                party_model,
+                setup.layout,
+                theta,
+                parties[pid],
+                cfg,
+                pid,
+                t,
+                attacks.get(pid),
+            )
+            submit_arrays(
+                engine,
+                pid,
+                t,
+                len(parties[pid]),
+                update,
+                train_loss=loss,
+                submission_id=f"{pid}:{t}",
+            )
         engine.tick()
     if engine.state != RunState.DONE:
         raise ConfigError(f"in-process run failed: {engine.reason}")

@@ -30,8 +30,10 @@ def _wait_for_file(path: Path, proc: subprocess.Popen[bytes], timeout_s: float) 
         if path.is_file() and path.read_text().strip():
             return path.read_text().strip()
         if proc.poll() is not None:
-            raise FedGrpcError(f"aggregator exited with code {proc.returncode} before listening; "
-                               f"see {path.parent / 'server.log'}")
+            raise FedGrpcError(
+                f"aggregator exited with code {proc.returncode} before listening; "
+                f"see {path.parent / 'server.log'}"
+            )
         time.sleep(0.05)
     raise FedGrpcError(f"aggregator did not start listening within {timeout_s:g} s")
 
@@ -68,19 +70,52 @@ def simulate(
     port_file = run_dir / "port"
     port_file.unlink(missing_ok=True)
     server_cmd = [
-        *_fedgrpc_cmd(), "serve", "--insecure", "--address", "localhost:0",
-        "--port-file", str(port_file), "--run-dir", str(run_dir / "server"),
-        "--val-data", f"npz:{data_dir / 'val.npz'}", "--keep-serving",
-        "--min-parties", str(rcfg.min_parties), "--expected-parties", str(len(parties)),
-        "--rounds", str(rcfg.rounds), "--update-kind", rcfg.update_kind.value,
-        "--server-lr", repr(rcfg.server_lr), "--lr", repr(rcfg.lr),
-        "--local-steps", str(rcfg.local_steps), "--local-epochs", str(rcfg.local_epochs),
-        "--batch-size", str(rcfg.batch_size), "--model", rcfg.model,
-        "--hidden", str(rcfg.model_hidden), "--seed", str(rcfg.seed),
-        "--aggregation", rcfg.aggregation, "--wire-dtype", rcfg.wire_dtype,
-        "--round-timeout", repr(rcfg.round_timeout_s),
-        "--join-timeout", repr(rcfg.join_timeout_s),
-        "--quorum-retries", str(rcfg.quorum_retries),
+        *_fedgrpc_cmd(),
+        "serve",
+        "--insecure",
+        "--address",
+        "localhost:0",
+        "--port-file",
+        str(port_file),
+        "--run-dir",
+        str(run_dir / "server"),
+        "--val-data",
+        f"npz:{data_dir / 'val.npz'}",
+        "--keep-serving",
+        "--min-parties",
+        str(rcfg.min_parties),
+        "--expected-parties",
+        str(len(parties)),
+        "--rounds",
+        str(rcfg.rounds),
+        "--update-kind",
+        rcfg.update_kind.value,
+        "--server-lr",
+        repr(rcfg.server_lr),
+        "--lr",
+        repr(rcfg.lr),
+        "--local-steps",
+        str(rcfg.local_steps),
+        "--local-epochs",
+        str(rcfg.local_epochs),
+        "--batch-size",
+        str(rcfg.batch_size),
+        "--model",
+        rcfg.model,
+        "--hidden",
+        str(rcfg.model_hidden),
+        "--seed",
+        str(rcfg.seed),
+        "--aggregation",
+        rcfg.aggregation,
+        "--wire-dtype",
+        rcfg.wire_dtype,
+        "--round-timeout",
+        repr(rcfg.round_timeout_s),
+        "--join-timeout",
+        repr(rcfg.join_timeout_s),
+        "--quorum-retries",
+        str(rcfg.quorum_retries),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     procs: list[subprocess.Popen[bytes]] = []
@@ -89,63 +124,98 @@ def simulate(
     try:
         slog = (run_dir / "server.log").open("wb")
         logs.append(slog)
-        server = subprocess.Popen(server_cmd, stdout=slog, stderr=subprocess.STDOUT, env=env)
+        server = subprocess.Popen(
+            server_cmd, stdout=slog, stderr=subprocess.STDOUT, env=env
+        )
         procs.append(server)
         port = _wait_for_file(port_file, server, 60.0)
         address = f"localhost:{port}"
-        print(f"aggregator on {address}, run dir {run_dir}; {len(parties)} parties "
-              f"({', '.join(f'{p}={len(d)}' for p, d in parties.items())}), "
-              f"validation {len(val)} samples", flush=True)
+        print(
+            f"aggregator on {address}, run dir {run_dir}; {len(parties)} parties "
+            f"({', '.join(f'{p}={len(d)}' for p, d in parties.items())}), "
+            f"validation {len(val)} samples",
+            flush=True,
+        )
         clients: dict[str, subprocess.Popen[bytes]] = {}
         for pid in parties:
             att = attacks.get(pid)
-            cmd = [*_fedgrpc_cmd(), "client", "--insecure", "--server", address,
-                   "--party-id", pid, "--data", f"npz:{data_dir / (pid + '.npz')}",
-                   "--connect-timeout", "60"]
+            cmd = [
+                *_fedgrpc_cmd(),
+                "client",
+                "--insecure",
+                "--server",
+                address,
+                "--party-id",
+                pid,
+                "--data",
+                f"npz:{data_dir / (pid + '.npz')}",
+                "--connect-timeout",
+                "60",
+            ]
             if att is not None and not att.on_data:
                 cmd += ["--attack", att.spec]
             clog = (run_dir / f"{pid}.log").open("wb")
             logs.append(clog)
-            clients[pid] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=clog, env=env)
+            clients[pid] = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=clog, env=env
+            )
             procs.append(clients[pid])
-        observer = AggregatorClient(ClientConfig(server=address, party_id="observer", data="",
-                                                 insecure=True, connect_timeout_s=30.0))
-        shown = -1
+        observer = AggregatorClient(
+            ClientConfig(
+                server=address,
+                party_id="observer",
+                data="",
+                insecure=True,
+                connect_timeout_s=30.0,
+            )
+        )
+        shown = 0
         while True:
             if time.monotonic() - t_start > a.timeout:
                 raise FedGrpcError(f"simulation did not finish within {a.timeout:g} s")
             if server.poll() is not None:
-                raise FedGrpcError(f"aggregator exited with code {server.returncode}; see "
-                                   f"{run_dir / 'server.log'}")
+                raise FedGrpcError(
+                    f"aggregator exited with code {server.returncode}; see "
+                    f"{run_dir / 'server.log'}"
+                )
             try:
                 st = observer.status()
             except RemoteError as err:
                 raise FedGrpcError(f"cannot query the aggregator: {err}") from None
-            if st.rounds_done != shown and st.rounds_done > 0:
+            if st.rounds_done > shown:
+                _print_rounds(observer, shown, st.rounds_done, st.rounds_total)
                 shown = st.rounds_done
-                print(f"round {st.rounds_done:>3}/{st.rounds_total}: val loss "
-                      f"{st.val_loss:.4f}  acc {st.val_acc:.4f}  ({st.last_round_s:.2f} s)",
-                      flush=True)
             if st.state in ("done", "failed"):
                 break
             dead = [p for p, c in clients.items() if c.poll() not in (None, 0)]
             if dead and len(dead) > len(parties) - rcfg.min_parties:
-                raise FedGrpcError(f"parties {dead} exited with errors; see their logs in "
-                                   f"{run_dir}")
+                raise FedGrpcError(
+                    f"parties {dead} exited with errors; see their logs in {run_dir}"
+                )
             time.sleep(0.2)
         results: dict[str, dict[str, Any]] = {}
         for pid, c in clients.items():
             out, _ = c.communicate(timeout=60)
             line = out.decode().strip().splitlines()[-1:] if out else []
-            results[pid] = json.loads(line[0]) if line else {"reason": f"exit {c.returncode}"}
+            results[pid] = (
+                json.loads(line[0]) if line else {"reason": f"exit {c.returncode}"}
+            )
         report = report_from_proto(observer.contributions())
         observer.close()
         report = _with_attacks(report, attacks)
         elapsed = time.monotonic() - t_start
         summary = report_json(report)
-        summary.update(state=st.state, rounds_done=st.rounds_done, val_acc=st.val_acc,
-                       val_loss=st.val_loss, elapsed_s=elapsed, parties=results)
-        (run_dir / "contributions.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary.update(
+            state=st.state,
+            rounds_done=st.rounds_done,
+            val_acc=st.val_acc,
+            val_loss=st.val_loss,
+            elapsed_s=elapsed,
+            parties=results,
+        )
+        (run_dir / "contributions.json").write_text(
+            json.dumps(summary, indent=2) + "\n"
+        )
         try:
             from fedgrpc.plot import plot_contributions
 
@@ -158,11 +228,15 @@ def simulate(
             print()
             print(report_table(report))
             print()
-            print(f"{st.state}: {st.rounds_done} rounds in {elapsed:.1f} s "
-                  f"({elapsed / max(1, st.rounds_done):.2f} s/round incl. start-up); "
-                  f"final validation accuracy {st.val_acc:.4f}")
-            print(f"plot: {run_dir / 'contributions.png'}  ledger: "
-                  f"{run_dir / 'server' / 'ledger.sqlite'}")
+            print(
+                f"{st.state}: {st.rounds_done} rounds in {elapsed:.1f} s "
+                f"({elapsed / max(1, st.rounds_done):.2f} s/round incl. start-up); "
+                f"final validation accuracy {st.val_acc:.4f}"
+            )
+            print(
+                f"plot: {run_dir / 'contributions.png'}  ledger: "
+                f"{run_dir / 'server' / 'ledger.sqlite'}"
+            )
         return 0 if st.state == "done" else 1
     finally:
         _stop(procs)
@@ -170,9 +244,23 @@ def simulate(
             f.close()
 
 
+def _print_rounds(observer: Any, first: int, done: int, total: int) -> None:
+    """Print the metrics of rounds [first, done) as recorded in the ledger."""
+    reply = observer.contributions(["-"], first, done - 1)
+    for r in reply.rounds:
+        print(
+            f"round {r.round + 1:>3}/{total}: {r.status:<6} val loss "
+            f"{r.val_loss_after:.4f}  acc {r.val_acc_after:.4f}  "
+            f"({len(r.submitted)} parties, {r.duration_s:.2f} s)",
+            flush=True,
+        )
+
+
 def _with_attacks(report: Any, attacks: dict[str, Any]) -> Any:
     from dataclasses import replace
 
-    parties = tuple(replace(p, attack=attacks[p.party_id].spec) if p.party_id in attacks
-                    else p for p in report.parties)
+    parties = tuple(
+        replace(p, attack=attacks[p.party_id].spec) if p.party_id in attacks else p
+        for p in report.parties
+    )
     return replace(report, parties=parties)

@@ -86,7 +86,9 @@ class PartyContribution:
     total: float  # sum_t phi_{t,i}, signed
     share: float  # total / sum of all parties' totals
     reference_share: float  # mean over rounds of max(0, phi) normalised per round
-    rounds: tuple[PartyRound, ...]  # PartyRound.round_index via ContributionReport.rounds order
+    rounds: tuple[
+        PartyRound, ...
+    ]  # PartyRound.round_index via ContributionReport.rounds order
     round_indices: tuple[int, ...]  # round number of each entry of ``rounds``
     attack: str = ""
 

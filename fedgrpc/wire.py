@@ -133,7 +133,9 @@ def iter_tensor_chunks(
     offset = 0
     while True:
         end = min(total, offset + step)
-        msg = tensor_pb2.TensorChunk(name=name, offset=offset, data=bytes(buf[offset:end]))
+        msg = tensor_pb2.TensorChunk(
+            name=name, offset=offset, data=bytes(buf[offset:end])
+        )
         if offset == 0:
             msg.dtype = dtype_to_proto(dname)
             msg.shape.extend(int(d) for d in arr.shape)
@@ -152,7 +154,9 @@ def iter_bundle_chunks(
 ) -> Iterator[tensor_pb2.TensorChunk]:
     """Chunks of several tensors, one tensor after the other, in the given order."""
     for name, arr in arrays:
-        yield from iter_tensor_chunks(name, arr, chunk_bytes=chunk_bytes, wire_dtype=wire_dtype)
+        yield from iter_tensor_chunks(
+            name, arr, chunk_bytes=chunk_bytes, wire_dtype=wire_dtype
+        )
 
 
 def spec_to_proto(spec: TensorSpec) -> tensor_pb2.TensorSpec:
@@ -165,8 +169,12 @@ def spec_to_proto(spec: TensorSpec) -> tensor_pb2.TensorSpec:
 def spec_from_proto(msg: tensor_pb2.TensorSpec) -> TensorSpec:
     """TensorSpec of a proto, checked."""
     if any(d < 0 for d in msg.shape):
-        raise InvalidUpdateError(f"tensor {msg.name!r} has a negative dimension {list(msg.shape)}")
-    return TensorSpec(msg.name, dtype_from_proto(msg.dtype), tuple(int(d) for d in msg.shape))
+        raise InvalidUpdateError(
+            f"tensor {msg.name!r} has a negative dimension {list(msg.shape)}"
+        )
+    return TensorSpec(
+        msg.name, dtype_from_proto(msg.dtype), tuple(int(d) for d in msg.shape)
+    )
 
 
 @dataclass(frozen=True)
@@ -297,7 +305,9 @@ class BundleDecoder:
         wdt = self.wire_dtype_of(spec)
         got_dtype = dtype_from_proto(chunk.dtype) if chunk.dtype else "<unset>"
         if got_dtype != wdt:
-            raise self._err(f"tensor {spec.name!r} has dtype {got_dtype}; expected {wdt}")
+            raise self._err(
+                f"tensor {spec.name!r} has dtype {got_dtype}; expected {wdt}"
+            )
         shape = tuple(int(d) for d in chunk.shape)
         if shape != spec.shape:
             raise self._err(
@@ -347,8 +357,12 @@ class BundleDecoder:
         return got.hex()
 
 
-def decode_tensor(chunks: Iterable[tensor_pb2.TensorChunk], spec: TensorSpec | None = None,
-                  *, limits: DecodeLimits | None = None) -> np.ndarray:
+def decode_tensor(
+    chunks: Iterable[tensor_pb2.TensorChunk],
+    spec: TensorSpec | None = None,
+    *,
+    limits: DecodeLimits | None = None,
+) -> np.ndarray:
     """Reassemble one tensor of any wire dtype from its chunks.
 
     Without ``spec`` the first chunk's dtype and shape are taken as declared (still checked
@@ -370,8 +384,9 @@ def decode_tensor(chunks: Iterable[tensor_pb2.TensorChunk], spec: TensorSpec | N
                 f"limit is {lim.max_tensor_bytes}"
             )
     wdt = spec.dtype
-    dec = BundleDecoder([spec], wire_dtype=wdt if wdt in FLOAT_WIRE_DTYPES else "float32",
-                        limits=lim)
+    dec = BundleDecoder(
+        [spec], wire_dtype=wdt if wdt in FLOAT_WIRE_DTYPES else "float32", limits=lim
+    )
     out = np.empty(spec.numel, dtype=_STORAGE[wdt])
     for chunk in _chain(first, it):
         _, off, view = dec.feed(chunk)
@@ -413,8 +428,9 @@ class FlatLayout:
             for s, o in zip(self.specs, self.offsets, strict=True)
         }
 
-    def flatten(self, arrays: Mapping[str, np.ndarray], out: np.ndarray | None = None
-                ) -> np.ndarray:
+    def flatten(
+        self, arrays: Mapping[str, np.ndarray], out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Copy named arrays into one flat float32 vector (checked against the specs)."""
         flat = np.empty(self.size, dtype=np.float32) if out is None else out
         for s, o in zip(self.specs, self.offsets, strict=True):

@@ -11,7 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
-    protos = sorted(str(p.relative_to(ROOT / "protos")) for p in (ROOT / "protos").rglob("*.proto"))
+    protos = sorted(
+        str(p.relative_to(ROOT / "protos")) for p in (ROOT / "protos").rglob("*.proto")
+    )
     args = [
         "grpc_tools.protoc",
         f"-I{ROOT / 'protos'}",

@@ -40,15 +40,26 @@ class PartyResult:
 
 def round_config_from_reply(tc: aggregator_pb2.TrainingConfig) -> RoundConfig:
     """The RoundConfig a party needs, from the server's TrainingConfig."""
-    kind = UpdateKind.DELTA if tc.update_kind == aggregator_pb2.DELTA else UpdateKind.GRADIENT
+    kind = (
+        UpdateKind.DELTA
+        if tc.update_kind == aggregator_pb2.DELTA
+        else UpdateKind.GRADIENT
+    )
     wire_names = {1: "float32", 2: "float16", 3: "bfloat16"}
     return RoundConfig(
-        rounds=max(1, tc.rounds), update_kind=kind, lr=tc.lr or 0.05,
-        server_lr=tc.server_lr or 0.5, local_steps=tc.local_steps,
-        local_epochs=max(1, tc.local_epochs), batch_size=tc.batch_size, model=tc.model,
-        model_hidden=max(1, tc.model_hidden), seed=tc.seed,
+        rounds=max(1, tc.rounds),
+        update_kind=kind,
+        lr=tc.lr or 0.05,
+        server_lr=tc.server_lr or 0.5,
+        local_steps=tc.local_steps,
+        local_epochs=max(1, tc.local_epochs),
+        batch_size=tc.batch_size,
+        model=tc.model,
+        model_hidden=max(1, tc.model_hidden),
+        seed=tc.seed,
         wire_dtype=wire_names.get(tc.wire_dtype, "float32"),
-        input_shape=tuple(int(d) for d in tc.input_shape), num_classes=tc.num_classes,
+        input_shape=tuple(int(d) for d in tc.input_shape),
+        num_classes=tc.num_classes,
         round_timeout_s=tc.round_timeout_s or 60.0,
     )
 
@@ -66,13 +77,22 @@ def run_party(cfg: ClientConfig, data: Dataset | None = None) -> PartyResult:
                 f"party {cfg.party_id}: local samples have shape {list(data.x.shape[1:])}; "
                 f"the run's model expects {list(rcfg.input_shape)}"
             )
-        model = build_model(rcfg.model, rcfg.input_shape, rcfg.num_classes, rcfg.model_hidden)
+        model = build_model(
+            rcfg.model, rcfg.input_shape, rcfg.num_classes, rcfg.model_hidden
+        )
         if model_specs(model) != client.specs:
-            raise ConfigError(f"party {cfg.party_id}: local model {rcfg.model!r} does not match "
-                              "the aggregator's model spec")
+            raise ConfigError(
+                f"party {cfg.party_id}: local model {rcfg.model!r} does not match "
+                "the aggregator's model spec"
+            )
         layout = FlatLayout.of(client.specs)
-        log.info("party %s joined run %s at round %d (%d samples)", cfg.party_id,
-                 reply.run_id, reply.open_round, len(data))
+        log.info(
+            "party %s joined run %s at round %d (%d samples)",
+            cfg.party_id,
+            reply.run_id,
+            reply.open_round,
+            len(data),
+        )
         stream_timeout = 2 * rcfg.round_timeout_s + 60.0
         next_round = int(reply.open_round)
         submitted = 0
@@ -81,40 +101,67 @@ def run_party(cfg: ClientConfig, data: Dataset | None = None) -> PartyResult:
             try:
                 for item in client.models(next_round, stream_timeout):
                     if isinstance(item, TrainingOver):
-                        log.info("party %s: training over after %d rounds (%s)",
-                                 cfg.party_id, item.rounds_completed, item.reason)
-                        return PartyResult(submitted, item.rounds_completed, item.reason,
-                                           last_loss)
-                    last_loss = _train_and_submit(client, item, layout, model, data, rcfg,
-                                                  cfg, attack) or last_loss
+                        log.info(
+                            "party %s: training over after %d rounds (%s)",
+                            cfg.party_id,
+                            item.rounds_completed,
+                            item.reason,
+                        )
+                        return PartyResult(
+                            submitted, item.rounds_completed, item.reason, last_loss
+                        )
+                    last_loss = (
+                        _train_and_submit(
+                            client, item, layout, model, data, rcfg, cfg, attack
+                        )
+                        or last_loss
+                    )
                     submitted += 1
                     next_round = item.round + 1
                 # The stream ended without the done message: reopen it.
             except RemoteError as err:
                 if err.code not in _RECONNECT:
                     raise
-                log.warning("party %s: stream lost (%s); reconnecting", cfg.party_id, err)
+                log.warning(
+                    "party %s: stream lost (%s); reconnecting", cfg.party_id, err
+                )
                 time.sleep(cfg.backoff_initial_s)
                 client.join(len(data))  # the aggregator may have restarted
                 next_round = 0  # ask for the current model, whichever round it is
 
 
 def _train_and_submit(
-    client: AggregatorClient, item: ModelVersion, layout: FlatLayout, model: torch.nn.Module,
-    data: Dataset, rcfg: RoundConfig, cfg: ClientConfig, attack: object,
+    client: AggregatorClient,
+    item: ModelVersion,
+    layout: FlatLayout,
+    model: torch.nn.Module,
+    data: Dataset,
+    rcfg: RoundConfig,
+    cfg: ClientConfig,
+    attack: object,
 ) -> float | None:
     t0 = time.perf_counter()
-    update, loss = train_round(model, layout, item.flat, data, rcfg, cfg.party_id, item.round,
-                               attack)  # type: ignore[arg-type]
+    update, loss = train_round(
+        model, layout, item.flat, data, rcfg, cfg.party_id, item.round, attack
+    )  # type: ignore[arg-type]
     train_s = time.perf_counter() - t0
     try:
-        reply = client.submit(item.round, update, len(data), train_loss=loss,
-                              kind=rcfg.update_kind)
+        reply = client.submit(
+            item.round, update, len(data), train_loss=loss, kind=rcfg.update_kind
+        )
     except RemoteError as err:
         if err.code in _SKIP_ROUND:
-            log.warning("party %s: round %d not counted: %s", cfg.party_id, item.round, err)
+            log.warning(
+                "party %s: round %d not counted: %s", cfg.party_id, item.round, err
+            )
             return None
         raise
-    log.info("party %s round %d: loss %.4f, trained %.2f s, %s", cfg.party_id, item.round,
-             loss, train_s, reply.message)
+    log.info(
+        "party %s round %d: loss %.4f, trained %.2f s, %s",
+        cfg.party_id,
+        item.round,
+        loss,
+        train_s,
+        reply.message,
+    )
     return float(loss) if np.isfinite(loss) else None

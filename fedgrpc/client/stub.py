@@ -18,15 +18,21 @@ from fedgrpc import wire
 from fedgrpc.config import ClientConfig
 from fedgrpc.errors import InvalidUpdateError, RemoteError
 from fedgrpc.proto import aggregator_pb2, aggregator_pb2_grpc
-from fedgrpc.server.auth import channel_credentials, token_call_credentials, token_metadata
+from fedgrpc.server.auth import (
+    channel_credentials,
+    token_call_credentials,
+    token_metadata,
+)
 from fedgrpc.types import TensorSpec, UpdateKind
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_KIND_TO_PROTO = {UpdateKind.GRADIENT: aggregator_pb2.GRADIENT,
-                  UpdateKind.DELTA: aggregator_pb2.DELTA}
+_KIND_TO_PROTO = {
+    UpdateKind.GRADIENT: aggregator_pb2.GRADIENT,
+    UpdateKind.DELTA: aggregator_pb2.DELTA,
+}
 CHANNEL_OPTIONS = [
     # Detect a dead peer on a silent network within ~15 s, without flooding a live one.
     ("grpc.keepalive_time_ms", 10_000),
@@ -79,11 +85,14 @@ class AggregatorClient:
             assert cfg.tls.ca is not None
             creds = channel_credentials(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
             if cfg.token:
-                creds = grpc.composite_channel_credentials(creds,
-                                                           token_call_credentials(cfg.token))
-            self._channel = grpc.secure_channel(cfg.server, creds, options=CHANNEL_OPTIONS)
+                creds = grpc.composite_channel_credentials(
+                    creds, token_call_credentials(cfg.token)
+                )
+            self._channel = grpc.secure_channel(
+                cfg.server, creds, options=CHANNEL_OPTIONS
+            )
         self._stub = aggregator_pb2_grpc.AggregatorStub(self._channel)
-        self._jitter = random.Random()  # noqa: S311 - backoff jitter, not security
+        self._jitter = random.Random()
         self.specs: list[TensorSpec] = []
         self.wire_dtype = "float32"
 
@@ -109,34 +118,55 @@ class AggregatorClient:
                 code = err.code() if hasattr(err, "code") else None
                 if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= give_up:
                     raise _remote(err) from None
-                wait = min(delay, self.cfg.backoff_max_s) * (0.5 + self._jitter.random())
-                log.info("%s: aggregator unavailable (%s); retrying in %.1f s", what,
-                         err.details() if hasattr(err, "details") else "", wait)
+                wait = min(delay, self.cfg.backoff_max_s) * (
+                    0.5 + self._jitter.random()
+                )
+                log.info(
+                    "%s: aggregator unavailable (%s); retrying in %.1f s",
+                    what,
+                    err.details() if hasattr(err, "details") else "",
+                    wait,
+                )
                 time.sleep(wait)
                 delay = min(delay * 2, self.cfg.backoff_max_s)
 
     # ------------------------------------------------------------------ RPCs
     def join(self, num_samples: int) -> aggregator_pb2.JoinReply:
         """Join (retrying while the aggregator is unreachable); learn spec and config."""
-        req = aggregator_pb2.JoinRequest(party_id=self.cfg.party_id, num_samples=num_samples,
-                                         client_version=fedgrpc.__version__)
+        req = aggregator_pb2.JoinRequest(
+            party_id=self.cfg.party_id,
+            num_samples=num_samples,
+            client_version=fedgrpc.__version__,
+        )
         reply: aggregator_pb2.JoinReply = self.retry(
-            lambda: self._stub.Join(req, timeout=self.cfg.rpc_timeout_s,
-                                    metadata=self._metadata), "Join")
+            lambda: self._stub.Join(
+                req, timeout=self.cfg.rpc_timeout_s, metadata=self._metadata
+            ),
+            "Join",
+        )
         self.specs = [wire.spec_from_proto(s) for s in reply.model_spec.tensors]
-        self.wire_dtype = wire.dtype_from_proto(reply.config.wire_dtype) \
-            if reply.config.wire_dtype else "float32"
+        self.wire_dtype = (
+            wire.dtype_from_proto(reply.config.wire_dtype)
+            if reply.config.wire_dtype
+            else "float32"
+        )
         return reply
 
-    def models(self, from_round: int, timeout_s: float) -> Iterator[ModelVersion | TrainingOver]:
+    def models(
+        self, from_round: int, timeout_s: float
+    ) -> Iterator[ModelVersion | TrainingOver]:
         """One GetModel stream: each model version from ``from_round`` on, then the end.
 
         The stream's deadline is ``timeout_s``; the caller reopens it when it expires.
         """
-        req = aggregator_pb2.GetModelRequest(party_id=self.cfg.party_id, from_round=from_round)
+        req = aggregator_pb2.GetModelRequest(
+            party_id=self.cfg.party_id, from_round=from_round
+        )
         layout = wire.FlatLayout.of(self.specs)
         try:
-            stream = self._stub.GetModel(req, timeout=timeout_s, metadata=self._metadata)
+            stream = self._stub.GetModel(
+                req, timeout=timeout_s, metadata=self._metadata
+            )
             header: aggregator_pb2.ModelHeader | None = None
             flat = np.empty(0, dtype=np.float32)
             dec: wire.BundleDecoder | None = None
@@ -144,10 +174,16 @@ class AggregatorClient:
                 kind = msg.WhichOneof("kind")
                 if kind == "header":
                     header = msg.header
-                    wdt = wire.dtype_from_proto(header.wire_dtype) if header.wire_dtype \
+                    wdt = (
+                        wire.dtype_from_proto(header.wire_dtype)
+                        if header.wire_dtype
                         else self.wire_dtype
-                    dec = wire.BundleDecoder(self.specs, wire_dtype=wdt,
-                                             label=f"model of round {header.round}")
+                    )
+                    dec = wire.BundleDecoder(
+                        self.specs,
+                        wire_dtype=wdt,
+                        label=f"model of round {header.round}",
+                    )
                     flat = np.empty(layout.size, dtype=np.float32)
                 elif kind == "chunk":
                     if dec is None or header is None:
@@ -155,7 +191,8 @@ class AggregatorClient:
                     idx, off, view = dec.feed(msg.chunk)
                     start = layout.offsets[idx] + off
                     flat[start : start + view.size] = wire.from_wire_array(
-                        view, dec.wire_dtype_of(self.specs[idx]), "float32")
+                        view, dec.wire_dtype_of(self.specs[idx]), "float32"
+                    )
                 elif kind == "end":
                     if dec is None or header is None:
                         raise InvalidUpdateError("model end before its header")
@@ -186,21 +223,32 @@ class AggregatorClient:
         for chunk in wire.iter_bundle_chunks(arrays, wire_dtype=wdt):
             digest.update(chunk.data)
         trailer_digest = digest.digest()
-        sid = submission_id or f"{self.cfg.party_id}:{round_index}:{trailer_digest.hex()[:16]}"
+        sid = (
+            submission_id
+            or f"{self.cfg.party_id}:{round_index}:{trailer_digest.hex()[:16]}"
+        )
 
         def messages() -> Iterator[aggregator_pb2.SubmitMessage]:
-            yield aggregator_pb2.SubmitMessage(header=aggregator_pb2.SubmitHeader(
-                party_id=self.cfg.party_id, round=round_index, num_samples=num_samples,
-                train_loss=train_loss, update_kind=_KIND_TO_PROTO[kind], submission_id=sid,
-            ))
+            yield aggregator_pb2.SubmitMessage(
+                header=aggregator_pb2.SubmitHeader(
+                    party_id=self.cfg.party_id,
+                    round=round_index,
+                    num_samples=num_samples,
+                    train_loss=train_loss,
+                    update_kind=_KIND_TO_PROTO[kind],
+                    submission_id=sid,
+                )
+            )
             for chunk in wire.iter_bundle_chunks(arrays, wire_dtype=wdt):
                 yield aggregator_pb2.SubmitMessage(chunk=chunk)
             yield aggregator_pb2.SubmitMessage(
-                trailer=aggregator_pb2.SubmitTrailer(digest=trailer_digest))
+                trailer=aggregator_pb2.SubmitTrailer(digest=trailer_digest)
+            )
 
         def call() -> aggregator_pb2.SubmitReply:
             reply: aggregator_pb2.SubmitReply = self._stub.SubmitGradient(
-                messages(), timeout=self.cfg.rpc_timeout_s, metadata=self._metadata)
+                messages(), timeout=self.cfg.rpc_timeout_s, metadata=self._metadata
+            )
             return reply
 
         return self.retry(call, f"SubmitGradient round {round_index}")
@@ -208,20 +256,34 @@ class AggregatorClient:
     def status(self) -> aggregator_pb2.StatusReply:
         """GetStatus."""
         reply: aggregator_pb2.StatusReply = self.retry(
-            lambda: self._stub.GetStatus(aggregator_pb2.StatusRequest(),
-                                         timeout=self.cfg.rpc_timeout_s,
-                                         metadata=self._metadata), "GetStatus")
+            lambda: self._stub.GetStatus(
+                aggregator_pb2.StatusRequest(),
+                timeout=self.cfg.rpc_timeout_s,
+                metadata=self._metadata,
+            ),
+            "GetStatus",
+        )
         return reply
 
-    def contributions(self, party_ids: list[str] | None = None, from_round: int = 0,
-                      to_round: int | None = None) -> aggregator_pb2.ContributionsReply:
+    def contributions(
+        self,
+        party_ids: list[str] | None = None,
+        from_round: int = 0,
+        to_round: int | None = None,
+    ) -> aggregator_pb2.ContributionsReply:
         """GetContributions."""
         req = aggregator_pb2.ContributionsRequest(
-            party_ids=party_ids or [], from_round=from_round,
-            to_round=to_round or 0, has_to_round=to_round is not None)
+            party_ids=party_ids or [],
+            from_round=from_round,
+            to_round=to_round or 0,
+            has_to_round=to_round is not None,
+        )
         reply: aggregator_pb2.ContributionsReply = self.retry(
-            lambda: self._stub.GetContributions(req, timeout=self.cfg.rpc_timeout_s,
-                                                metadata=self._metadata), "GetContributions")
+            lambda: self._stub.GetContributions(
+                req, timeout=self.cfg.rpc_timeout_s, metadata=self._metadata
+            ),
+            "GetContributions",
+        )
         return reply
 
     @property

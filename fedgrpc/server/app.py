@@ -10,7 +10,6 @@ import threading
 import time
 import uuid
 from concurrent import futures
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -49,7 +48,8 @@ def _identity(b: bytes) -> bytes:
 
 def build_handler(servicer: AggregatorServicer) -> grpc.GenericRpcHandler:
     """Method handlers with raw-bytes requests (parsed in the servicer, so malformed input
-    is INVALID_ARGUMENT) and pre-encoded GetModel responses (encoded once per version)."""
+    is INVALID_ARGUMENT) and pre-encoded GetModel responses (encoded once per version).
+    """
     enc = {
         "Join": aggregator_pb2.JoinReply.SerializeToString,
         "SubmitGradient": aggregator_pb2.SubmitReply.SerializeToString,
@@ -58,21 +58,28 @@ def build_handler(servicer: AggregatorServicer) -> grpc.GenericRpcHandler:
     }
     handlers = {
         "Join": grpc.unary_unary_rpc_method_handler(
-            servicer.Join, request_deserializer=_identity, response_serializer=enc["Join"]
+            servicer.Join,
+            request_deserializer=_identity,
+            response_serializer=enc["Join"],
         ),
         "GetModel": grpc.unary_stream_rpc_method_handler(
-            servicer.GetModel, request_deserializer=_identity, response_serializer=_identity
+            servicer.GetModel,
+            request_deserializer=_identity,
+            response_serializer=_identity,
         ),
         "SubmitGradient": grpc.stream_unary_rpc_method_handler(
-            servicer.SubmitGradient, request_deserializer=_identity,
+            servicer.SubmitGradient,
+            request_deserializer=_identity,
             response_serializer=enc["SubmitGradient"],
         ),
         "GetContributions": grpc.unary_unary_rpc_method_handler(
-            servicer.GetContributions, request_deserializer=_identity,
+            servicer.GetContributions,
+            request_deserializer=_identity,
             response_serializer=enc["GetContributions"],
         ),
         "GetStatus": grpc.unary_unary_rpc_method_handler(
-            servicer.GetStatus, request_deserializer=_identity,
+            servicer.GetStatus,
+            request_deserializer=_identity,
             response_serializer=enc["GetStatus"],
         ),
     }
@@ -138,14 +145,17 @@ class Aggregator:
             state = self.ledger.get_state("resume")
             if state is None:
                 raise ConfigError(f"--resume {self.run_dir}: no committed checkpoint")
-            arrays, _ = load_arrays(self.run_dir / CHECKPOINTS / state["checkpoint"],
-                                    expected_sha256=state["checkpoint_sha256"])
+            arrays, _ = load_arrays(
+                self.run_dir / CHECKPOINTS / state["checkpoint"],
+                expected_sha256=state["checkpoint_sha256"],
+            )
             theta = self.layout.flatten(arrays)
             start_round = int(state["next_round"])
             log.info("resuming run %s at round %d", self.run_id, start_round)
         else:
             config_json = {
-                "round": round_config_to_json(rcfg), "val_data": val_spec,
+                "round": round_config_to_json(rcfg),
+                "val_data": val_spec,
                 "val_count": val_count,
             }
             self.ledger.start_run(self.run_id, config_json, evaluator.digest())
@@ -153,59 +163,101 @@ class Aggregator:
         self.broadcaster = ModelBroadcaster(self.layout, wire_dtype=rcfg.wire_dtype)
         self._executor = futures.ThreadPoolExecutor(1, thread_name_prefix="val-grad")
         self.engine = RoundEngine(
-            rcfg, setup.specs, theta, FlatValidator(evaluator, self.layout),
-            executor=self._executor, on_commit=self._commit,
-            on_publish=self.broadcaster.publish, on_finish=self._on_finish,
-            start_round=start_round, max_parties=cfg.limits.max_parties,
+            rcfg,
+            setup.specs,
+            theta,
+            FlatValidator(evaluator, self.layout),
+            executor=self._executor,
+            on_commit=self._commit,
+            on_publish=self.broadcaster.publish,
+            on_finish=self._on_finish,
+            on_join=self.ledger.upsert_party,
+            start_round=start_round,
+            max_parties=cfg.limits.max_parties,
         )
         for p in self.ledger.parties():
             self.engine.join(str(p["party_id"]), max(1, int(p["num_samples"])))
         registry = PartyRegistry.load(cfg.parties_file) if cfg.parties_file else None
         mtls = cfg.tls.require_client_cert
         self.servicer = AggregatorServicer(
-            self.engine, self.broadcaster, self._join_reply(rcfg, setup.specs),
-            self.ledger.contributions, registry=registry, mtls=mtls,
-            limits=wire.DecodeLimits(cfg.limits.max_chunk_bytes, cfg.limits.max_tensor_bytes,
-                                     cfg.limits.max_submission_bytes),
-            max_streams_per_party=cfg.limits.max_streams_per_party, run_id=self.run_id,
+            self.engine,
+            self.broadcaster,
+            self._join_reply(rcfg, setup.specs),
+            self.ledger.contributions,
+            registry=registry,
+            mtls=mtls,
+            limits=wire.DecodeLimits(
+                cfg.limits.max_chunk_bytes,
+                cfg.limits.max_tensor_bytes,
+                cfg.limits.max_submission_bytes,
+            ),
+            max_streams_per_party=cfg.limits.max_streams_per_party,
+            run_id=self.run_id,
             stopping=self._stopping,
         )
         self.health = health.HealthServicer()
         self.server = grpc.server(
             # Each GetModel stream and each upload holds a worker thread while it lasts;
             # threads start lazily, so the bound costs nothing until used.
-            futures.ThreadPoolExecutor(max_workers=2 * cfg.limits.max_parties + 16,
-                                       thread_name_prefix="rpc"),
+            futures.ThreadPoolExecutor(
+                max_workers=2 * cfg.limits.max_parties + 16, thread_name_prefix="rpc"
+            ),
             options=[("grpc.so_reuseport", 0)],
         )
         self.server.add_generic_rpc_handlers((build_handler(self.servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), self.server,
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
         )
-        self._driver = threading.Thread(target=self._drive, name="round-driver", daemon=True)
+        self._driver = threading.Thread(
+            target=self._drive, name="round-driver", daemon=True
+        )
 
-    def _join_reply(self, rcfg: RoundConfig, specs: list[Any]) -> aggregator_pb2.JoinReply:
+    def _join_reply(
+        self, rcfg: RoundConfig, specs: list[Any]
+    ) -> aggregator_pb2.JoinReply:
         tc = aggregator_pb2.TrainingConfig(
-            rounds=rcfg.rounds, update_kind=KIND_TO_PROTO[rcfg.update_kind], lr=rcfg.lr,
-            server_lr=rcfg.server_lr, local_steps=rcfg.local_steps,
-            local_epochs=rcfg.local_epochs, batch_size=rcfg.batch_size, model=rcfg.model,
-            model_hidden=rcfg.model_hidden, seed=rcfg.seed,
-            wire_dtype=wire.dtype_to_proto(rcfg.wire_dtype), input_shape=list(rcfg.input_shape),
-            num_classes=rcfg.num_classes, round_timeout_s=rcfg.round_timeout_s,
+            rounds=rcfg.rounds,
+            update_kind=KIND_TO_PROTO[rcfg.update_kind],
+            lr=rcfg.lr,
+            server_lr=rcfg.server_lr,
+            local_steps=rcfg.local_steps,
+            local_epochs=rcfg.local_epochs,
+            batch_size=rcfg.batch_size,
+            model=rcfg.model,
+            model_hidden=rcfg.model_hidden,
+            seed=rcfg.seed,
+            wire_dtype=wire.dtype_to_proto(rcfg.wire_dtype),
+            input_shape=list(rcfg.input_shape),
+            num_classes=rcfg.num_classes,
+            round_timeout_s=rcfg.round_timeout_s,
         )
         return aggregator_pb2.JoinReply(
-            run_id=self.run_id, config=tc,
-            model_spec=tensor_pb2.TensorBundleSpec(tensors=[wire.spec_to_proto(s) for s in specs]),
+            run_id=self.run_id,
+            config=tc,
+            model_spec=tensor_pb2.TensorBundleSpec(
+                tensors=[wire.spec_to_proto(s) for s in specs]
+            ),
         )
 
     # ------------------------------------------------------------ durability
     def _save_checkpoint(self, next_round: int, theta: np.ndarray) -> dict[str, Any]:
         name = f"round-{next_round:06d}.npz"
-        digest = save_arrays(self.run_dir / CHECKPOINTS / name, dict(self.layout.iter_arrays(theta)),
-                             {"run_id": self.run_id, "next_round": next_round})
-        state = {"next_round": next_round, "checkpoint": name, "checkpoint_sha256": digest}
+        digest = save_arrays(
+            self.run_dir / CHECKPOINTS / name,
+            dict(self.layout.iter_arrays(theta)),
+            {"run_id": self.run_id, "next_round": next_round},
+        )
+        state = {
+            "next_round": next_round,
+            "checkpoint": name,
+            "checkpoint_sha256": digest,
+        }
         if next_round == 0:
             self.ledger.set_state("resume", state)
         return state
@@ -227,10 +279,16 @@ class Aggregator:
                 path.with_name(path.name + ".sha256").unlink(missing_ok=True)
 
     def _on_finish(self, state: RunState, reason: str) -> None:
-        save_arrays(self.run_dir / "final_model.npz",
-                    dict(self.layout.iter_arrays(self.engine.theta)),
-                    {"run_id": self.run_id, "rounds_done": self.engine.rounds_done,
-                     "state": state.value, "reason": reason})
+        save_arrays(
+            self.run_dir / "final_model.npz",
+            dict(self.layout.iter_arrays(self.engine.theta)),
+            {
+                "run_id": self.run_id,
+                "rounds_done": self.engine.rounds_done,
+                "state": state.value,
+                "reason": reason,
+            },
+        )
         self.broadcaster.finish(self.engine.rounds_done, reason)
         self._done.set()
 
@@ -240,7 +298,9 @@ class Aggregator:
         if self.cfg.insecure:
             port = self.server.add_insecure_port(self.cfg.address)
         else:
-            port = self.server.add_secure_port(self.cfg.address, server_credentials(self.cfg.tls))
+            port = self.server.add_secure_port(
+                self.cfg.address, server_credentials(self.cfg.tls)
+            )
         if port == 0:
             raise ConfigError(f"cannot listen on {self.cfg.address}")
         self.port = port
@@ -249,8 +309,13 @@ class Aggregator:
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         if self.cfg.port_file is not None:
             atomic_write(self.cfg.port_file, f"{port}\n".encode())
-        log.info("fedgrpc %s aggregator run %s listening on port %d (%s)", fedgrpc.__version__,
-                 self.run_id, port, "insecure" if self.cfg.insecure else "TLS")
+        log.info(
+            "fedgrpc %s aggregator run %s listening on port %d (%s)",
+            fedgrpc.__version__,
+            self.run_id,
+            port,
+            "insecure" if self.cfg.insecure else "TLS",
+        )
         if self.engine.finished:
             self._on_finish(self.engine.state, self.engine.reason or "completed")
         self._driver.start()
@@ -285,12 +350,21 @@ class Aggregator:
         self._stopping.set()
         if save_open_round and not self.engine.finished:
             st = self.engine.status()
-            self.ledger.set_state("open_round", {
-                "round": st["open_round"], "submitted": st["submitted"],
-                "joined": st["joined"], "saved_at": time.time(),
-            })
-            log.info("open round %d saved (%d submitted); resume with --resume %s",
-                     st["open_round"], len(st["submitted"]), self.run_dir)
+            self.ledger.set_state(
+                "open_round",
+                {
+                    "round": st["open_round"],
+                    "submitted": st["submitted"],
+                    "joined": st["joined"],
+                    "saved_at": time.time(),
+                },
+            )
+            log.info(
+                "open round %d saved (%d submitted); resume with --resume %s",
+                st["open_round"],
+                len(st["submitted"]),
+                self.run_dir,
+            )
         self.server.stop(grace_s).wait()
         self._driver.join(timeout=5)
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -303,12 +377,19 @@ class Aggregator:
 
 
 def serve(cfg: ServerConfig) -> int:
-    """Run the aggregator until training ends (or SIGTERM/SIGINT); return an exit code."""
+    """Run the aggregator until training ends or a signal arrives; return an exit code.
+
+    0: every round completed; 1: the run failed (quorum lost, no parties); 128 + signal
+    number after SIGTERM/SIGINT (graceful: health NOT_SERVING, open round saved, resumable
+    with ``--resume``).
+    """
     agg = Aggregator(cfg)
+    received: list[int] = []
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.warning("received %s: shutting down gracefully", signal.Signals(signum).name)
+        received.append(signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -317,27 +398,37 @@ def serve(cfg: ServerConfig) -> int:
     try:
         while not stop.is_set() and not agg.wait(0.2):
             pass
-        if stop.is_set():
-            agg.shutdown(save_open_round=True)
-            return 130
-        _report(agg)
-        if cfg.keep_serving:
-            log.info("training over; still serving queries (Ctrl-C to stop)")
-            stop.wait()
-        else:
-            # Let every GetModel stream deliver its done message before closing.
-            time.sleep(0.5)
-        agg.shutdown(save_open_round=False)
-    except BaseException:
+        if not stop.is_set():
+            _report(agg)
+            if cfg.keep_serving:
+                log.info("training over; still serving queries until SIGTERM")
+                stop.wait()
+                received.clear()
+            else:
+                # Let every GetModel stream deliver its done message before closing.
+                time.sleep(0.5)
+    finally:
         agg.shutdown(save_open_round=True)
-        raise
+    if received:
+        return 128 + received[0]
     return 0 if agg.succeeded else 1
 
 
 def _report(agg: Aggregator) -> None:
     st = agg.engine.status()
-    summary = {"run_id": agg.run_id, "state": st["state"], "rounds_done": st["rounds_done"],
-               "val_loss": st["val_loss"], "val_acc": st["val_acc"], "reason": st["reason"]}
+    summary = {
+        "run_id": agg.run_id,
+        "state": st["state"],
+        "rounds_done": st["rounds_done"],
+        "val_loss": st["val_loss"],
+        "val_acc": st["val_acc"],
+        "reason": st["reason"],
+    }
     atomic_write(agg.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
-    log.info("run %s %s after %d rounds: val acc %.4f", agg.run_id, st["state"],
-             st["rounds_done"], st["val_acc"])
+    log.info(
+        "run %s %s after %d rounds: val acc %.4f",
+        agg.run_id,
+        st["state"],
+        st["rounds_done"],
+        st["val_acc"],
+    )

@@ -29,8 +29,13 @@ class ModelBroadcaster:
     stream that fell behind gets the latest version, never a replay of history.
     """
 
-    def __init__(self, layout: wire.FlatLayout, *, wire_dtype: str = "float32",
-                 chunk_bytes: int = wire.CHUNK_BYTES) -> None:
+    def __init__(
+        self,
+        layout: wire.FlatLayout,
+        *,
+        wire_dtype: str = "float32",
+        chunk_bytes: int = wire.CHUNK_BYTES,
+    ) -> None:
         self._layout = layout
         self._wire_dtype = wire_dtype
         self._chunk_bytes = chunk_bytes
@@ -44,7 +49,8 @@ class ModelBroadcaster:
         body = []
         total = 0
         for chunk in wire.iter_bundle_chunks(
-            self._layout.iter_arrays(flat), chunk_bytes=self._chunk_bytes,
+            self._layout.iter_arrays(flat),
+            chunk_bytes=self._chunk_bytes,
             wire_dtype=self._wire_dtype,
         ):
             data = chunk.data
@@ -54,7 +60,10 @@ class ModelBroadcaster:
         digest = h.digest()
         header = aggregator_pb2.ModelMessage(
             header=aggregator_pb2.ModelHeader(
-                round=round_index, version=round_index, digest=digest, total_bytes=total,
+                round=round_index,
+                version=round_index,
+                digest=digest,
+                total_bytes=total,
                 wire_dtype=wire.dtype_to_proto(self._wire_dtype),
             )
         ).SerializeToString()
@@ -68,7 +77,9 @@ class ModelBroadcaster:
     def finish(self, rounds_completed: int, reason: str) -> None:
         """Publish the final done message; streams end after sending it."""
         msg = aggregator_pb2.ModelMessage(
-            done=aggregator_pb2.TrainingDone(rounds_completed=rounds_completed, reason=reason)
+            done=aggregator_pb2.TrainingDone(
+                rounds_completed=rounds_completed, reason=reason
+            )
         ).SerializeToString()
         with self._cond:
             self._done = Version(rounds_completed, (msg,), b"", done=True)
@@ -83,8 +94,10 @@ class ModelBroadcaster:
         """The latest version with round >= ``from_round``, the done message, or None."""
         with self._cond:
             ready = self._cond.wait_for(
-                lambda: self._done is not None
-                or (self._latest is not None and self._latest.round >= from_round),
+                lambda: (
+                    self._done is not None
+                    or (self._latest is not None and self._latest.round >= from_round)
+                ),
                 timeout=timeout_s,
             )
             if not ready:

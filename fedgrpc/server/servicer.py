@@ -14,7 +14,6 @@ from google.protobuf.message import DecodeError, Message
 from fedgrpc import wire
 from fedgrpc.engine import RoundEngine
 from fedgrpc.errors import (
-    AuthError,
     FedGrpcError,
     ForbiddenError,
     InvalidUpdateError,
@@ -55,7 +54,9 @@ def _unary(fn: Callable[..., T]) -> Callable[..., T]:
             if isinstance(err, grpc.RpcError) or context.code() is not None:
                 raise  # cancelled by the client, or already aborted with a status
             log.exception("internal error in %s", fn.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}")
+            context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}"
+            )
         raise AssertionError("unreachable")  # pragma: no cover
 
     return wrapper
@@ -74,7 +75,9 @@ def _streaming(fn: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
             if isinstance(err, grpc.RpcError) or context.code() is not None:
                 raise  # cancelled by the client, or already aborted with a status
             log.exception("internal error in %s", fn.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}")
+            context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}"
+            )
 
     return wrapper
 
@@ -97,7 +100,9 @@ class AggregatorServicer:
         engine: RoundEngine,
         broadcaster: ModelBroadcaster,
         join_reply: aggregator_pb2.JoinReply,
-        contributions: Callable[[list[str] | None, int, int | None], ContributionReport],
+        contributions: Callable[
+            [list[str] | None, int, int | None], ContributionReport
+        ],
         *,
         registry: PartyRegistry | None = None,
         mtls: bool = False,
@@ -143,7 +148,9 @@ class AggregatorServicer:
 
     # ------------------------------------------------------------------ RPCs
     @_unary
-    def Join(self, raw: bytes, context: grpc.ServicerContext) -> aggregator_pb2.JoinReply:
+    def Join(
+        self, raw: bytes, context: grpc.ServicerContext
+    ) -> aggregator_pb2.JoinReply:
         """Register the calling party; reply with spec, config and the open round."""
         request = parse(aggregator_pb2.JoinRequest, raw)
         party = self._party(context, request.party_id)
@@ -165,7 +172,9 @@ class AggregatorServicer:
             item = self._broadcaster.wait_next(next_round, timeout_s=0.5)
             if item is None:
                 if self._stopping.is_set():
-                    context.abort(grpc.StatusCode.UNAVAILABLE, "aggregator shutting down")
+                    context.abort(
+                        grpc.StatusCode.UNAVAILABLE, "aggregator shutting down"
+                    )
                 continue
             yield from item.messages
             if item.done:
@@ -177,7 +186,9 @@ class AggregatorServicer:
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> aggregator_pb2.SubmitReply:
         """Receive one update: header, chunks, trailer; fold it in only when whole."""
-        messages = (parse(aggregator_pb2.SubmitMessage, raw) for raw in request_iterator)
+        messages = (
+            parse(aggregator_pb2.SubmitMessage, raw) for raw in request_iterator
+        )
         first = next(messages, None)
         if first is None or first.WhichOneof("kind") != "header":
             raise InvalidUpdateError("submission must start with a header message")
@@ -198,7 +209,9 @@ class AggregatorServicer:
                 self._streams[party] -= 1
 
     def _receive(
-        self, party: str, hdr: aggregator_pb2.SubmitHeader,
+        self,
+        party: str,
+        hdr: aggregator_pb2.SubmitHeader,
         it: Iterator[aggregator_pb2.SubmitMessage],
     ) -> aggregator_pb2.SubmitReply:
         label = f"party {party}, round {hdr.round}"
@@ -206,11 +219,20 @@ class AggregatorServicer:
         if kind is None:
             raise InvalidUpdateError(f"{label}: update kind is unset or unknown")
         sub = self._engine.begin_submission(
-            party, int(hdr.round), int(hdr.num_samples), train_loss=float(hdr.train_loss),
-            update_kind=kind, submission_id=hdr.submission_id, slot_timeout_s=60.0,
+            party,
+            int(hdr.round),
+            int(hdr.num_samples),
+            train_loss=float(hdr.train_loss),
+            update_kind=kind,
+            submission_id=hdr.submission_id,
+            slot_timeout_s=60.0,
         )
-        dec = wire.BundleDecoder(self._engine.specs, wire_dtype=self._wire_dtype,
-                                 limits=self._limits, label=label)
+        dec = wire.BundleDecoder(
+            self._engine.specs,
+            wire_dtype=self._wire_dtype,
+            limits=self._limits,
+            label=label,
+        )
         wdt = self._wire_dtype
         try:
             for msg in it:
@@ -224,13 +246,17 @@ class AggregatorServicer:
                         raise InvalidUpdateError(f"{label}: messages after the trailer")
                     outcome = sub.finish(digest)
                     return aggregator_pb2.SubmitReply(
-                        accepted=outcome.accepted, message=outcome.message,
-                        round=outcome.round, submission_id=outcome.submission_id,
+                        accepted=outcome.accepted,
+                        message=outcome.message,
+                        round=outcome.round,
+                        submission_id=outcome.submission_id,
                         bytes_received=dec.bytes_received,
                     )
                 else:
-                    raise InvalidUpdateError(f"{label}: unexpected {which or 'empty'} message "
-                                             "inside the update")
+                    raise InvalidUpdateError(
+                        f"{label}: unexpected {which or 'empty'} message "
+                        "inside the update"
+                    )
             raise InvalidUpdateError(
                 f"{label}: stream ended without its trailer after {dec.bytes_received} bytes"
             )
@@ -239,7 +265,9 @@ class AggregatorServicer:
             raise
 
     @_unary
-    def GetContributions(self, raw: bytes, context: grpc.ServicerContext) -> aggregator_pb2.ContributionsReply:
+    def GetContributions(
+        self, raw: bytes, context: grpc.ServicerContext
+    ) -> aggregator_pb2.ContributionsReply:
         """The ledger's contributions; parties see only their own, admins everything."""
         request = parse(aggregator_pb2.ContributionsRequest, raw)
         ident = self._identity(context)
@@ -256,17 +284,26 @@ class AggregatorServicer:
         return report_to_proto(report)
 
     @_unary
-    def GetStatus(self, raw: bytes, context: grpc.ServicerContext) -> aggregator_pb2.StatusReply:
+    def GetStatus(
+        self, raw: bytes, context: grpc.ServicerContext
+    ) -> aggregator_pb2.StatusReply:
         """Run progress."""
         request = parse(aggregator_pb2.StatusRequest, raw)
         self._identity(context)  # authenticate when credentials are configured
         st = self._engine.status()
         return aggregator_pb2.StatusReply(
-            run_id=self._run_id, state=st["state"], open_round=st["open_round"],
-            rounds_total=st["rounds_total"], rounds_done=st["rounds_done"],
-            joined=st["joined"], submitted=st["submitted"], late=st["late"],
-            elapsed_s=st["elapsed_s"], last_round_s=st["last_round_s"],
-            val_loss=st["val_loss"], val_acc=st["val_acc"],
+            run_id=self._run_id,
+            state=st["state"],
+            open_round=st["open_round"],
+            rounds_total=st["rounds_total"],
+            rounds_done=st["rounds_done"],
+            joined=st["joined"],
+            submitted=st["submitted"],
+            late=st["late"],
+            elapsed_s=st["elapsed_s"],
+            last_round_s=st["last_round_s"],
+            val_loss=st["val_loss"],
+            val_acc=st["val_acc"],
         )
 
 
@@ -288,21 +325,35 @@ def report_to_proto(report: ContributionReport) -> aggregator_pb2.ContributionsR
     )
     for pc in report.parties:
         msg = reply.parties.add(
-            party_id=pc.party_id, total=pc.total, share=pc.share,
-            reference_share=pc.reference_share, attack=pc.attack,
+            party_id=pc.party_id,
+            total=pc.total,
+            share=pc.share,
+            reference_share=pc.reference_share,
+            attack=pc.attack,
         )
         for t, pr in zip(pc.round_indices, pc.rounds, strict=True):
             msg.rounds.add(
-                round=t, score=pr.score, weight=pr.weight, num_samples=pr.num_samples,
-                update_norm=pr.update_norm, train_loss=pr.train_loss,
+                round=t,
+                score=pr.score,
+                weight=pr.weight,
+                num_samples=pr.num_samples,
+                update_norm=pr.update_norm,
+                train_loss=pr.train_loss,
             )
     for r in report.rounds:
         reply.rounds.add(
-            round=r.round, status=r.status, val_loss_before=r.val_loss_before,
-            val_acc_before=r.val_acc_before, val_loss_after=r.val_loss_after,
-            val_acc_after=r.val_acc_after, predicted_drop=r.predicted_drop,
-            measured_drop=r.measured_drop, submitted=[p.party_id for p in r.parties],
-            late=list(r.late), duration_s=r.duration_s, val_grad_s=r.val_grad_s,
+            round=r.round,
+            status=r.status,
+            val_loss_before=r.val_loss_before,
+            val_acc_before=r.val_acc_before,
+            val_loss_after=r.val_loss_after,
+            val_acc_after=r.val_acc_after,
+            predicted_drop=r.predicted_drop,
+            measured_drop=r.measured_drop,
+            submitted=[p.party_id for p in r.parties],
+            late=list(r.late),
+            duration_s=r.duration_s,
+            val_grad_s=r.val_grad_s,
             aggregate_s=r.aggregate_s,
         )
     return reply

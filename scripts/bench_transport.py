@@ -1,0 +1,386 @@
+"""SubmitGradient ingest and GetModel fan-out throughput, as a ratio to raw loopback TCP.
+
+For each model size P (float32 parameters) and each number K of concurrent sending
+*processes* (spawned), measures in the same run:
+
+* ``raw``: K processes each ``sendall`` P*4 bytes from a preallocated buffer to one
+  receiving Python process (the parent; a thread per connection ``recv_into`` one
+  reusable 4 MiB buffer and acks when all arrived).
+* ``api``: K processes each call ``AggregatorClient.submit`` (the real client path,
+  including its digest pre-pass) against an in-process ``Aggregator`` whose model
+  (``bench_models:flat_model``) has exactly P parameters; ``min_parties`` = K, update
+  kind gradient. The round is open before the timer starts.
+* ``prebuilt``: the same RPC with the messages serialised before the timer (raw bytes
+  through a pass-through serializer): the server's ingest capacity without the client's
+  encoding cost.
+
+Ingest = K*P*4 payload bytes / (last reply received - first sender start). Then GetModel
+fan-out: N receiver processes each run ``AggregatorClient.models`` for one version,
+against raw TCP fan-out of the same bytes from one process to N. Medians over --reps.
+
+    python scripts/bench_transport.py            # 1M, 16M, 64M params; 1, 4, 16 senders
+    python scripts/bench_transport.py --full     # adds 100M
+    python scripts/bench_transport.py --sizes 1M,4M --senders 1,4 --reps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from bench_common import (
+    Control,
+    WorkerPool,
+    client_for,
+    emit,
+    human,
+    machine_info,
+    markdown_table,
+    median,
+    parse_count,
+    random_update,
+    raw_throughput,
+    server_config,
+    span_gbps,
+    wait_until,
+)
+from bench_models import write_val_npz
+
+log = logging.getLogger("bench_transport")
+
+SAMPLES = 100  # num_samples each sender declares
+
+
+# ------------------------------------------------------------ worker tasks
+def _prebuilt(state: dict[str, Any], n_params: int) -> tuple[list[bytes], bytes]:
+    """Serialized chunk messages and the trailer of a random update (cached)."""
+    import hashlib
+
+    from fedgrpc import wire
+    from fedgrpc.proto import aggregator_pb2
+
+    key = f"prebuilt:{n_params}"
+    cached = state.get(key)
+    if cached is None:
+        for old in [k for k in state if k.startswith(("prebuilt:", "update:"))]:
+            del state[old]
+        arr = np.random.default_rng(n_params).standard_normal(
+            n_params, dtype=np.float32
+        )
+        digest = hashlib.sha256()
+        chunks = []
+        for chunk in wire.iter_bundle_chunks([("w", arr)]):
+            digest.update(chunk.data)
+            chunks.append(aggregator_pb2.SubmitMessage(chunk=chunk).SerializeToString())
+        trailer = aggregator_pb2.SubmitMessage(
+            trailer=aggregator_pb2.SubmitTrailer(digest=digest.digest())
+        ).SerializeToString()
+        cached = (chunks, trailer)
+        state[key] = cached
+    return cached  # type: ignore[no-any-return]
+
+
+def task_submit(
+    ctl: Control,
+    state: dict[str, Any],
+    *,
+    port: int,
+    party: str,
+    n_params: int,
+    round_index: int,
+    mode: str,
+) -> dict[str, Any]:
+    """One SubmitGradient of P random float32 values; timed from go to the reply."""
+    from fedgrpc.proto import aggregator_pb2
+    from fedgrpc.types import UpdateKind
+
+    client = client_for(state, port, party)
+    sid = f"{party}:{round_index}"
+    if mode == "api":
+        for old in [k for k in state if k.startswith("prebuilt:")]:
+            del state[old]
+        update = {"w": random_update(state, n_params, seed=n_params)}
+        ctl.ready()
+        c0, t0 = time.process_time(), time.monotonic()
+        reply = client.submit(
+            round_index,
+            update,
+            SAMPLES,
+            train_loss=0.0,
+            kind=UpdateKind.GRADIENT,
+            submission_id=sid,
+        )
+    else:
+        chunks, trailer = _prebuilt(state, n_params)
+        header = aggregator_pb2.SubmitMessage(
+            header=aggregator_pb2.SubmitHeader(
+                party_id=party,
+                round=round_index,
+                num_samples=SAMPLES,
+                train_loss=0.0,
+                update_kind=aggregator_pb2.GRADIENT,
+                submission_id=sid,
+            )
+        ).SerializeToString()
+        service = aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"].full_name
+        call = client.channel.stream_unary(
+            f"/{service}/SubmitGradient",
+            request_serializer=None,
+            response_deserializer=aggregator_pb2.SubmitReply.FromString,
+        )
+        ctl.ready()
+        c0, t0 = time.process_time(), time.monotonic()
+        reply = call(iter([header, *chunks, trailer]), timeout=600)
+    t1, c1 = time.monotonic(), time.process_time()
+    return {
+        "t0": t0,
+        "t1": t1,
+        "cpu_s": c1 - c0,
+        "accepted": bool(reply.accepted),
+        "message": str(reply.message),
+    }
+
+
+def task_fetch(
+    ctl: Control, state: dict[str, Any], *, port: int, party: str
+) -> dict[str, Any]:
+    """One GetModel stream until the first whole model version arrived."""
+    from fedgrpc.client.stub import ModelVersion
+
+    for old in [k for k in state if k.startswith(("prebuilt:", "update:"))]:
+        del state[old]
+    client = client_for(state, port, party)
+    ctl.ready()
+    c0, t0 = time.process_time(), time.monotonic()
+    stream = client.models(0, timeout_s=600.0)
+    got = False
+    for item in stream:
+        if isinstance(item, ModelVersion):
+            got = True
+            break
+    t1, c1 = time.monotonic(), time.process_time()
+    stream.close()
+    if not got:
+        raise RuntimeError(f"{party}: stream ended without a model")
+    return {"t0": t0, "t1": t1, "cpu_s": c1 - c0}
+
+
+# ------------------------------------------------------------------ parent
+def _ingest_grpc(
+    pool: WorkerPool, tmp: Path, val: str, n_params: int, k: int, mode: str, reps: int
+) -> dict[str, Any]:
+    from fedgrpc.engine import RunState
+    from fedgrpc.server.app import Aggregator
+
+    run_dir = tmp / f"ingest-{mode}-{n_params}-{k}"
+    agg = Aggregator(server_config(run_dir, val, n_params, k, rounds=reps))
+    port = agg.start()
+    gbps, server_cpu, sender_cpu = [], [], []
+    nbytes = k * n_params * 4
+    try:
+        for r in range(reps):
+
+            def round_open(_infos: list[Any], r: int = r) -> None:
+                wait_until(
+                    f"round {r} open",
+                    lambda: (
+                        agg.engine.state == RunState.TRAINING
+                        and agg.engine.open_round == r
+                    ),
+                    120,
+                )
+
+            c0 = time.process_time()
+            res = pool.run(
+                task_submit,
+                [
+                    {
+                        "port": port,
+                        "party": f"s{i}",
+                        "n_params": n_params,
+                        "round_index": r,
+                        "mode": mode,
+                    }
+                    for i in range(k)
+                ],
+                timeout_s=600,
+                before_go=round_open,
+            )
+            server_cpu.append(time.process_time() - c0)
+            bad = [x["message"] for x in res if not x["accepted"]]
+            if bad:
+                raise RuntimeError(f"rejected: {bad}")
+            gbps.append(span_gbps([(x["t0"], x["t1"]) for x in res], nbytes))
+            sender_cpu.append(sum(x["cpu_s"] for x in res))
+            wait_until(
+                f"round {r} closed", lambda r=r: agg.engine.rounds_done > r, 300
+            )
+    finally:
+        agg.shutdown(grace_s=0.5, save_open_round=False)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    gb = nbytes / 1e9
+    return {
+        "gbps": median(gbps),
+        "gbps_best": max(gbps),
+        "server_cpu_s_per_gb": median(server_cpu) / gb,
+        "sender_cpu_s_per_gb": median(sender_cpu) / gb,
+    }
+
+
+def _fanout_grpc(
+    pool: WorkerPool, tmp: Path, val: str, n_params: int, n: int, reps: int
+) -> dict[str, Any]:
+    from fedgrpc.engine import RunState
+    from fedgrpc.server.app import Aggregator
+
+    run_dir = tmp / f"fanout-{n_params}-{n}"
+    agg = Aggregator(server_config(run_dir, val, n_params, n, rounds=1))
+    port = agg.start()
+    gbps, cpu = [], []
+    try:
+        for _ in range(reps):
+
+            def published(_infos: list[Any]) -> None:
+                wait_until(
+                    "model published",
+                    lambda: (
+                        agg.engine.state == RunState.TRAINING
+                        and agg.broadcaster.latest is not None
+                    ),
+                    120,
+                )
+
+            res = pool.run(
+                task_fetch,
+                [{"port": port, "party": f"r{i}"} for i in range(n)],
+                timeout_s=600,
+                before_go=published,
+            )
+            gbps.append(span_gbps([(x["t0"], x["t1"]) for x in res], n * n_params * 4))
+            cpu.append(sum(x["cpu_s"] for x in res))
+    finally:
+        agg.shutdown(grace_s=0.5, save_open_round=False)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return {
+        "gbps": median(gbps),
+        "gbps_best": max(gbps),
+        "receiver_cpu_s_per_gb": median(cpu) / (n * n_params * 4 / 1e9),
+    }
+
+
+def _raw(pool: WorkerPool, mode: str, n: int, nbytes: int, reps: int) -> float:
+    return median(raw_throughput(pool, mode, n, nbytes) for _ in range(reps))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="1M,16M,64M", help="float32 parameter counts")
+    p.add_argument("--full", action="store_true", help="also 100M parameters")
+    p.add_argument("--senders", default="1,4,16", help="concurrent sender processes")
+    p.add_argument("--receivers", default="1,4,16", help="GetModel receiver processes")
+    p.add_argument("--modes", default="api,prebuilt", help="gRPC sender modes")
+    p.add_argument("--reps", type=int, default=3, help="repetitions (median)")
+    p.add_argument("--no-fanout", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    sizes = [parse_count(s) for s in a.sizes.split(",")]
+    if a.full and 100_000_000 not in sizes:
+        sizes.append(100_000_000)
+    senders = [int(s) for s in a.senders.split(",")]
+    receivers = [] if a.no_fanout else [int(s) for s in a.receivers.split(",")]
+    modes = [m for m in a.modes.split(",") if m]
+    if not set(modes) <= {"api", "prebuilt"}:
+        p.error("--modes: api and/or prebuilt")
+    info = machine_info()
+    emit({"bench": "machine", **info})
+    tmp = Path(tempfile.mkdtemp(prefix="bench_transport-"))
+    val = write_val_npz(tmp / "val.npz")
+    pool = WorkerPool(max([*senders, *receivers]), env={"OMP_NUM_THREADS": "1"})
+    ingest: list[dict[str, Any]] = []
+    fanout: list[dict[str, Any]] = []
+    start = time.monotonic()
+    try:
+        for n_params in sizes:
+            nbytes = n_params * 4
+            raw_in = {k: _raw(pool, "ingest", k, nbytes, a.reps) for k in senders}
+            for mode in modes:
+                for k in senders:
+                    row = {
+                        "bench": "transport",
+                        "kind": "ingest",
+                        "mode": mode,
+                        "params": n_params,
+                        "size": human(n_params),
+                        "mib_per_sender": nbytes / (1 << 20),
+                        "senders": k,
+                        **_ingest_grpc(pool, tmp, val, n_params, k, mode, a.reps),
+                        "raw_gbps": raw_in[k],
+                    }
+                    row["ratio"] = row["gbps"] / row["raw_gbps"]
+                    emit(row)
+                    ingest.append(row)
+            for n in receivers:
+                raw = _raw(pool, "fanout", n, nbytes, a.reps)
+                row = {
+                    "bench": "transport",
+                    "kind": "fanout",
+                    "params": n_params,
+                    "size": human(n_params),
+                    "receivers": n,
+                    **_fanout_grpc(pool, tmp, val, n_params, n, a.reps),
+                    "raw_gbps": raw,
+                }
+                row["ratio"] = row["gbps"] / row["raw_gbps"]
+                emit(row)
+                fanout.append(row)
+    finally:
+        pool.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print()
+    print(
+        f"SubmitGradient ingest (GB/s of payload, median of {a.reps}; raw = loopback "
+        "TCP, same senders, same bytes)\n"
+    )
+    print(
+        markdown_table(
+            ingest,
+            [
+                ("size", "params"),
+                ("senders", "senders"),
+                ("mode", "mode"),
+                ("gbps", "gRPC GB/s"),
+                ("raw_gbps", "raw TCP GB/s"),
+                ("ratio", "ratio"),
+                ("server_cpu_s_per_gb", "server CPU s/GB"),
+                ("sender_cpu_s_per_gb", "sender CPU s/GB"),
+            ],
+        )
+    )
+    if fanout:
+        print("\nGetModel fan-out (GB/s delivered to all receivers)\n")
+        print(
+            markdown_table(
+                fanout,
+                [
+                    ("size", "params"),
+                    ("receivers", "receivers"),
+                    ("gbps", "gRPC GB/s"),
+                    ("raw_gbps", "raw TCP GB/s"),
+                    ("ratio", "ratio"),
+                    ("receiver_cpu_s_per_gb", "receiver CPU s/GB"),
+                ],
+            )
+        )
+    print(f"\nwall time {time.monotonic() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

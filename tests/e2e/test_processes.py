@@ -1,0 +1,266 @@
+"""End to end: `fedgrpc serve` + separate `fedgrpc client` processes, simulate, kill/resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedgrpc.config import RoundConfig
+from fedgrpc.runtime import config_for_data, run_in_process
+from fedgrpc.types import UpdateKind
+from tests.e2e.helpers import (
+    final_model,
+    load_parties,
+    processes,
+    read_port,
+    run_cli,
+    wait_exit,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+N_PARTIES = 3
+TRAIN = [
+    "--rounds",
+    "6",
+    "--update-kind",
+    "delta",
+    "--lr",
+    "0.1",
+    "--batch-size",
+    "16",
+    "--model",
+    "mlp",
+    "--hidden",
+    "32",
+    "--seed",
+    "7",
+]
+
+
+def _round_cfg(rounds: int = 6) -> RoundConfig:
+    return RoundConfig(
+        rounds=rounds,
+        min_parties=N_PARTIES,
+        update_kind=UpdateKind.DELTA,
+        lr=0.1,
+        batch_size=16,
+        model="mlp",
+        model_hidden=32,
+        seed=7,
+    )
+
+
+def _split(tmp_path: Path) -> Path:
+    out = tmp_path / "data"
+    res = run_cli(
+        [
+            "split",
+            "--data",
+            "digits",
+            "--parties",
+            str(N_PARTIES),
+            "--val-holdout",
+            "300",
+            "--seed",
+            "7",
+            "--out",
+            str(out),
+            "--attack",
+            "2=label-flip:0.9",
+        ]
+    )
+    assert res.returncode == 0, res.stderr
+    assert "party-2" in res.stdout
+    return out
+
+
+def _serve_args(
+    run_dir: Path,
+    data: Path,
+    port_file: Path,
+    address: str = "localhost:0",
+) -> list[str]:
+    return [
+        "serve",
+        "--insecure",
+        "--address",
+        address,
+        "--port-file",
+        str(port_file),
+        "--run-dir",
+        str(run_dir),
+        "--val-data",
+        f"npz:{data / 'val.npz'}",
+        "--min-parties",
+        str(N_PARTIES),
+        "--round-timeout",
+        "60",
+        *TRAIN,
+    ]
+
+
+def _client_args(port: int, i: int, data: Path) -> list[str]:
+    return [
+        "client",
+        "--insecure",
+        "--server",
+        f"localhost:{port}",
+        "--party-id",
+        f"party-{i}",
+        "--data",
+        f"npz:{data / f'party-{i}.npz'}",
+        "--connect-timeout",
+        "60",
+    ]
+
+
+def _ledger_rounds(run_dir: Path) -> list[tuple[int, str]]:
+    path = run_dir / "ledger.sqlite"
+    if not path.exists():
+        return []
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        return [
+            (int(r), str(s))
+            for r, s in con.execute("SELECT round, status FROM rounds ORDER BY round")
+        ]
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        con.close()
+
+
+def _scores(run_dir: Path) -> dict[tuple[int, str], float]:
+    con = sqlite3.connect(f"file:{run_dir / 'ledger.sqlite'}?mode=ro", uri=True)
+    try:
+        return {
+            (int(r), str(p)): float(s)
+            for r, p, s in con.execute(
+                "SELECT round, party_id, score FROM party_rounds"
+            )
+        }
+    finally:
+        con.close()
+
+
+def test_serve_and_clients_match_in_process_run(tmp_path: Path) -> None:
+    data = _split(tmp_path)
+    run_dir = tmp_path / "run"
+    port_file = tmp_path / "port"
+
+    with processes() as procs:
+        server = procs.start(
+            _serve_args(run_dir, data, port_file), tmp_path / "server.log"
+        )
+        port = read_port(port_file, server, tmp_path / "server.log")
+        clients = [
+            procs.start(_client_args(port, i, data), tmp_path / f"c{i}.log")
+            for i in range(N_PARTIES)
+        ]
+        for i, c in enumerate(clients):
+            assert wait_exit(c, 120, tmp_path / f"c{i}.log") == 0
+        assert wait_exit(server, 60, tmp_path / "server.log") == 0
+
+    parties, val = load_parties(data, N_PARTIES)
+    engine, results = run_in_process(config_for_data(_round_cfg(), val), parties, val)
+    got = final_model(run_dir)
+    want = dict(engine.layout.iter_arrays(engine.theta))
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5)
+    scores = _scores(run_dir)
+    expected = {(r.round, p.party_id): p.score for r in results for p in r.parties}
+    assert set(scores) == set(expected)
+    for key, value in expected.items():
+        assert scores[key] == pytest.approx(value, rel=1e-3, abs=1e-6)
+    # The heavily flipped party ranks last.
+    totals = {p: sum(s for (_, q), s in scores.items() if q == p) for p in parties}
+    assert min(totals, key=totals.__getitem__) == "party-2"
+
+
+def test_simulate_default_reaches_accuracy_and_reports(tmp_path: Path) -> None:
+    run_dir = tmp_path / "sim"
+
+    res = run_cli(["simulate", "--run-dir", str(run_dir)], timeout_s=240)
+
+    assert res.returncode == 0, res.stdout + res.stderr
+    summary = json.loads((run_dir / "contributions.json").read_text())
+    assert summary["state"] == "done"
+    assert summary["val_acc"] >= 0.90
+    assert len(summary["totals"]) == 5
+    assert "final validation accuracy" in res.stdout
+    assert "round  15/15: ok" in res.stdout
+    assert (run_dir / "contributions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Contributions read back over GetContributions equal the in-process values.
+    parties, val = load_parties(run_dir / "data", 5)
+    cfg = RoundConfig(
+        rounds=15,
+        min_parties=5,
+        update_kind=UpdateKind.DELTA,
+        lr=0.1,
+        batch_size=16,
+        round_timeout_s=60.0,
+    )
+    _, results = run_in_process(config_for_data(cfg, val), parties, val)
+    for r in results:
+        entry = summary["rounds"][r.round]
+        for p in r.parties:
+            assert entry["scores"][p.party_id] == pytest.approx(
+                p.score, rel=1e-3, abs=1e-6
+            )
+
+
+def test_aggregator_killed_and_resumed_finishes_like_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    data = _split(tmp_path)
+    run_dir = tmp_path / "run"
+    port_file = tmp_path / "port"
+    log = tmp_path / "server.log"
+
+    with processes() as procs:
+        server = procs.start(_serve_args(run_dir, data, port_file), log)
+        port = read_port(port_file, server, log)
+        clients = [
+            procs.start(_client_args(port, i, data), tmp_path / f"c{i}.log")
+            for i in range(N_PARTIES)
+        ]
+        wait_for(lambda: len(_ledger_rounds(run_dir)) >= 2, 60, "two committed rounds")
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=10)
+        committed = len(_ledger_rounds(run_dir))
+        resumed = procs.start(
+            [
+                "serve",
+                "--insecure",
+                "--address",
+                f"localhost:{port}",
+                "--resume",
+                str(run_dir),
+            ],
+            log,
+        )
+        for i, c in enumerate(clients):
+            assert wait_exit(c, 120, tmp_path / f"c{i}.log") == 0
+        assert wait_exit(resumed, 60, log) == 0
+
+    assert 2 <= committed < 6
+    assert _ledger_rounds(run_dir) == [(r, "ok") for r in range(6)]
+    parties, val = load_parties(data, N_PARTIES)
+    engine, results = run_in_process(config_for_data(_round_cfg(), val), parties, val)
+    got = final_model(run_dir)
+    for name, want in engine.layout.iter_arrays(engine.theta):
+        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-5)
+    scores = _scores(run_dir)
+    for r in results:
+        for p in r.parties:
+            assert scores[(r.round, p.party_id)] == pytest.approx(
+                p.score, rel=1e-3, abs=1e-6
+            )
