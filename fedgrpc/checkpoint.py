@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,12 @@ def save_arrays(
                 payload["__meta__"] = np.frombuffer(
                     json.dumps(dict(meta), sort_keys=True).encode(), dtype=np.uint8
                 )
-            np.savez(f, **payload)
+            bad = [k for k, v in payload.items() if np.asarray(v).dtype.hasobject]
+            if bad:
+                raise ConfigError(
+                    f"cannot save object arrays {bad}: they would be pickled"
+                )
+            np.savez(f, allow_pickle=False, **payload)
             f.flush()
             os.fsync(f.fileno())
         digest = _file_sha256(Path(tmp))
@@ -81,14 +87,17 @@ def load_arrays(
         raise ConfigError(f"checkpoint {path} is corrupt: sha256 {digest} != {want}")
     # Never allow_pickle: a checkpoint may come from someone else.
     try:
-        with np.load(path, allow_pickle=False) as z:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ConfigError(f"cannot read checkpoint {path}: {err}") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ConfigError(f"checkpoint {path} is not an .npz archive")
+    try:
+        with loaded as z:
             arrays = {k: z[k] for k in z.files if k != "__meta__"}
-            meta = (
-                json.loads(bytes(z["__meta__"]).decode())
-                if "__meta__" in z.files
-                else {}
-            )
-    except (ValueError, OSError) as err:
+            raw = bytes(z["__meta__"]) if "__meta__" in z.files else b"{}"
+            meta = json.loads(raw.decode())
+    except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise ConfigError(f"cannot read checkpoint {path}: {err}") from None
     return arrays, meta
 

@@ -37,7 +37,7 @@ from fedgrpc.errors import (
     UnknownPartyError,
 )
 from fedgrpc.types import PartyRound, RoundResult, TensorSpec, UpdateKind
-from fedgrpc.wire import FlatLayout, digest_hex
+from fedgrpc.layout import FlatLayout, digest_hex
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class _Round:
     val_grad: Future[tuple[np.ndarray, float, float]]
     model_digest: str
     accepted: dict[str, _Accepted] = field(default_factory=dict)
-    in_flight: dict[str, int] = field(default_factory=dict)  # party -> open submissions
+    weight_ref: float = 1.0  # sum of the joined parties' samples when the round opened
     acc: np.ndarray | None = None  # sum of weight_i * u_i, float32
     weight_sum: float = 0.0
 
@@ -148,7 +148,12 @@ class Submission:
         self._closed = False
         self._kept = False
         self._v: np.ndarray | None = None
-        self._buffer = None if resend_of is not None else engine._take_buffer()
+        self._buffer: np.ndarray | None = (
+            None  # taken with an upload slot at the first piece
+        )
+        self._lock = threading.Lock()  # add() vs. expiry by the driver thread
+        self._slot_timeout_s = 60.0
+        self.last_activity = engine._clock()
         self._label = f"party {party_id}, round {rnd.index}"
 
     def add(self, tensor_index: int, elem_offset: int, values: np.ndarray) -> None:
@@ -163,8 +168,25 @@ class Submission:
             )
         start = layout.offsets[tensor_index] + elem_offset
         end = start + values.size
-        if self._buffer is None:  # a resend: only its digest matters
+        if self._resend_of is not None:  # a resend: only its digest matters
             return
+        if self._buffer is None:
+            self._buffer = self._engine._acquire_upload(self, self._slot_timeout_s)
+        if self._v is None:  # v_t may still be computing: wait without holding our lock
+            self._v = self._round.val_grad.result()[0]
+        with self._lock:
+            if self._closed:
+                raise LimitError(
+                    f"{self._label}: upload idle for more than "
+                    f"{self._engine.upload_idle_s:g} s; it was discarded"
+                )
+            self.last_activity = self._engine._clock()
+            self._add(spec.name, start, end, elem_offset, values)
+
+    def _add(
+        self, name: str, start: int, end: int, elem_offset: int, values: np.ndarray
+    ) -> None:
+        assert self._buffer is not None
         if values.dtype != np.float32:
             values = values.astype(np.float32)
         # Non-finite check folded into the norm: ||x||^2 is finite iff every x is finite,
@@ -175,12 +197,11 @@ class Submission:
             if bad.any():
                 first = int(np.flatnonzero(bad)[0]) + elem_offset
                 raise InvalidUpdateError(
-                    f"{self._label}: tensor {spec.name!r} has a non-finite value "
+                    f"{self._label}: tensor {name!r} has a non-finite value "
                     f"({values[first - elem_offset]}) at element {first}"
                 )
             nsq = float(np.dot(values.astype(np.float64), values.astype(np.float64)))
-        if self._v is None:
-            self._v = self._round.val_grad.result()[0]
+        assert self._v is not None
         # DIG-FL: <v_t, u_i> accumulated chunk by chunk (float64 accumulation of float32 dot).
         self._dot += float(np.dot(self._v[start:end], values))
         self._norm_sq += nsq
@@ -188,9 +209,15 @@ class Submission:
 
     def finish(self, digest: str) -> SubmitOutcome:
         """Validate completeness (done by the caller) and fold the update into the round."""
-        if self._closed:
-            raise InvalidUpdateError(f"{self._label}: submission already closed")
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                raise LimitError(
+                    f"{self._label}: upload was discarded (idle or closed)"
+                )
+            self._closed = True
+        if self._buffer is None and self._resend_of is None:
+            # An update with no elements at all (a model of empty tensors).
+            self._buffer = self._engine._acquire_upload(self, self._slot_timeout_s)
         try:
             return self._engine._finish(self, digest)
         finally:
@@ -198,13 +225,17 @@ class Submission:
 
     def abort(self) -> None:
         """Discard everything received; the round is untouched."""
-        if not self._closed:
+        with self._lock:
+            if self._closed:
+                return
             self._closed = True
-            self._engine._abort(self)
-            self._release()
+        self._engine._abort(self)
+        self._release()
 
     def _release(self) -> None:
-        buf, self._buffer = self._buffer, None
+        with self._lock:
+            buf, self._buffer = self._buffer, None
+        self._engine._uploads.discard(self)
         if buf is None:
             return
         if self._kept:  # digfl: the round keeps the buffer until it closes
@@ -231,6 +262,8 @@ class RoundEngine:
         clock: monotonic seconds.
         start_round: first round (a resumed run continues from its last committed round).
         max_in_flight: uploads buffered at once (each holds one model-sized buffer).
+        upload_idle_s: an upload that sends nothing for this long is discarded and its
+            slot released, so stalled or hostile streams cannot starve the others.
     """
 
     def __init__(
@@ -249,6 +282,7 @@ class RoundEngine:
         start_round: int = 0,
         max_in_flight: int = 4,
         max_parties: int = 1024,
+        upload_idle_s: float = 60.0,
     ) -> None:
         self.cfg = cfg
         self.layout = FlatLayout.of(specs)
@@ -269,6 +303,8 @@ class RoundEngine:
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._pool: list[np.ndarray] = []
         self._max_in_flight = max_in_flight
+        self.upload_idle_s = upload_idle_s
+        self._uploads: set[Submission] = set()
         self._max_parties = max_parties
         self.parties: dict[str, PartyInfo] = {}
         self.state = RunState.WAITING
@@ -427,26 +463,30 @@ class RoundEngine:
                     submission_id,
                     resend_of=prev,
                 )
-            rnd.in_flight[party_id] = rnd.in_flight.get(party_id, 0) + 1
-        # Wait for an upload slot outside the lock: this bounds buffered updates.
-        if not self._slots.acquire(timeout=slot_timeout_s):
-            with self._lock:
-                rnd.in_flight[party_id] -= 1
-            raise LimitError(f"{label}: too many uploads in flight; try again")
-        return Submission(
-            self, rnd, party_id, num_samples, train_loss, submission_id, None
-        )
+            sub = Submission(
+                self, rnd, party_id, num_samples, train_loss, submission_id, None
+            )
+            sub._slot_timeout_s = 60.0 if slot_timeout_s is None else slot_timeout_s
+            return sub
+
+    def _acquire_upload(self, sub: Submission, timeout_s: float) -> np.ndarray:
+        """An upload slot and a model-sized buffer (waits while max_in_flight are busy)."""
+        if not self._slots.acquire(timeout=timeout_s):
+            raise LimitError(
+                f"party {sub.party_id}, round {sub.round}: {self._max_in_flight} uploads "
+                f"in flight for {timeout_s:g} s; try again"
+            )
+        sub.last_activity = self._clock()
+        self._uploads.add(sub)
+        with self._lock:
+            if self._pool:
+                return self._pool.pop()
+        return np.empty(self.layout.size, dtype=np.float32)
 
     def _closed_round_stub(self, index: int) -> _Round:
         return _Round(
             index, 0.0, 0.0, _DoneFuture((np.zeros(0, np.float32), 0.0, 0.0)), ""
         )
-
-    def _take_buffer(self) -> np.ndarray:
-        with self._lock:
-            if self._pool:
-                return self._pool.pop()
-        return np.empty(self.layout.size, dtype=np.float32)
 
     def _return_buffer(self, buf: np.ndarray) -> None:
         with self._lock:
@@ -459,16 +499,19 @@ class RoundEngine:
             self._pool.append(buf)
 
     def _abort(self, sub: Submission) -> None:
-        with self._lock:
-            rnd = self._round
-            if (
-                rnd is not None
-                and rnd.index == sub.round
-                and sub.party_id in rnd.in_flight
-            ):
-                rnd.in_flight[sub.party_id] -= 1
-            if sub._resend_of is None:
-                log.info("party %s round %d: upload discarded", sub.party_id, sub.round)
+        if sub._resend_of is None:
+            log.info("party %s round %d: upload discarded", sub.party_id, sub.round)
+
+    def _expire_idle_uploads(self, now: float) -> None:
+        for sub in list(self._uploads):
+            if now - sub.last_activity > self.upload_idle_s:
+                log.warning(
+                    "party %s round %d: upload idle for %.0f s; discarded",
+                    sub.party_id,
+                    sub.round,
+                    now - sub.last_activity,
+                )
+                sub.abort()
 
     def _finish(self, sub: Submission, digest: str) -> SubmitOutcome:
         label = f"party {sub.party_id}, round {sub.round}"
@@ -487,8 +530,6 @@ class RoundEngine:
             )
         with self._lock:
             rnd = self._round
-            if rnd is not None and rnd.index == sub.round:
-                rnd.in_flight[sub.party_id] -= 1
             if rnd is None or rnd.index != sub.round or self.state != RunState.TRAINING:
                 raise StaleRoundError(
                     f"{label}: the round closed while the update was in flight; open round "
@@ -520,7 +561,7 @@ class RoundEngine:
                 entry.buffer = sub._buffer
                 sub._kept = True
             else:
-                w = self._fixed_weight(sub._num_samples)
+                w = self._fixed_weight(rnd, sub._num_samples)
                 self._fold(rnd, sub._buffer, w)
                 rnd.weight_sum += w
             rnd.accepted[sub.party_id] = entry
@@ -531,8 +572,12 @@ class RoundEngine:
                 True, rnd.index, f"{label}: accepted", sub.submission_id
             )
 
-    def _fixed_weight(self, num_samples: int) -> float:
-        return 1.0 if self.cfg.aggregation == "uniform" else float(num_samples)
+    def _fixed_weight(self, rnd: _Round, num_samples: int) -> float:
+        # Scaled by the joined parties' total so the float32 sum stays O(update size)
+        # whatever sample counts are claimed; p_i = w_i / sum_j w_j is unchanged.
+        if self.cfg.aggregation == "uniform":
+            return 1.0
+        return num_samples / rnd.weight_ref
 
     def _fold(self, rnd: _Round, update: np.ndarray, weight: float) -> None:
         if rnd.acc is None:
@@ -556,6 +601,8 @@ class RoundEngine:
         """Advance the state machine: start, close rounds on completion or deadline, fail."""
         with self._lock:
             now = self._clock()
+            if self._uploads:
+                self._expire_idle_uploads(now)
             if self.state == RunState.WAITING:
                 if len(self.parties) >= self.cfg.start_parties:
                     self.state = RunState.TRAINING
@@ -570,13 +617,22 @@ class RoundEngine:
                 return
             rnd = self._round
             active = {p for p, i in self.parties.items() if i.active}
-            all_in = bool(rnd.accepted) and active <= set(rnd.accepted)
+            # Close early only with quorum: after a failed round the inactive parties
+            # must not let a single resubmission close the retry.
+            quorum = len(rnd.accepted) >= self.cfg.min_parties
+            all_in = quorum and active <= set(rnd.accepted)
             if all_in or (
                 now >= rnd.deadline and len(rnd.accepted) >= self.cfg.min_parties
             ):
                 self._close_round(now)
             elif now >= rnd.deadline:
-                self._quorum_lost(now)
+                self._round_failed(
+                    now,
+                    f"round {rnd.index}: {len(rnd.accepted)} of {self.cfg.min_parties} "
+                    f"required submissions by the {self.cfg.round_timeout_s:g} s "
+                    "deadline",
+                    what="quorum lost",
+                )
 
     def _open_round(self, now: float) -> None:
         theta = self.theta
@@ -590,6 +646,9 @@ class RoundEngine:
             fut = self._executor.submit(self._validator.gradient, theta)
         self._round = _Round(
             self.round_index, now, now + self.cfg.round_timeout_s, fut, digest
+        )
+        self._round.weight_ref = float(
+            sum(i.num_samples for i in self.parties.values()) or 1
         )
         if self._on_publish is not None:
             self._on_publish(self.round_index, theta)
@@ -633,10 +692,17 @@ class RoundEngine:
         assert rnd.acc is not None
         # theta_{t+1} = theta_t - step * sum_i p_i u_i, with p_i = w_i / sum_j w_j.
         scale = np.float32(step / rnd.weight_sum)
-        new_theta = (
-            self.theta - scale * rnd.acc
-        )  # new array: theta_t stays intact for v_t
+        # A new array: theta_t stays intact for v_t and for anyone still holding it.
+        new_theta = self.theta - scale * rnd.acc
         aggregate_s = time.perf_counter() - t1
+        if not np.isfinite(new_theta).all():
+            self._round_failed(
+                now,
+                f"round {rnd.index}: the aggregated model is not finite (updates "
+                "too large); nothing was applied",
+                what="aggregation failed",
+            )
+            return
         loss_after, acc_after = self._validator.evaluate(new_theta)
         late = tuple(
             sorted(p for p, i in self.parties.items() if p not in rnd.accepted)
@@ -705,13 +771,10 @@ class RoundEngine:
         for key in [k for k in self._history if k[0] < closed - 1]:
             del self._history[key]
 
-    def _quorum_lost(self, now: float) -> None:
+    def _round_failed(self, now: float, reason: str, *, what: str) -> None:
+        """Record the open round as failed; retry it or stop the run (DESIGN §3)."""
         rnd = self._round
         assert rnd is not None
-        reason = (
-            f"round {rnd.index}: {len(rnd.accepted)} of {self.cfg.min_parties} required "
-            f"submissions by the {self.cfg.round_timeout_s:g} s deadline"
-        )
         loss_before, acc_before = (float("nan"), float("nan"))
         if rnd.val_grad.done() and rnd.val_grad.exception() is None:
             _, loss_before, acc_before = rnd.val_grad.result()
@@ -751,7 +814,7 @@ class RoundEngine:
             )
             self._open_round(self._clock())
         else:
-            self._fail(f"quorum lost: {reason}")
+            self._fail(f"{what}: {reason}")
 
     def _fail(self, reason: str) -> None:
         self._finish_run(RunState.FAILED, reason)

@@ -221,7 +221,7 @@ class CoalitionUtility:
         self._parties = dict(parties)
         self._val = val
         self._attacks = resolve_attacks(attacks, list(parties))
-        self._theta0 = theta0
+        self.theta0 = theta0
         self._threads = threads
         self.on_train = on_train
         self.values: dict[frozenset[str], CoalitionValue] = {}
@@ -256,7 +256,7 @@ class CoalitionUtility:
             members,
             self._val,
             attacks=self._attacks,
-            theta0=self._theta0,
+            theta0=self.theta0,
             threads=self._threads,
         )
         return results
@@ -340,6 +340,8 @@ class ShapleyReport:
     digfl_scoring_s: float  # of which DIG-FL scoring: R x (v_t pass + n inner products)
     shapley_s: float  # wall time of the Shapley computation (all its trainings)
     loo_s: float  # training time of the n + 1 coalitions LOO needs
+    digfl_run_cpu_s: float  # CPU time of the same (robust when the host is shared)
+    shapley_cpu_s: float
     coalitions_trained: int
     rounds: int
     config: dict[str, Any] = field(default_factory=dict)
@@ -357,6 +359,11 @@ class ShapleyReport:
     def scoring_ratio(self) -> float:
         """Shapley wall time over DIG-FL's scoring overhead alone."""
         return _ratio(self.shapley_s, self.digfl_scoring_s)
+
+    @property
+    def cpu_ratio(self) -> float:
+        """Shapley CPU time over the DIG-FL run's CPU time."""
+        return _ratio(self.shapley_cpu_s, self.digfl_run_cpu_s)
 
     def ranks(self, values: Mapping[str, float]) -> dict[str, int]:
         """Rank 1 = largest value; ties keep party order."""
@@ -414,6 +421,9 @@ class ShapleyReport:
                 "loo_s": self.loo_s,
                 "ratio": self.time_ratio,
                 "ratio_scoring": self.scoring_ratio,
+                "digfl_run_cpu_s": self.digfl_run_cpu_s,
+                "shapley_cpu_s": self.shapley_cpu_s,
+                "cpu_ratio": self.cpu_ratio,
             },
             "config": self.config,
             "setup": self.setup,
@@ -537,16 +547,17 @@ def evaluate(
 
     # The full run: DIG-FL's scores, and v(N) for Shapley (the same training).
     everyone = frozenset(ids)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     results = utility.train(everyone)
     digfl_run_s = time.perf_counter() - t0
+    digfl_run_cpu_s = time.process_time() - c0
     grand = utility.value_of(results, digfl_run_s)
     per_round = [{p.party_id: p.score for p in r.parties} for r in results]
     totals = contribution.totals(per_round)
     digfl = {p: totals.get(p, 0.0) for p in ids}
     utility.record(everyone, grand)
 
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     if chosen == "exact":
         shapley = contribution.exact_shapley(ids, utility.loss)
         shapley_acc = contribution.exact_shapley(ids, utility.accuracy)
@@ -560,6 +571,7 @@ def evaluate(
             ids, utility.accuracy, permutations, np.random.default_rng(seed)
         )
     shapley_s = digfl_run_s + (time.perf_counter() - t1)
+    shapley_cpu_s = digfl_run_cpu_s + (time.process_time() - c1)
     loo = contribution.leave_one_out(ids, utility.loss)
     loo_acc = contribution.leave_one_out(ids, utility.accuracy)
     # What LOO alone would cost: the full run and the n runs without one party.
@@ -597,9 +609,11 @@ def evaluate(
         loo_pearson=lpr,
         loo_spearman=lsp,
         digfl_run_s=digfl_run_s,
-        digfl_scoring_s=_scoring_seconds(cfg, val, utility._theta0, n, threads),
+        digfl_scoring_s=_scoring_seconds(cfg, val, utility.theta0, n, threads),
         shapley_s=shapley_s,
         loo_s=loo_s,
+        digfl_run_cpu_s=digfl_run_cpu_s,
+        shapley_cpu_s=shapley_cpu_s,
         coalitions_trained=len(utility.values),
         rounds=cfg.rounds,
         config=config,
@@ -692,6 +706,9 @@ def format_table(report: ShapleyReport) -> str:
         f"LOO {report.loo_s:.2f} s; "
         f"Shapley/DIG-FL {_fmt(report.time_ratio, '.1f')}x "
         f"({_fmt(report.scoring_ratio, '.0f')}x the scoring alone)",
+        f"CPU time: DIG-FL run {report.digfl_run_cpu_s:.2f} s, Shapley "
+        f"{report.shapley_cpu_s:.2f} s; Shapley/DIG-FL "
+        f"{_fmt(report.cpu_ratio, '.1f')}x",
     ]
     return "\n".join(out)
 

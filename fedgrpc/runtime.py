@@ -25,7 +25,7 @@ from fedgrpc.errors import ConfigError
 from fedgrpc.models import build_model, init_params, model_specs
 from fedgrpc.training import Evaluator, local_update
 from fedgrpc.types import RoundResult, TensorSpec
-from fedgrpc.wire import FlatLayout
+from fedgrpc.layout import FlatLayout
 
 log = logging.getLogger(__name__)
 

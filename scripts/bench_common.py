@@ -5,6 +5,7 @@ Every wait here is bounded; every server listens on localhost only.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import multiprocessing as mp
@@ -95,6 +96,17 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def load_snapshot() -> dict[str, Any]:
+    """Load average and CPU pressure (other processes share this machine's cores)."""
+    out: dict[str, Any] = {"loadavg_1m": round(os.getloadavg()[0], 2)}
+    try:
+        some = Path("/proc/pressure/cpu").read_text().splitlines()[0].split()
+        out["cpu_pressure_avg60"] = float(some[2].split("=")[1])
+    except (OSError, IndexError, ValueError):
+        pass
+    return out
+
+
 def proc_status_mib(field: str, pid: int | str = "self") -> float:
     """A ``kB`` field of /proc/PID/status (VmRSS, VmHWM) in MiB; NaN if unreadable."""
     try:
@@ -165,10 +177,10 @@ class _Worker:
 
 
 class WorkerPool:
-    """Persistent spawn workers, reused across configurations (start-up is not measured).
+    """Persistent spawn workers, reused across configurations (start-up not timed).
 
-    A task receives ``(ctl, state, **kwargs)``; ``state`` is a per-worker dict that lives
-    as long as the worker (clients, cached arrays).
+    A task receives ``(ctl, state, **kwargs)``; ``state`` is a per-worker dict that
+    lives as long as the worker (clients, cached arrays).
     """
 
     def __init__(self, n: int, env: dict[str, str] | None = None) -> None:
@@ -197,7 +209,7 @@ class WorkerPool:
         timeout_s: float,
         before_go: Callable[[list[Any]], None] | None = None,
     ) -> list[Any]:
-        """Run ``task`` on the first ``len(kwargs_list)`` workers; ready, go, collect."""
+        """Run ``task`` on the first ``len(kwargs_list)`` workers; ready/go/done."""
         ws = self.workers[: len(kwargs_list)]
         for w, kw in zip(ws, kwargs_list, strict=True):
             w.conn.send((task, kw, timeout_s))
@@ -221,10 +233,8 @@ class WorkerPool:
     def close(self) -> None:
         """Stop the workers (politely, then by their own pid)."""
         for w in self.workers:
-            try:
+            with contextlib.suppress(OSError):
                 w.conn.send(None)
-            except OSError:
-                pass
         for w in self.workers:
             w.proc.join(timeout=10)
             if w.proc.is_alive():
@@ -236,9 +246,9 @@ class WorkerPool:
 class RawServer:
     """Loopback TCP peer in the parent process, one thread per connection.
 
-    ``ingest``: each connection sends ``nbytes``; we ``recv_into`` one reusable buffer and
-    answer one byte when all arrived. ``fanout``: each connection sends one byte; we
-    answer with ``nbytes`` from one preallocated shared buffer.
+    ``ingest``: each connection sends ``nbytes``; we ``recv_into`` one reusable buffer
+    and answer one byte when all arrived. ``fanout``: each connection sends one byte;
+    we answer with ``nbytes`` from one preallocated shared buffer.
     """
 
     def __init__(self, mode: str, n_conns: int, nbytes: int) -> None:
@@ -282,7 +292,7 @@ class RawServer:
                     if conn.recv(1) != b"g":
                         raise ConnectionError("bad request")
                     assert self._payload is not None
-                    conn.sendall(memoryview(self._payload))
+                    conn.sendall(self._payload.data)
                     conn.recv(1)  # wait for the peer's close
         except OSError as err:
             self.errors.append(f"{self.mode}: {err}")
@@ -309,7 +319,7 @@ def task_raw_send(
     with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
         ctl.ready()
         t0 = time.monotonic()
-        sock.sendall(memoryview(buf))
+        sock.sendall(buf.data)
         if sock.recv(1) != b"k":
             raise ConnectionError("no ack")
         t1 = time.monotonic()
@@ -362,7 +372,7 @@ def server_config(
     min_parties: int,
     rounds: int,
 ) -> Any:
-    """An insecure localhost ServerConfig for the flat benchmark model of ``n_params``."""
+    """An insecure localhost ServerConfig for the flat model of ``n_params``."""
     from bench_models import MODEL
 
     from fedgrpc.config import RoundConfig, ServerConfig

@@ -1,9 +1,10 @@
 """Synthetic models for the benchmarks: exactly P float32 parameters, cheap to evaluate.
 
 Named by import string ``bench_models:flat_model``; the aggregator builds it as
-``flat_model(input_shape=..., num_classes=..., hidden=P)``, so the parameter count travels
-in ``RoundConfig.model_hidden`` (``--hidden`` on the command line). ``scripts/`` must be on
-``sys.path`` (or ``PYTHONPATH``) of every process that builds the model.
+``flat_model(input_shape=..., num_classes=..., hidden=P)``, so the parameter count
+travels in ``RoundConfig.model_hidden`` (``--hidden`` on the command line).
+``scripts/`` must be on ``sys.path`` (or ``PYTHONPATH``) of every process that builds
+the model.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class FlatModel(nn.Module):
     as a linear layer; the mean term touches every element, so the validation gradient
     v_t is dense (as for a real model) at O(P) cost, independent of the input size.
     """
+
+    ramp: torch.Tensor  # (C,) fixed, not a parameter
 
     def __init__(self, in_features: int, num_classes: int, n_params: int) -> None:
         super().__init__()

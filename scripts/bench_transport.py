@@ -1,4 +1,4 @@
-"""SubmitGradient ingest and GetModel fan-out throughput, as a ratio to raw loopback TCP.
+"""SubmitGradient ingest and GetModel fan-out throughput vs raw loopback TCP.
 
 For each model size P (float32 parameters) and each number K of concurrent sending
 *processes* (spawned), measures in the same run:
@@ -41,6 +41,7 @@ from bench_common import (
     client_for,
     emit,
     human,
+    load_snapshot,
     machine_info,
     markdown_table,
     median,
@@ -84,7 +85,7 @@ def _prebuilt(state: dict[str, Any], n_params: int) -> tuple[list[bytes], bytes]
         ).SerializeToString()
         cached = (chunks, trailer)
         state[key] = cached
-    return cached  # type: ignore[no-any-return]
+    return cached
 
 
 def task_submit(
@@ -173,34 +174,61 @@ def task_fetch(
 
 
 # ------------------------------------------------------------------ parent
-def _ingest_grpc(
-    pool: WorkerPool, tmp: Path, val: str, n_params: int, k: int, mode: str, reps: int
-) -> dict[str, Any]:
+def _val_grad_ready(agg: Any) -> bool:
+    """True once v_t of the open round is computed.
+
+    In a real run the parties train meanwhile; here nothing would hide it. Reads a
+    private attribute of the engine; if it is renamed, fall back to "ready".
+    """
+    rnd = getattr(agg.engine, "_round", None)
+    fut = getattr(rnd, "val_grad", None)
+    return fut is None or bool(fut.done())
+
+
+def _wait_rounds_done(agg: Any, n: int) -> None:
+    wait_until(f"{n} rounds closed", lambda: agg.engine.rounds_done >= n, 300)
+
+
+def _ingest(
+    pool: WorkerPool,
+    tmp: Path,
+    val: str,
+    n_params: int,
+    k: int,
+    modes: list[str],
+    reps: int,
+) -> dict[str, dict[str, Any]]:
+    """Per rep: raw TCP, then one round per gRPC mode (interleaved: load drifts)."""
     from fedgrpc.engine import RunState
     from fedgrpc.server.app import Aggregator
 
-    run_dir = tmp / f"ingest-{mode}-{n_params}-{k}"
-    agg = Aggregator(server_config(run_dir, val, n_params, k, rounds=reps))
+    run_dir = tmp / f"ingest-{n_params}-{k}"
+    agg = Aggregator(server_config(run_dir, val, n_params, k, rounds=reps * len(modes)))
     port = agg.start()
-    gbps, server_cpu, sender_cpu = [], [], []
     nbytes = k * n_params * 4
+    gbps: dict[str, list[float]] = {m: [] for m in ["raw", *modes]}
+    server_cpu: dict[str, list[float]] = {m: [] for m in ["raw", *modes]}
+    sender_cpu: dict[str, list[float]] = {m: [] for m in modes}
+    r = 0
     try:
-        for r in range(reps):
-
-            def round_open(_infos: list[Any], r: int = r) -> None:
-                wait_until(
-                    f"round {r} open",
-                    lambda: (
-                        agg.engine.state == RunState.TRAINING
-                        and agg.engine.open_round == r
-                    ),
-                    120,
-                )
-
+        for _ in range(reps):
             c0 = time.process_time()
-            res = pool.run(
-                task_submit,
-                [
+            gbps["raw"].append(raw_throughput(pool, "ingest", k, n_params * 4))
+            server_cpu["raw"].append(time.process_time() - c0)
+            for mode in modes:
+
+                def round_open(_infos: list[Any], r: int = r) -> None:
+                    wait_until(
+                        f"round {r} open and v_t ready",
+                        lambda: (
+                            agg.engine.state == RunState.TRAINING
+                            and agg.engine.open_round == r
+                            and _val_grad_ready(agg)
+                        ),
+                        300,
+                    )
+
+                kwargs = [
                     {
                         "port": port,
                         "party": f"s{i}",
@@ -209,19 +237,74 @@ def _ingest_grpc(
                         "mode": mode,
                     }
                     for i in range(k)
-                ],
+                ]
+                c0 = time.process_time()
+                res = pool.run(task_submit, kwargs, timeout_s=600, before_go=round_open)
+                server_cpu[mode].append(time.process_time() - c0)
+                bad = [x["message"] for x in res if not x["accepted"]]
+                if bad:
+                    raise RuntimeError(f"rejected: {bad}")
+                gbps[mode].append(span_gbps([(x["t0"], x["t1"]) for x in res], nbytes))
+                sender_cpu[mode].append(sum(x["cpu_s"] for x in res))
+                _wait_rounds_done(agg, r + 1)
+                r += 1
+    finally:
+        agg.shutdown(grace_s=0.5, save_open_round=False)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    gb = nbytes / 1e9
+    out: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        out[mode] = {
+            "gbps": median(gbps[mode]),
+            "gbps_best": max(gbps[mode]),
+            "raw_gbps": median(gbps["raw"]),
+            "ratio": median(
+                g / raw for g, raw in zip(gbps[mode], gbps["raw"], strict=True)
+            ),
+            "server_cpu_s_per_gb": median(server_cpu[mode]) / gb,
+            "raw_receiver_cpu_s_per_gb": median(server_cpu["raw"]) / gb,
+            "sender_cpu_s_per_gb": median(sender_cpu[mode]) / gb,
+        }
+    return out
+
+
+def _fanout(
+    pool: WorkerPool, tmp: Path, val: str, n_params: int, n: int, reps: int
+) -> dict[str, Any]:
+    """Per rep: raw TCP fan-out, then N GetModel streams of the same version."""
+    from fedgrpc.engine import RunState
+    from fedgrpc.server.app import Aggregator
+
+    run_dir = tmp / f"fanout-{n_params}-{n}"
+    agg = Aggregator(server_config(run_dir, val, n_params, n, rounds=1))
+    port = agg.start()
+    nbytes = n * n_params * 4
+    gbps, raw, cpu, server_cpu = [], [], [], []
+    try:
+        for _ in range(reps):
+            raw.append(raw_throughput(pool, "fanout", n, n_params * 4))
+
+            def published(_infos: list[Any]) -> None:
+                wait_until(
+                    "model published and v_t ready",
+                    lambda: (
+                        agg.engine.state == RunState.TRAINING
+                        and agg.broadcaster.latest is not None
+                        and _val_grad_ready(agg)
+                    ),
+                    300,
+                )
+
+            c0 = time.process_time()
+            res = pool.run(
+                task_fetch,
+                [{"port": port, "party": f"r{i}"} for i in range(n)],
                 timeout_s=600,
-                before_go=round_open,
+                before_go=published,
             )
             server_cpu.append(time.process_time() - c0)
-            bad = [x["message"] for x in res if not x["accepted"]]
-            if bad:
-                raise RuntimeError(f"rejected: {bad}")
             gbps.append(span_gbps([(x["t0"], x["t1"]) for x in res], nbytes))
-            sender_cpu.append(sum(x["cpu_s"] for x in res))
-            wait_until(
-                f"round {r} closed", lambda r=r: agg.engine.rounds_done > r, 300
-            )
+            cpu.append(sum(x["cpu_s"] for x in res))
     finally:
         agg.shutdown(grace_s=0.5, save_open_round=False)
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -229,54 +312,11 @@ def _ingest_grpc(
     return {
         "gbps": median(gbps),
         "gbps_best": max(gbps),
+        "raw_gbps": median(raw),
+        "ratio": median(g / r for g, r in zip(gbps, raw, strict=True)),
         "server_cpu_s_per_gb": median(server_cpu) / gb,
-        "sender_cpu_s_per_gb": median(sender_cpu) / gb,
+        "receiver_cpu_s_per_gb": median(cpu) / gb,
     }
-
-
-def _fanout_grpc(
-    pool: WorkerPool, tmp: Path, val: str, n_params: int, n: int, reps: int
-) -> dict[str, Any]:
-    from fedgrpc.engine import RunState
-    from fedgrpc.server.app import Aggregator
-
-    run_dir = tmp / f"fanout-{n_params}-{n}"
-    agg = Aggregator(server_config(run_dir, val, n_params, n, rounds=1))
-    port = agg.start()
-    gbps, cpu = [], []
-    try:
-        for _ in range(reps):
-
-            def published(_infos: list[Any]) -> None:
-                wait_until(
-                    "model published",
-                    lambda: (
-                        agg.engine.state == RunState.TRAINING
-                        and agg.broadcaster.latest is not None
-                    ),
-                    120,
-                )
-
-            res = pool.run(
-                task_fetch,
-                [{"port": port, "party": f"r{i}"} for i in range(n)],
-                timeout_s=600,
-                before_go=published,
-            )
-            gbps.append(span_gbps([(x["t0"], x["t1"]) for x in res], n * n_params * 4))
-            cpu.append(sum(x["cpu_s"] for x in res))
-    finally:
-        agg.shutdown(grace_s=0.5, save_open_round=False)
-        shutil.rmtree(run_dir, ignore_errors=True)
-    return {
-        "gbps": median(gbps),
-        "gbps_best": max(gbps),
-        "receiver_cpu_s_per_gb": median(cpu) / (n * n_params * 4 / 1e9),
-    }
-
-
-def _raw(pool: WorkerPool, mode: str, n: int, nbytes: int, reps: int) -> float:
-    return median(raw_throughput(pool, mode, n, nbytes) for _ in range(reps))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     if not set(modes) <= {"api", "prebuilt"}:
         p.error("--modes: api and/or prebuilt")
     info = machine_info()
-    emit({"bench": "machine", **info})
+    emit({"bench": "machine", **info, **load_snapshot()})
     tmp = Path(tempfile.mkdtemp(prefix="bench_transport-"))
     val = write_val_npz(tmp / "val.npz")
     pool = WorkerPool(max([*senders, *receivers]), env={"OMP_NUM_THREADS": "1"})
@@ -309,9 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for n_params in sizes:
             nbytes = n_params * 4
-            raw_in = {k: _raw(pool, "ingest", k, nbytes, a.reps) for k in senders}
-            for mode in modes:
-                for k in senders:
+            for k in senders:
+                per_mode = _ingest(pool, tmp, val, n_params, k, modes, a.reps)
+                for mode, stats in per_mode.items():
                     row = {
                         "bench": "transport",
                         "kind": "ingest",
@@ -320,24 +360,19 @@ def main(argv: list[str] | None = None) -> int:
                         "size": human(n_params),
                         "mib_per_sender": nbytes / (1 << 20),
                         "senders": k,
-                        **_ingest_grpc(pool, tmp, val, n_params, k, mode, a.reps),
-                        "raw_gbps": raw_in[k],
+                        **stats,
                     }
-                    row["ratio"] = row["gbps"] / row["raw_gbps"]
                     emit(row)
                     ingest.append(row)
             for n in receivers:
-                raw = _raw(pool, "fanout", n, nbytes, a.reps)
                 row = {
                     "bench": "transport",
                     "kind": "fanout",
                     "params": n_params,
                     "size": human(n_params),
                     "receivers": n,
-                    **_fanout_grpc(pool, tmp, val, n_params, n, a.reps),
-                    "raw_gbps": raw,
+                    **_fanout(pool, tmp, val, n_params, n, a.reps),
                 }
-                row["ratio"] = row["gbps"] / row["raw_gbps"]
                 emit(row)
                 fanout.append(row)
     finally:
@@ -359,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("raw_gbps", "raw TCP GB/s"),
                 ("ratio", "ratio"),
                 ("server_cpu_s_per_gb", "server CPU s/GB"),
+                ("raw_receiver_cpu_s_per_gb", "raw recv CPU s/GB"),
                 ("sender_cpu_s_per_gb", "sender CPU s/GB"),
             ],
         )
@@ -374,10 +410,12 @@ def main(argv: list[str] | None = None) -> int:
                     ("gbps", "gRPC GB/s"),
                     ("raw_gbps", "raw TCP GB/s"),
                     ("ratio", "ratio"),
+                    ("server_cpu_s_per_gb", "server CPU s/GB"),
                     ("receiver_cpu_s_per_gb", "receiver CPU s/GB"),
                 ],
             )
         )
+    emit({"bench": "load_at_end", **load_snapshot()})
     print(f"\nwall time {time.monotonic() - start:.0f} s")
     return 0
 

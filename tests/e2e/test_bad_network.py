@@ -243,12 +243,11 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 @contextmanager
-def _namespaces(tmp_path: Path) -> Iterator[tuple[str, str, str, str]]:
+def _namespaces() -> Iterator[tuple[str, str, str, str]]:
     """Two fresh namespaces joined by a veth pair.
 
     Yields (agg namespace, party namespace, aggregator address, party-side device).
-    Skips
-    the test when namespaces cannot be made here; everything is deleted at the end.
+    Skips the test when namespaces cannot be made here; all is deleted at the end.
     """
     if os.geteuid() != 0:
         pytest.skip("network namespaces need root")
@@ -295,7 +294,6 @@ def _namespaces(tmp_path: Path) -> Iterator[tuple[str, str, str, str]]:
         # Only still there if the test failed before moving it into a namespace.
         if _ip("link", "show", veth_agg, check=False).returncode == 0:
             _ip("link", "del", veth_agg, check=False)
-        (tmp_path / "netns.txt").write_text(" ".join(made) + "\n")
 
 
 def _tbf(ns_party: str, dev: str) -> bool:
@@ -355,7 +353,7 @@ def test_bad_namespaced_network_run_matches_clean_in_process_run(
     slog, plog = tmp_path / "server.log", tmp_path / "proxy.log"
     t0 = time.monotonic()
 
-    with _namespaces(tmp_path) as (ns_agg, ns_party, agg_ip, dev), processes() as procs:
+    with _namespaces() as (ns_agg, ns_party, agg_ip, dev), processes() as procs:
         shaped = _tbf(ns_party, dev)
         server = _spawn(
             procs,

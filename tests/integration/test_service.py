@@ -698,6 +698,28 @@ def test_join_over_party_limit_is_resource_exhausted(
     assert list(_state(stub).joined) == ["alice", "bob"]
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_submit_large_sample_count_keeps_theta_finite(
+    make_server: MakeServer, stub_for: StubFor
+) -> None:
+    agg = make_server(rounds=1)
+    stub = stub_for(agg)
+    n = 1 << 40  # any party may claim this many samples (uint64 on the wire)
+    _join(stub, "alice", n)
+    _wait_for("round 0 to open", lambda: _state(stub).state == "training")
+    specs = agg.engine.specs
+    theta0 = agg.engine.theta.copy()
+    g = {s.name: np.full(s.shape, 1e30, dtype=np.float32) for s in specs}  # finite
+
+    reply = _submit(stub, _submission("alice", 0, specs, g, num_samples=n))
+    _wait_done(agg)
+
+    assert reply.accepted
+    # p_alice = 1, so theta_1 = theta_0 - 0.5e30: finite and representable in float32.
+    assert np.isfinite(agg.engine.theta).all()
+    _assert_theta(agg, _expected_theta(theta0, specs, [(g, n)]))
+
+
 def test_submit_past_round_names_open_round(
     make_server: MakeServer, stub_for: StubFor
 ) -> None:
@@ -989,7 +1011,7 @@ def test_party_killed_mid_upload_is_discarded(
         rounds=1,
         min_parties=1,
         expected_parties=3,
-        round_timeout_s=3.0,
+        round_timeout_s=5.0,
         limits=Limits(max_streams_per_party=1),
     )
     specs = agg.engine.specs
@@ -1003,7 +1025,9 @@ def test_party_killed_mid_upload_is_discarded(
     # alice's connection is cancelled after the header and two chunks.
     msgs = _submission("alice", 0, specs, loud, chunk_bytes=512)
     go_a = threading.Event()
-    cancelled = stub.SubmitGradient.future(_held_upload(msgs[:3], msgs[3:], go_a))
+    cancelled = stub.SubmitGradient.future(
+        _held_upload(msgs[:3], msgs[3:], go_a), timeout=_TIMEOUT_S
+    )
     try:
         _probe_open_upload(stub, "alice")
         cancelled.cancel()

@@ -31,7 +31,7 @@ TIMEOUT_S = 10.0
 
 
 class QuadraticValidator:
-    """L(theta) = 0.5 ||theta - theta*||^2, gradient theta - theta*; accuracy = -loss."""
+    """L(theta) = 0.5 ||theta - theta*||^2, gradient theta - theta*; accuracy -L."""
 
     def __init__(self, target: np.ndarray = THETA_STAR) -> None:
         self.target = target.astype(np.float64)
@@ -169,6 +169,15 @@ def _sample_weights(n: Mapping[str, int]) -> dict[str, float]:
     return {p: k / total for p, k in n.items()}
 
 
+def _state(engine: RoundEngine) -> RunState:
+    """The engine's state, read through a call so mypy does not narrow it."""
+    return engine.state
+
+
+def _active(engine: RoundEngine, party: str) -> bool:
+    return engine.parties[party].active
+
+
 def _party(result: RoundResult, pid: str) -> Any:
     return next(p for p in result.parties if p.party_id == pid)
 
@@ -209,7 +218,7 @@ def test_engine_waits_for_start_parties_then_opens_round_0() -> None:
     run.engine.join("c", 5)
     run.engine.tick()
 
-    assert run.engine.state == RunState.TRAINING
+    assert _state(run.engine) == RunState.TRAINING
     assert run.engine.open_round == 0
     assert [(r, t.tolist()) for r, t, _ in run.published] == [(0, THETA_0.tolist())]
     np.testing.assert_array_equal(run.validator.gradient_at[0], THETA_0)
@@ -224,7 +233,7 @@ def test_engine_join_timeout_fails_naming_counts() -> None:
     run.clock.advance(0.1)
     run.engine.tick()
 
-    assert run.engine.state == RunState.FAILED
+    assert _state(run.engine) == RunState.FAILED
     assert run.engine.finished
     assert run.engine.reason == "only 1 of 2 parties joined within 5 s"
     assert run.finished == [(RunState.FAILED, run.engine.reason)]
@@ -234,8 +243,28 @@ def test_engine_join_timeout_fails_naming_counts() -> None:
 def test_engine_join_rejects_non_positive_samples() -> None:
     run = _run(start=False)
 
-    with pytest.raises(InvalidUpdateError, match="party a declared 0 samples; need > 0"):
+    with pytest.raises(
+        InvalidUpdateError, match="party a declared 0 samples; need > 0"
+    ):
         run.engine.join("a", 0)
+
+
+def test_engine_on_join_called_for_new_party_or_new_count() -> None:
+    joins: list[tuple[str, int]] = []
+    engine = RoundEngine(
+        _cfg(),
+        SPECS,
+        THETA_0,
+        QuadraticValidator(),
+        on_join=lambda p, n: joins.append((p, n)),
+    )
+
+    engine.join("a", 5)
+    engine.join("a", 5)
+    engine.join("a", 7)
+    engine.join("b", 1)
+
+    assert joins == [("a", 5), ("a", 7), ("b", 1)]
 
 
 def test_engine_join_max_parties() -> None:
@@ -257,7 +286,9 @@ def test_engine_init_is_copied() -> None:
 
 
 def test_engine_init_size_checked() -> None:
-    with pytest.raises(InvalidUpdateError, match="initial model has 8 elements; specs need 9"):
+    with pytest.raises(
+        InvalidUpdateError, match="initial model has 8 elements; specs need 9"
+    ):
         RoundEngine(_cfg(), SPECS, np.zeros(8, np.float32), QuadraticValidator())
 
 
@@ -359,7 +390,7 @@ def test_engine_digfl_scores_and_signs() -> None:
 def test_engine_digfl_aggregation_weights_follow_positive_scores() -> None:
     run = _run(N3, aggregation="digfl", max_in_flight=1)
     v = V_0.astype(np.float32)
-    updates = {"a": v, "b": -v, "c": v / 2}
+    updates: dict[str, np.ndarray] = {"a": v, "b": -v, "c": v / 2}
 
     _submit_all(run, updates, N3)
     run.engine.tick()
@@ -377,7 +408,11 @@ def test_engine_digfl_aggregation_weights_follow_positive_scores() -> None:
 def test_engine_digfl_aggregation_falls_back_to_sample_weights() -> None:
     run = _run(N3, aggregation="digfl")
     v = V_0.astype(np.float32)
-    updates = {"a": -v, "b": -v / 2, "c": np.zeros(SIZE, np.float32)}
+    updates: dict[str, np.ndarray] = {
+        "a": -v,
+        "b": -v / 2,
+        "c": np.zeros(SIZE, np.float32),
+    }
 
     _submit_all(run, updates, N3)
     run.engine.tick()
@@ -425,8 +460,8 @@ def test_engine_deadline_with_quorum_closes_and_marks_late() -> None:
     assert result.late == ("c",)
     assert result.duration_s == TIMEOUT_S
     assert run.engine.late == ("c",)
-    assert not run.engine.parties["c"].active
-    assert run.engine.parties["a"].active
+    assert not _active(run.engine, "c")
+    assert _active(run.engine, "a")
     want = _expected(THETA_0, {p: G3[p] for p in "ab"}, {"a": 1 / 4, "b": 3 / 4}, LR)
     np.testing.assert_array_equal(run.engine.theta, want)
     # Round 1 no longer waits for c.
@@ -442,7 +477,7 @@ def test_engine_late_party_is_active_again(revive: str) -> None:
     _submit_all(run, {"a": G3["a"], "b": G3["b"]}, N3)
     run.clock.advance(TIMEOUT_S)
     run.engine.tick()
-    assert not run.engine.parties["c"].active
+    assert not _active(run.engine, "c")
 
     if revive == "touch":
         run.engine.touch("c")
@@ -453,7 +488,7 @@ def test_engine_late_party_is_active_again(revive: str) -> None:
     _submit_all(run, {"a": G3["a"], "b": G3["b"]}, N3, rnd=1)
     run.engine.tick()
 
-    assert run.engine.parties["c"].active
+    assert _active(run.engine, "c")
     assert run.engine.open_round == 1  # waits for c again
     if revive == "submission":
         sub.abort()
@@ -521,12 +556,6 @@ def test_engine_quorum_retries_exhausted_fails() -> None:
     assert run.results[1].extra == {"attempt": 1}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _quorum_lost marks every non-submitter inactive, so the retried round "
-    "closes through the 'every active party submitted' rule with fewer than "
-    "min_parties updates, before its deadline",
-)
 def test_engine_quorum_retry_does_not_close_below_quorum() -> None:
     run = _run({"a": 1, "b": 1, "c": 1}, quorum_retries=1)
     _submit(run.engine, "a", 0, 1, G3["a"])
@@ -604,7 +633,9 @@ def test_engine_training_over() -> None:
     assert run.engine.state == RunState.DONE
     assert run.finished == [(RunState.DONE, "completed")]
 
-    with pytest.raises(StaleRoundError, match="party a, round 1: training is over after 1"):
+    with pytest.raises(
+        StaleRoundError, match="party a, round 1: training is over after 1"
+    ):
         run.engine.begin_submission("a", 1, 1)
     with pytest.raises(StaleRoundError, match="training is over"):
         run.engine.begin_submission("a", 0, 1, submission_id="new")
@@ -622,7 +653,9 @@ def test_engine_second_different_submission_refused() -> None:
         match=r"party a, round 0: an update \(a-0\) was already accepted",
     ):
         _submit(run.engine, "a", 0, 1, G3["b"], submission_id="a-1")
-    with pytest.raises(DuplicateSubmissionError, match="already accepted with different"):
+    with pytest.raises(
+        DuplicateSubmissionError, match="already accepted with different"
+    ):
         _submit(run.engine, "a", 0, 1, G3["b"], submission_id="a-0")
 
 
@@ -681,8 +714,10 @@ def test_engine_abort_leaves_round_untouched_and_frees_slot() -> None:
     run = _run(N3, max_in_flight=1)
     sub = run.engine.begin_submission("a", 0, 1, slot_timeout_s=0.01)
     sub.add(0, 0, np.full(6, 100.0, np.float32))
-    with pytest.raises(LimitError, match="party b, round 0: too many uploads in flight"):
-        run.engine.begin_submission("b", 0, 3, slot_timeout_s=0.01)
+    blocked = run.engine.begin_submission("b", 0, 3, slot_timeout_s=0.01)
+    with pytest.raises(LimitError, match="party b, round 0: 1 uploads in flight"):
+        blocked.add(0, 0, np.full(6, 1.0, np.float32))
+    blocked.abort()
 
     sub.abort()
     sub.abort()  # idempotent
@@ -694,7 +729,7 @@ def test_engine_abort_leaves_round_untouched_and_frees_slot() -> None:
     want = _expected(THETA_0, {p: G3[p] for p in "bc"}, {"b": 3 / 7, "c": 4 / 7}, LR)
     np.testing.assert_allclose(run.engine.theta, want, rtol=1e-6, atol=1e-7)
     assert run.results[0].late == ("a",)
-    with pytest.raises(InvalidUpdateError, match="submission already closed"):
+    with pytest.raises(LimitError, match="upload was discarded"):
         sub.finish("00")
 
 
@@ -829,7 +864,9 @@ def test_engine_published_theta_is_never_mutated() -> None:
     assert [r for r, _, _ in run.published] == [0, 1, 2]
     for _, theta, snapshot in run.published:
         np.testing.assert_array_equal(theta, snapshot)
-    for (_, theta_next), (_, published, _) in zip(run.commits, run.published[1:]):
+    for (_, theta_next), (_, published, _) in zip(
+        run.commits[:-1], run.published[1:], strict=True
+    ):
         np.testing.assert_array_equal(theta_next, published)
     assert not np.array_equal(run.published[0][1], run.published[1][1])
 
@@ -842,7 +879,9 @@ def test_engine_submit_arrays_helper() -> None:
         outcome = submit_arrays(
             run.engine, p, 0, N3[p], layout.views(G3[p]), submission_id=f"{p}-0"
         )
-        assert outcome == SubmitOutcome(True, 0, f"party {p}, round 0: accepted", f"{p}-0")
+        assert outcome == SubmitOutcome(
+            True, 0, f"party {p}, round 0: accepted", f"{p}-0"
+        )
     run.engine.tick()
 
     np.testing.assert_array_equal(
@@ -892,7 +931,9 @@ def test_engine_stop_ends_run() -> None:
 
 
 def test_engine_resumed_past_last_round_is_done() -> None:
-    engine = RoundEngine(_cfg(rounds=2), SPECS, THETA_0, QuadraticValidator(), start_round=2)
+    engine = RoundEngine(
+        _cfg(rounds=2), SPECS, THETA_0, QuadraticValidator(), start_round=2
+    )
 
     assert engine.state == RunState.DONE
     assert engine.finished

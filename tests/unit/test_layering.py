@@ -28,14 +28,8 @@ PURE_MODULES = (
     "fedgrpc.datasets.sources",
     "fedgrpc.datasets.partition",
     "fedgrpc.datasets.attacks",
-)
-
-# The engine (and runtime, through it) imports FlatLayout/digest_hex from wire.py, which
-# imports the generated fedgrpc.proto.tensor_pb2.
-PROTO_VIA_WIRE = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: engine imports FlatLayout/digest_hex from fedgrpc.wire, which loads "
-    "fedgrpc.proto.tensor_pb2 (and protobuf) into every pure consumer of the engine",
+    "fedgrpc.layout",
+    "fedgrpc.evaluation",
 )
 
 # Heavy third-party imports happen once in the parent; each module is then imported in a
@@ -109,15 +103,7 @@ def test_layering_pure_module_does_not_load_grpc(
     assert grpc == [], f"{module} loads {grpc}"
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        pytest.param(m, marks=PROTO_VIA_WIRE)
-        if m in ("fedgrpc.engine", "fedgrpc.runtime")
-        else m
-        for m in PURE_MODULES
-    ],
-)
+@pytest.mark.parametrize("module", PURE_MODULES)
 def test_layering_pure_module_does_not_load_proto(
     imports: dict[str, dict[str, list[str] | str]], module: str
 ) -> None:
@@ -161,7 +147,9 @@ def _offenders(path: Path, source: str) -> list[str]:
     for lineno, line in enumerate(_code_only(source), start=1):
         for label, pattern in BANNED.items():
             if pattern.search(line):
-                found.append(f"{path}:{lineno}: {label}: {source.splitlines()[lineno - 1]}")
+                found.append(
+                    f"{path}:{lineno}: {label}: {source.splitlines()[lineno - 1]}"
+                )
     return found
 
 
@@ -190,9 +178,15 @@ def test_layering_scanner_flags_code_and_skips_comments() -> None:
 
 
 def test_layering_no_pickle_eval_exec_in_package() -> None:
-    files = [p for p in sorted(PACKAGE.rglob("*.py")) if "proto" not in p.relative_to(PACKAGE).parts]
+    files = [
+        p
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if "proto" not in p.relative_to(PACKAGE).parts
+    ]
     assert len(files) > 10
 
-    offenders = [o for p in files for o in _offenders(p.relative_to(REPO), p.read_text())]
+    offenders = [
+        o for p in files for o in _offenders(p.relative_to(REPO), p.read_text())
+    ]
 
     assert offenders == [], "\n".join(offenders)

@@ -1,0 +1,609 @@
+"""Seconds per FedSGD round for N parties x P parameters, split into its parts.
+
+The aggregator runs as its own (spawned) process: the real ``Aggregator`` on
+localhost:0 with the flat benchmark model of exactly P float32 parameters, a 64-sample
+validation set and timing probes wrapped around its methods (nothing in fedgrpc is
+modified). N party
+processes (spawned once, reused) follow ``AggregatorClient.models`` and answer every
+model version with ``AggregatorClient.submit`` of a precomputed random update: no local
+work, so the round is pure system cost.
+
+Per round t (the first round is warm-up and not counted):
+
+* ``round_s``: publication of theta_t to publication of theta_{t+1} (what a party sees).
+* ``transfer_s``: publication of theta_t until the last party's update was accepted
+  (download of theta_t to every party + upload of every update, overlapped).
+* ``close_s``: the round close on the driver thread: waiting for v_t (``val_grad_s``),
+  the step (``aggregate_s`` of RoundResult), the validation loss after the step
+  (``val_eval_s``), checkpoint + ledger (``commit_s``) and encoding theta_{t+1}
+  (``publish_s``).
+* ``fold_s``: weighted accumulation of updates, done as each upload finishes.
+* ``scoring_s``: DIG-FL <v_t, u_i> per chunk, N x the dot time of an in-process
+  micro-benchmark of ``engine.Submission.add`` with vs. without the dot.
+* ``round_excl_val_s`` = round_s - val_grad_s - val_eval_s.
+* ``peak_rss_mib``: the aggregator's VmHWM at the end of the run.
+
+    python scripts/bench_round.py            # N in 2,4,8,16,32 x P in 1e5,1e6,1e7
+    python scripts/bench_round.py --quick    # N in 2,4,32 x P in 1e5,1e7
+    python scripts/bench_round.py --parties 4 --params 1e5 --rounds 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing as mp
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from bench_common import (
+    Control,
+    WorkerPool,
+    client_for,
+    emit,
+    human,
+    load_snapshot,
+    machine_info,
+    markdown_table,
+    median,
+    parse_count,
+    proc_status_mib,
+    random_update,
+    server_config,
+)
+from bench_models import write_val_npz
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+SAMPLES = 100
+CHUNK_ELEMS = 1 << 18  # float32 elements per 1 MiB chunk (wire.CHUNK_BYTES)
+
+
+# ------------------------------------------------------------ server probes
+class Probes:
+    """Timing wrappers around aggregator methods (installed in the server process)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.events: list[tuple[str, int, float, float]] = []  # (what, round, t0, t1)
+        self.add_s: dict[int, float] = defaultdict(float)  # round -> sum of add() time
+        self.grad_calls: list[tuple[float, float]] = []
+        self.closing = -1  # round being closed (driver thread)
+
+    def _record(self, what: str, rnd: int, t0: float) -> None:
+        t1 = time.monotonic()
+        with self.lock:
+            self.events.append((what, rnd, t0, t1))
+
+    def install(self) -> None:
+        """Wrap the methods (class level, before the Aggregator is built)."""
+        from fedgrpc import engine as eng
+        from fedgrpc import runtime
+        from fedgrpc.server import app, broadcast
+
+        probes = self
+
+        def wrap(
+            cls: type, name: str, round_of: Callable[..., int], what: str = ""
+        ) -> None:
+            orig = getattr(cls, name)
+
+            def wrapper(obj: Any, *args: Any, **kw: Any) -> Any:
+                rnd = round_of(obj, *args)  # before the call: closing moves the round
+                t0 = time.monotonic()
+                try:
+                    return orig(obj, *args, **kw)
+                finally:
+                    probes._record(what or name, rnd, t0)
+
+            setattr(cls, name, wrapper)
+
+        def closing_round(obj: Any, *_a: Any) -> int:
+            rnd = getattr(obj, "_round", None)
+            probes.closing = int(getattr(rnd, "index", -1))
+            return probes.closing
+
+        wrap(eng.RoundEngine, "_close_round", closing_round, "close")
+        wrap(eng.RoundEngine, "_fold", lambda _o, rnd, *_a: int(rnd.index), "fold")
+        wrap(
+            broadcast.ModelBroadcaster, "publish", lambda _o, r, *_a: int(r), "publish"
+        )
+        wrap(app.Aggregator, "_commit", lambda _o, res, *_a: int(res.round), "commit")
+        wrap(
+            runtime.FlatValidator,
+            "evaluate",
+            lambda *_a: probes.closing,
+            "val_eval",
+        )
+        grad = runtime.FlatValidator.gradient
+
+        def gradient(obj: Any, flat: np.ndarray) -> Any:
+            t0 = time.monotonic()
+            try:
+                return grad(obj, flat)
+            finally:
+                with probes.lock:
+                    probes.grad_calls.append((t0, time.monotonic()))
+
+        setattr(runtime.FlatValidator, "gradient", gradient)  # noqa: B010
+        add = eng.Submission.add
+
+        def timed_add(obj: Any, *args: Any) -> None:
+            t0 = time.perf_counter()
+            try:
+                add(obj, *args)
+            finally:
+                dt = time.perf_counter() - t0
+                with probes.lock:
+                    probes.add_s[int(obj.round)] += dt
+
+        setattr(eng.Submission, "add", timed_add)  # noqa: B010
+
+
+def _server_main(
+    conn: Connection,
+    run_dir: Path,
+    val: str,
+    n_params: int,
+    n_parties: int,
+    rounds: int,
+    timeout_s: float,
+) -> None:
+    """The aggregator process: serve one run, then report timings and peak RSS."""
+    logging.basicConfig(level=logging.WARNING)
+    from fedgrpc.server.app import Aggregator
+
+    probes = Probes()
+    probes.install()
+    agg = Aggregator(server_config(run_dir, val, n_params, n_parties, rounds))
+    port = agg.start()
+    conn.send(
+        {
+            "port": port,
+            "rss_ready_mib": proc_status_mib("VmRSS"),
+            "hwm_ready_mib": proc_status_mib("VmHWM"),
+        }
+    )
+    finished = agg.wait(timeout_s)
+    results = [
+        {
+            "round": r.round,
+            "status": r.status,
+            "duration_s": r.duration_s,
+            "val_grad_s": r.val_grad_s,
+            "aggregate_s": r.aggregate_s,
+        }
+        for r in agg.engine.results
+    ]
+    with probes.lock:
+        report = {
+            "finished": finished,
+            "state": agg.engine.state.value,
+            "results": results,
+            "events": list(probes.events),
+            "add_s": dict(probes.add_s),
+            "grad_calls": list(probes.grad_calls),
+            "peak_rss_mib": proc_status_mib("VmHWM"),
+            "rss_end_mib": proc_status_mib("VmRSS"),
+        }
+    conn.send(report)
+    agg.shutdown(grace_s=0.5, save_open_round=False)
+
+
+# ------------------------------------------------------------ party task
+def task_party(
+    ctl: Control,
+    state: dict[str, Any],
+    *,
+    port: int,
+    party: str,
+    n_params: int,
+    seed: int,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """Follow the model stream; answer every version with the precomputed update."""
+    from fedgrpc.client.stub import ModelVersion, TrainingOver
+    from fedgrpc.types import UpdateKind
+
+    client = client_for(state, port, party)
+    update = {"w": random_update(state, n_params, seed)}
+    ctl.ready()
+    recv: dict[int, float] = {}
+    sub: dict[int, tuple[float, float]] = {}
+    end = time.monotonic() + timeout_s
+    for item in client.models(0, timeout_s=timeout_s):
+        if isinstance(item, TrainingOver):
+            break
+        assert isinstance(item, ModelVersion)
+        t = item.round
+        recv[t] = t0 = time.monotonic()
+        reply = client.submit(
+            t,
+            update,
+            SAMPLES,
+            train_loss=0.0,
+            kind=UpdateKind.GRADIENT,
+            submission_id=f"{party}:{t}",
+        )
+        sub[t] = (t0, time.monotonic())
+        if not reply.accepted:
+            raise RuntimeError(f"{party} round {t}: {reply.message}")
+        if time.monotonic() > end:
+            raise TimeoutError(f"{party}: run longer than {timeout_s:g} s")
+    return {"recv": recv, "submit": sub}
+
+
+# ------------------------------------------------------------ scoring micro
+class _FixedValidator:
+    """v_t without torch: a fixed random vector."""
+
+    def __init__(self, n: int) -> None:
+        self.v = np.random.default_rng(1).standard_normal(n, dtype=np.float32)
+
+    def gradient(self, flat: np.ndarray) -> tuple[np.ndarray, float, float]:
+        return self.v, 0.0, 0.0
+
+    def evaluate(self, flat: np.ndarray) -> tuple[float, float]:
+        return 0.0, 0.0
+
+
+def scoring_micro(n_params: int, reps: int = 5) -> dict[str, float]:
+    """Seconds per update of ``Submission.add`` over 1 MiB chunks, and of its dot.
+
+    ``add_s`` is the real method; ``dot_s`` the same chunks' ``np.dot(v[s:e], x)``
+    alone; add without scoring = add_s - dot_s. Best of ``reps``.
+    """
+    from fedgrpc.config import RoundConfig
+    from fedgrpc.engine import RoundEngine
+    from fedgrpc.types import TensorSpec
+
+    val = _FixedValidator(n_params)
+    engine = RoundEngine(
+        RoundConfig(rounds=1, min_parties=1),
+        [TensorSpec("w", "float32", (n_params,))],
+        np.zeros(n_params, dtype=np.float32),
+        val,
+        max_in_flight=1,
+    )
+    engine.join("p", SAMPLES)
+    engine.tick()
+    x = np.random.default_rng(2).standard_normal(n_params, dtype=np.float32)
+    v = val.v
+    bounds = [
+        (s, min(n_params, s + CHUNK_ELEMS)) for s in range(0, n_params, CHUNK_ELEMS)
+    ]
+    add_s, dot_s, sink = [], [], 0.0
+    for _ in range(reps):
+        sub = engine.begin_submission("p", 0, SAMPLES, submission_id="micro")
+        t0 = time.perf_counter()
+        for s, e in bounds:
+            sub.add(0, s, x[s:e])
+        add_s.append(time.perf_counter() - t0)
+        sub.abort()
+        t0 = time.perf_counter()
+        for s, e in bounds:
+            sink += float(np.dot(v[s:e], x[s:e]))
+        dot_s.append(time.perf_counter() - t0)
+    best_add, best_dot = min(add_s), min(dot_s)
+    return {
+        "add_s": best_add,
+        "dot_s": best_dot,
+        "add_without_dot_s": best_add - best_dot,
+        "dot_share_of_add": best_dot / best_add,
+    }
+
+
+# ------------------------------------------------------------------ parent
+def _spans(events: list[tuple[str, int, float, float]]) -> dict[tuple[str, int], Any]:
+    out: dict[tuple[str, int], Any] = {}
+    for what, rnd, t0, t1 in events:
+        if what == "fold":
+            out[(what, rnd)] = out.get((what, rnd), 0.0) + (t1 - t0)
+        else:
+            out[(what, rnd)] = (t0, t1)
+    return out
+
+
+def analyse(
+    n_parties: int,
+    n_params: int,
+    rounds: int,
+    server: dict[str, Any],
+    parties: list[dict[str, Any]],
+    dot_s: float,
+) -> dict[str, Any]:
+    """Per-round breakdown (rounds 1..R-2), medians."""
+    spans = _spans(server["events"])
+    res = {r["round"]: r for r in server["results"]}
+    rows: list[dict[str, float]] = []
+    for t in range(1, rounds - 1):
+        pub, pub_next = spans.get(("publish", t)), spans.get(("publish", t + 1))
+        close = spans.get(("close", t))
+        if pub is None or pub_next is None or close is None or t not in res:
+            continue
+        recv = [p["recv"][t] for p in parties]
+        sub_end = [p["submit"][t][1] for p in parties]
+        rr = res[t]
+        val_eval = spans.get(("val_eval", t), (0.0, 0.0))
+        commit = spans.get(("commit", t), (0.0, 0.0))
+        grad = server["grad_calls"][t] if t < len(server["grad_calls"]) else (0, 0)
+        row = {
+            "round_s": pub_next[1] - pub[1],
+            "download_s": max(recv) - pub[1],
+            "transfer_s": max(sub_end) - pub[1],
+            "close_s": close[1] - close[0],
+            "close_latency_s": close[0] - max(sub_end),
+            "val_grad_s": rr["val_grad_s"],
+            "val_grad_compute_s": grad[1] - grad[0],
+            "aggregate_s": rr["aggregate_s"],
+            "fold_s": spans.get(("fold", t), 0.0),
+            "add_s": server["add_s"].get(t, 0.0),
+            "val_eval_s": val_eval[1] - val_eval[0],
+            "commit_s": commit[1] - commit[0],
+            "publish_s": pub_next[1] - pub_next[0],
+        }
+        rows.append(row)
+    if not rows:
+        raise RuntimeError(f"N={n_parties} P={n_params}: no complete round measured")
+    out: dict[str, Any] = {k: median(r[k] for r in rows) for k in rows[0]}
+    out["upload_s"] = out["transfer_s"] - out["download_s"]
+    out["aggregation_s"] = out["fold_s"] + out["aggregate_s"]
+    out["scoring_s"] = n_parties * dot_s
+    out["scoring_pct"] = 100 * out["scoring_s"] / out["round_s"]
+    out["round_excl_val_s"] = out["round_s"] - out["val_grad_s"] - out["val_eval_s"]
+    out["rounds_measured"] = len(rows)
+    return out
+
+
+def run_config(
+    pool: WorkerPool,
+    tmp: Path,
+    val: str,
+    n_parties: int,
+    n_params: int,
+    rounds: int,
+    timeout_s: float = 900.0,
+    dot_s: float = 0.0,
+) -> dict[str, Any]:
+    """One aggregator process, ``n_parties`` party workers, ``rounds`` rounds."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    run_dir = tmp / f"round-{n_parties}-{n_params}"
+    proc = ctx.Process(
+        target=_server_main,
+        args=(child, run_dir, val, n_params, n_parties, rounds, timeout_s),
+        daemon=True,
+    )
+    t_start = time.monotonic()
+    proc.start()
+    child.close()
+    try:
+        if not parent.poll(120):
+            raise TimeoutError("aggregator did not start within 120 s")
+        ready = parent.recv()
+        kwargs = [
+            {
+                "port": ready["port"],
+                "party": f"p{i}",
+                "n_params": n_params,
+                "seed": i,
+                "timeout_s": timeout_s,
+            }
+            for i in range(n_parties)
+        ]
+        parties = pool.run(task_party, kwargs, timeout_s=timeout_s)
+        if not parent.poll(120):
+            raise TimeoutError("aggregator did not report within 120 s")
+        server = parent.recv()
+        proc.join(timeout=30)
+    finally:
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(timeout=10)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    if server["state"] != "done":
+        raise RuntimeError(f"run ended {server['state']}: {server['results'][-1:]}")
+    model_mib = n_params * 4 / (1 << 20)
+    row: dict[str, Any] = {
+        "bench": "round",
+        "parties": n_parties,
+        "params": n_params,
+        "size": human(n_params),
+        "model_mib": model_mib,
+        **analyse(n_parties, n_params, rounds, server, parties, dot_s),
+        "rss_ready_mib": ready["rss_ready_mib"],
+        "peak_rss_mib": server["peak_rss_mib"],
+        "rss_limit_mib": 4 * model_mib + 300,
+        "wall_s": time.monotonic() - t_start,
+    }
+    return row
+
+
+def default_rounds(n_params: int) -> int:
+    """Rounds per configuration: 2 measured for large models, more for small."""
+    return 5 if n_params >= 10**7 else 8
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Seconds per round vs N (per P) and vs P (per N), and peak RSS vs N."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    sizes = sorted({r["params"] for r in rows})
+    ns = sorted({r["parties"] for r in rows})
+    for p in sizes:
+        sel = sorted((r for r in rows if r["params"] == p), key=lambda r: r["parties"])
+        xs = [r["parties"] for r in sel]
+        axes[0].plot(xs, [r["round_s"] for r in sel], "o-", label=f"P={human(p)}")
+        axes[0].plot(
+            xs,
+            [r["round_excl_val_s"] for r in sel],
+            ":",
+            color=axes[0].lines[-1].get_color(),
+        )
+        axes[2].plot(xs, [r["peak_rss_mib"] for r in sel], "o-", label=f"P={human(p)}")
+        axes[2].axhline(
+            sel[0]["rss_limit_mib"],
+            ls="--",
+            lw=0.8,
+            color=axes[2].lines[-1].get_color(),
+        )
+    for n in ns:
+        sel = sorted((r for r in rows if r["parties"] == n), key=lambda r: r["params"])
+        axes[1].plot(
+            [r["params"] for r in sel],
+            [r["round_s"] for r in sel],
+            "o-",
+            label=f"N={n}",
+        )
+    axes[0].set(
+        xscale="log",
+        yscale="log",
+        xlabel="parties N",
+        ylabel="seconds per round",
+        title="round time vs N (dotted: excl. validation)",
+    )
+    axes[1].set(
+        xscale="log",
+        yscale="log",
+        xlabel="parameters P (float32)",
+        ylabel="seconds per round",
+        title="round time vs P",
+    )
+    axes[2].set(
+        xscale="log",
+        xlabel="parties N",
+        ylabel="MiB",
+        title="aggregator peak RSS (dashed: 4 x model + 300 MB)",
+    )
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in (axes[0], axes[2]):
+        ax.set_xticks(ns, [str(n) for n in ns])
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parties", default="2,4,8,16,32", help="values of N")
+    p.add_argument("--params", default="1e5,1e6,1e7", help="values of P")
+    p.add_argument(
+        "--quick", action="store_true", help="N in 2,4,32 and P in 1e5,1e7 only"
+    )
+    p.add_argument("--rounds", type=int, default=0, help="0: 8, or 5 for P >= 1e7")
+    p.add_argument("--plot", type=Path, default=DOCS / "bench_round.png")
+    p.add_argument("--no-plot", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if a.quick:
+        a.parties, a.params = "2,4,32", "1e5,1e7"
+    ns = [int(x) for x in a.parties.split(",")]
+    sizes = [parse_count(x) for x in a.params.split(",")]
+    emit({"bench": "machine", **machine_info(), **load_snapshot()})
+    start = time.monotonic()
+    micro: dict[int, dict[str, float]] = {}
+    for n_params in sizes:
+        micro[n_params] = scoring_micro(n_params)
+        emit({"bench": "scoring_micro", "params": n_params, **micro[n_params]})
+    tmp = Path(tempfile.mkdtemp(prefix="bench_round-"))
+    val = write_val_npz(tmp / "val.npz")
+    pool = WorkerPool(max(ns), env={"OMP_NUM_THREADS": "1"})
+    rows: list[dict[str, Any]] = []
+    try:
+        for n_params in sizes:
+            for n in ns:
+                rounds = a.rounds or default_rounds(n_params)
+                row = run_config(
+                    pool,
+                    tmp,
+                    val,
+                    n,
+                    n_params,
+                    rounds,
+                    dot_s=micro[n_params]["dot_s"],
+                )
+                emit(row)
+                rows.append(row)
+    finally:
+        pool.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not a.no_plot:
+        plot(rows, a.plot)
+    print("\nMilliseconds per round (median over the measured rounds)\n")
+    ms_cols = [
+        ("round_s", "round"),
+        ("round_excl_val_s", "excl. val"),
+        ("transfer_s", "transfer"),
+        ("download_s", "download"),
+        ("close_s", "close"),
+        ("aggregation_s", "aggregation"),
+        ("scoring_s", "DIG-FL dot"),
+        ("val_grad_s", "v_t wait"),
+        ("val_grad_compute_s", "v_t compute"),
+        ("val_eval_s", "val eval"),
+        ("commit_s", "commit"),
+        ("publish_s", "publish"),
+    ]
+    ms_rows = [
+        {**r, **{k + "_ms": round(1000 * r[k], 1) for k, _ in ms_cols}} for r in rows
+    ]
+    print(
+        markdown_table(
+            ms_rows,
+            [
+                ("parties", "N"),
+                ("size", "P"),
+                *[(k + "_ms", h) for k, h in ms_cols],
+                ("scoring_pct", "dot % of round"),
+            ],
+        )
+    )
+    print("\nAggregator peak RSS (VmHWM, MiB)\n")
+    print(
+        markdown_table(
+            rows,
+            [
+                ("parties", "N"),
+                ("size", "P"),
+                ("model_mib", "model MiB"),
+                ("rss_ready_mib", "RSS at start"),
+                ("peak_rss_mib", "peak RSS"),
+                ("rss_limit_mib", "4 x model + 300"),
+            ],
+        )
+    )
+    print("\nDIG-FL scoring in Submission.add (one update, 1 MiB chunks, best of 5)\n")
+    print(
+        markdown_table(
+            [{"size": human(k), **v} for k, v in micro.items()],
+            [
+                ("size", "P"),
+                ("add_s", "add s"),
+                ("dot_s", "dot s"),
+                ("add_without_dot_s", "add without dot s"),
+                ("dot_share_of_add", "dot share"),
+            ],
+        )
+    )
+    emit({"bench": "load_at_end", **load_snapshot()})
+    print(f"\nwall time {time.monotonic() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
