@@ -388,6 +388,12 @@ def decode_tensor(
         shape = tuple(int(d) for d in first.shape)
         if any(d < 0 for d in shape):
             raise InvalidUpdateError(f"tensor {first.name!r} has a negative dimension")
+        if any(d > lim.max_tensor_bytes for d in shape):
+            # Even an empty tensor cannot have a dimension no array can address.
+            raise LimitError(
+                f"tensor {first.name!r} declares dimension {max(shape)}; limit is "
+                f"{lim.max_tensor_bytes}"
+            )
         spec = TensorSpec(first.name, dtype_from_proto(first.dtype), shape)
         if spec.numel * itemsize(spec.dtype) > lim.max_tensor_bytes:
             raise LimitError(

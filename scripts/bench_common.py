@@ -40,9 +40,11 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         if value != value:  # NaN
             return "-"
-        if abs(value) >= 1000 or (value != 0 and abs(value) < 10 ** -(digits - 1)):
-            return f"{value:.{digits}g}"
-        return f"{value:.{digits}f}"
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        if abs(value) >= 1 or value == 0:
+            return f"{value:.{digits - 1}f}"
+        return f"{value:.{digits}g}"
     return str(value)
 
 

@@ -25,6 +25,7 @@ Per round t (the first round is warm-up and not counted):
 
     python scripts/bench_round.py            # N in 2,4,8,16,32 x P in 1e5,1e6,1e7
     python scripts/bench_round.py --quick    # N in 2,4,32 x P in 1e5,1e7
+    python scripts/bench_round.py --quick --server-env MALLOC_ARENA_MAX=2
     python scripts/bench_round.py --parties 4 --params 1e5 --rounds 8
 """
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing as mp
+import os
 import shutil
 import sys
 import tempfile
@@ -76,7 +78,23 @@ class Probes:
         self.events: list[tuple[str, int, float, float]] = []  # (what, round, t0, t1)
         self.add_s: dict[int, float] = defaultdict(float)  # round -> sum of add() time
         self.grad_calls: list[tuple[float, float]] = []
+        self.vt_wait_in_add: dict[int, float] = defaultdict(float)  # round -> max wait
         self.closing = -1  # round being closed (driver thread)
+        self.rss: list[tuple[float, float]] = []  # (monotonic, VmRSS MiB)
+        self._stop = threading.Event()
+
+    def start_rss_sampler(self, period_s: float = 0.01) -> None:
+        """Sample VmRSS every ``period_s`` until :meth:`stop`."""
+
+        def sample() -> None:
+            while not self._stop.wait(period_s):
+                self.rss.append((time.monotonic(), proc_status_mib("VmRSS")))
+
+        threading.Thread(target=sample, name="rss-sampler", daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop the RSS sampler."""
+        self._stop.set()
 
     def _record(self, what: str, rnd: int, t0: float) -> None:
         t1 = time.monotonic()
@@ -137,6 +155,17 @@ class Probes:
         add = eng.Submission.add
 
         def timed_add(obj: Any, *args: Any) -> None:
+            # The first chunk of an upload blocks until v_t is computed: time that
+            # wait apart (it is the validation pass, not the transport).
+            if getattr(obj, "_v", 1) is None:
+                fut = getattr(getattr(obj, "_round", None), "val_grad", None)
+                if fut is not None and not fut.done():
+                    w0 = time.perf_counter()
+                    fut.result()
+                    waited = time.perf_counter() - w0
+                    with probes.lock:
+                        r = int(obj.round)
+                        probes.vt_wait_in_add[r] = max(probes.vt_wait_in_add[r], waited)
             t0 = time.perf_counter()
             try:
                 add(obj, *args)
@@ -156,13 +185,17 @@ def _server_main(
     n_parties: int,
     rounds: int,
     timeout_s: float,
+    stub_val: bool,
 ) -> None:
     """The aggregator process: serve one run, then report timings and peak RSS."""
     logging.basicConfig(level=logging.WARNING)
     from fedgrpc.server.app import Aggregator
 
+    if stub_val:
+        _stub_validator()
     probes = Probes()
     probes.install()
+    probes.start_rss_sampler()
     agg = Aggregator(server_config(run_dir, val, n_params, n_parties, rounds))
     port = agg.start()
     conn.send(
@@ -191,11 +224,38 @@ def _server_main(
             "events": list(probes.events),
             "add_s": dict(probes.add_s),
             "grad_calls": list(probes.grad_calls),
+            "vt_wait_in_add": dict(probes.vt_wait_in_add),
+            "rss": list(probes.rss),
             "peak_rss_mib": proc_status_mib("VmHWM"),
             "rss_end_mib": proc_status_mib("VmRSS"),
         }
+    probes.stop()
     conn.send(report)
     agg.shutdown(grace_s=0.5, save_open_round=False)
+
+
+def _stub_validator() -> None:
+    """Replace the validation passes by constants: the round without them.
+
+    v_t becomes a fixed random vector (returned at once), the loss after the step 0.
+    What the real passes cost is measured by the ``real`` runs.
+    """
+    from fedgrpc import runtime
+
+    cache: dict[int, np.ndarray] = {}
+
+    def gradient(_obj: Any, flat: np.ndarray) -> tuple[np.ndarray, float, float]:
+        v = cache.get(flat.size)
+        if v is None:
+            v = np.random.default_rng(3).standard_normal(flat.size, dtype=np.float32)
+            cache[flat.size] = v
+        return v, 0.0, 0.0
+
+    def evaluate(_obj: Any, _flat: np.ndarray) -> tuple[float, float]:
+        return 0.0, 0.0
+
+    setattr(runtime.FlatValidator, "gradient", gradient)  # noqa: B010
+    setattr(runtime.FlatValidator, "evaluate", evaluate)  # noqa: B010
 
 
 # ------------------------------------------------------------ party task
@@ -335,6 +395,8 @@ def analyse(
         val_eval = spans.get(("val_eval", t), (0.0, 0.0))
         commit = spans.get(("commit", t), (0.0, 0.0))
         grad = server["grad_calls"][t] if t < len(server["grad_calls"]) else (0, 0)
+        rss_up = [m for ts, m in server["rss"] if pub[1] <= ts < close[0]]
+        rss_close = [m for ts, m in server["rss"] if close[0] <= ts <= close[1]]
         row = {
             "round_s": pub_next[1] - pub[1],
             "download_s": max(recv) - pub[1],
@@ -342,6 +404,7 @@ def analyse(
             "close_s": close[1] - close[0],
             "close_latency_s": close[0] - max(sub_end),
             "val_grad_s": rr["val_grad_s"],
+            "vt_wait_in_upload_s": server["vt_wait_in_add"].get(t, 0.0),
             "val_grad_compute_s": grad[1] - grad[0],
             "aggregate_s": rr["aggregate_s"],
             "fold_s": spans.get(("fold", t), 0.0),
@@ -349,16 +412,27 @@ def analyse(
             "val_eval_s": val_eval[1] - val_eval[0],
             "commit_s": commit[1] - commit[0],
             "publish_s": pub_next[1] - pub_next[0],
+            "rss_transfer_mib": max(rss_up, default=float("nan")),
+            "rss_close_mib": max(rss_close, default=float("nan")),
         }
         rows.append(row)
     if not rows:
         raise RuntimeError(f"N={n_parties} P={n_params}: no complete round measured")
-    out: dict[str, Any] = {k: median(r[k] for r in rows) for k in rows[0]}
+    out: dict[str, Any] = {
+        k: (max if k.startswith("rss") else median)(r[k] for r in rows) for k in rows[0]
+    }
     out["upload_s"] = out["transfer_s"] - out["download_s"]
     out["aggregation_s"] = out["fold_s"] + out["aggregate_s"]
     out["scoring_s"] = n_parties * dot_s
     out["scoring_pct"] = 100 * out["scoring_s"] / out["round_s"]
-    out["round_excl_val_s"] = out["round_s"] - out["val_grad_s"] - out["val_eval_s"]
+    # With the real validator: the passes' share on the critical path (an estimate;
+    # with the stub validator this is round_s itself, give or take microseconds).
+    out["round_excl_val_s"] = (
+        out["round_s"]
+        - out["vt_wait_in_upload_s"]
+        - out["val_grad_s"]
+        - out["val_eval_s"]
+    )
     out["rounds_measured"] = len(rows)
     return out
 
@@ -370,20 +444,32 @@ def run_config(
     n_parties: int,
     n_params: int,
     rounds: int,
+    *,
     timeout_s: float = 900.0,
     dot_s: float = 0.0,
+    stub_val: bool = True,
+    server_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One aggregator process, ``n_parties`` party workers, ``rounds`` rounds."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    run_dir = tmp / f"round-{n_parties}-{n_params}"
+    run_dir = tmp / f"round-{n_parties}-{n_params}-{int(stub_val)}"
     proc = ctx.Process(
         target=_server_main,
-        args=(child, run_dir, val, n_params, n_parties, rounds, timeout_s),
+        args=(child, run_dir, val, n_params, n_parties, rounds, timeout_s, stub_val),
         daemon=True,
     )
     t_start = time.monotonic()
-    proc.start()
+    saved = {k: os.environ.get(k) for k in server_env or {}}
+    os.environ.update(server_env or {})  # inherited by the spawned server only
+    try:
+        proc.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     child.close()
     try:
         if not parent.poll(120):
@@ -414,6 +500,7 @@ def run_config(
     model_mib = n_params * 4 / (1 << 20)
     row: dict[str, Any] = {
         "bench": "round",
+        "val": "stub" if stub_val else "real",
         "parties": n_parties,
         "params": n_params,
         "size": human(n_params),
@@ -440,56 +527,57 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    stub = [r for r in rows if r["val"] == "stub"]
+    real = [r for r in rows if r["val"] == "real"]
     sizes = sorted({r["params"] for r in rows})
     ns = sorted({r["parties"] for r in rows})
     for p in sizes:
-        sel = sorted((r for r in rows if r["params"] == p), key=lambda r: r["parties"])
-        xs = [r["parties"] for r in sel]
-        axes[0].plot(xs, [r["round_s"] for r in sel], "o-", label=f"P={human(p)}")
-        axes[0].plot(
-            xs,
-            [r["round_excl_val_s"] for r in sel],
-            ":",
-            color=axes[0].lines[-1].get_color(),
-        )
-        axes[2].plot(xs, [r["peak_rss_mib"] for r in sel], "o-", label=f"P={human(p)}")
-        axes[2].axhline(
-            sel[0]["rss_limit_mib"],
-            ls="--",
-            lw=0.8,
-            color=axes[2].lines[-1].get_color(),
-        )
+        for sel_rows, style, tag in ((stub, "o-", ""), (real, "s--", " +val")):
+            sel = sorted(
+                (r for r in sel_rows if r["params"] == p), key=lambda r: r["parties"]
+            )
+            if not sel:
+                continue
+            xs = [r["parties"] for r in sel]
+            label = f"P={human(p)}{tag}"
+            axes[0].plot(xs, [r["round_s"] for r in sel], style, label=label)
+            axes[2].plot(xs, [r["peak_rss_mib"] for r in sel], style, label=label)
+        limit = 4 * p * 4 / (1 << 20) + 300
+        axes[2].axhline(limit, ls=":", lw=0.8, color="grey")
+        axes[2].annotate(f"limit P={human(p)}", (ns[0], limit), fontsize=7)
     for n in ns:
-        sel = sorted((r for r in rows if r["parties"] == n), key=lambda r: r["params"])
-        axes[1].plot(
-            [r["params"] for r in sel],
-            [r["round_s"] for r in sel],
-            "o-",
-            label=f"N={n}",
-        )
+        sel = sorted((r for r in stub if r["parties"] == n), key=lambda r: r["params"])
+        if sel:
+            axes[1].plot(
+                [r["params"] for r in sel],
+                [r["round_s"] for r in sel],
+                "o-",
+                label=f"N={n}",
+            )
     axes[0].set(
         xscale="log",
         yscale="log",
         xlabel="parties N",
         ylabel="seconds per round",
-        title="round time vs N (dotted: excl. validation)",
+        title="round time vs N (dashed: with validation passes)",
     )
     axes[1].set(
         xscale="log",
         yscale="log",
         xlabel="parameters P (float32)",
         ylabel="seconds per round",
-        title="round time vs P",
+        title="round time vs P (validation stubbed)",
     )
     axes[2].set(
         xscale="log",
+        yscale="log",
         xlabel="parties N",
         ylabel="MiB",
-        title="aggregator peak RSS (dashed: 4 x model + 300 MB)",
+        title="aggregator peak RSS (dotted: 4 x model + 300 MB)",
     )
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     for ax in (axes[0], axes[2]):
         ax.set_xticks(ns, [str(n) for n in ns])
     fig.tight_layout()
@@ -498,91 +586,65 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parties", default="2,4,8,16,32", help="values of N")
-    p.add_argument("--params", default="1e5,1e6,1e7", help="values of P")
-    p.add_argument(
-        "--quick", action="store_true", help="N in 2,4,32 and P in 1e5,1e7 only"
-    )
-    p.add_argument("--rounds", type=int, default=0, help="0: 8, or 5 for P >= 1e7")
-    p.add_argument("--plot", type=Path, default=DOCS / "bench_round.png")
-    p.add_argument("--no-plot", action="store_true")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    if a.quick:
-        a.parties, a.params = "2,4,32", "1e5,1e7"
-    ns = [int(x) for x in a.parties.split(",")]
-    sizes = [parse_count(x) for x in a.params.split(",")]
-    emit({"bench": "machine", **machine_info(), **load_snapshot()})
-    start = time.monotonic()
-    micro: dict[int, dict[str, float]] = {}
-    for n_params in sizes:
-        micro[n_params] = scoring_micro(n_params)
-        emit({"bench": "scoring_micro", "params": n_params, **micro[n_params]})
-    tmp = Path(tempfile.mkdtemp(prefix="bench_round-"))
-    val = write_val_npz(tmp / "val.npz")
-    pool = WorkerPool(max(ns), env={"OMP_NUM_THREADS": "1"})
-    rows: list[dict[str, Any]] = []
-    try:
-        for n_params in sizes:
-            for n in ns:
-                rounds = a.rounds or default_rounds(n_params)
-                row = run_config(
-                    pool,
-                    tmp,
-                    val,
-                    n,
-                    n_params,
-                    rounds,
-                    dot_s=micro[n_params]["dot_s"],
-                )
-                emit(row)
-                rows.append(row)
-    finally:
-        pool.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-    if not a.no_plot:
-        plot(rows, a.plot)
-    print("\nMilliseconds per round (median over the measured rounds)\n")
-    ms_cols = [
-        ("round_s", "round"),
-        ("round_excl_val_s", "excl. val"),
-        ("transfer_s", "transfer"),
-        ("download_s", "download"),
-        ("close_s", "close"),
-        ("aggregation_s", "aggregation"),
-        ("scoring_s", "DIG-FL dot"),
-        ("val_grad_s", "v_t wait"),
-        ("val_grad_compute_s", "v_t compute"),
-        ("val_eval_s", "val eval"),
-        ("commit_s", "commit"),
-        ("publish_s", "publish"),
-    ]
+MS_COLUMNS = [
+    ("round_s", "round"),
+    ("round_excl_val_s", "excl. val"),
+    ("transfer_s", "transfer"),
+    ("download_s", "download"),
+    ("upload_s", "upload"),
+    ("close_s", "close"),
+    ("aggregation_s", "aggregation"),
+    ("scoring_s", "DIG-FL dot"),
+    ("commit_s", "commit"),
+    ("publish_s", "publish"),
+    ("vt_wait_in_upload_s", "v_t wait (uploads)"),
+    ("val_grad_s", "v_t wait (close)"),
+    ("val_grad_compute_s", "v_t compute"),
+    ("val_eval_s", "val eval"),
+]
+
+
+def print_tables(
+    rows: list[dict[str, Any]], micro: dict[int, dict[str, float]]
+) -> None:
+    """The markdown tables."""
     ms_rows = [
-        {**r, **{k + "_ms": round(1000 * r[k], 1) for k, _ in ms_cols}} for r in rows
+        {**r, **{k + "_ms": round(1000 * r[k], 1) for k, _ in MS_COLUMNS}} for r in rows
     ]
-    print(
-        markdown_table(
-            ms_rows,
-            [
-                ("parties", "N"),
-                ("size", "P"),
-                *[(k + "_ms", h) for k, h in ms_cols],
-                ("scoring_pct", "dot % of round"),
-            ],
+    for val, title in (
+        ("stub", "validation passes stubbed (the system cost of a round)"),
+        ("real", "with the real validation passes of the flat model"),
+    ):
+        sel = [r for r in ms_rows if r["val"] == val]
+        if not sel:
+            continue
+        cols = MS_COLUMNS if val == "real" else MS_COLUMNS[:10]
+        print(f"\nMilliseconds per round, {title}; median of measured rounds\n")
+        print(
+            markdown_table(
+                sel,
+                [
+                    ("parties", "N"),
+                    ("size", "P"),
+                    *[(k + "_ms", h) for k, h in cols],
+                    ("scoring_pct", "dot % of round"),
+                ],
+            )
         )
-    )
-    print("\nAggregator peak RSS (VmHWM, MiB)\n")
+    print("\nAggregator memory (MiB): VmRSS after start, VmHWM at the end, max VmRSS")
+    print("sampled during transfers and during the round close\n")
     print(
         markdown_table(
             rows,
             [
+                ("val", "validation"),
                 ("parties", "N"),
                 ("size", "P"),
-                ("model_mib", "model MiB"),
+                ("model_mib", "model"),
                 ("rss_ready_mib", "RSS at start"),
-                ("peak_rss_mib", "peak RSS"),
+                ("rss_transfer_mib", "max in transfer"),
+                ("rss_close_mib", "max in close"),
+                ("peak_rss_mib", "peak (VmHWM)"),
                 ("rss_limit_mib", "4 x model + 300"),
             ],
         )
@@ -600,6 +662,78 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parties", default="2,4,8,16,32", help="values of N")
+    p.add_argument("--params", default="1e5,1e6,1e7", help="values of P")
+    p.add_argument(
+        "--real-val-parties",
+        default="4,32",
+        help="N values also run with the real validation passes ('' for none)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="N in 2,4,32 and P in 1e5,1e7 only"
+    )
+    p.add_argument("--rounds", type=int, default=0, help="0: 8, or 5 for P >= 1e7")
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment of the aggregator process (e.g. MALLOC_ARENA_MAX=2)",
+    )
+    p.add_argument("--plot", type=Path, default=DOCS / "bench_round.png")
+    p.add_argument("--no-plot", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if a.quick:
+        a.parties, a.params = "2,4,32", "1e5,1e7"
+    ns = [int(x) for x in a.parties.split(",")]
+    sizes = [parse_count(x) for x in a.params.split(",")]
+    real_ns = [int(x) for x in a.real_val_parties.split(",") if x]
+    server_env = dict(kv.split("=", 1) for kv in a.server_env)
+    emit(
+        {
+            "bench": "machine",
+            **machine_info(),
+            **load_snapshot(),
+            "server_env": server_env,
+        }
+    )
+    start = time.monotonic()
+    micro: dict[int, dict[str, float]] = {}
+    for n_params in sizes:
+        micro[n_params] = scoring_micro(n_params)
+        emit({"bench": "scoring_micro", "params": n_params, **micro[n_params]})
+    tmp = Path(tempfile.mkdtemp(prefix="bench_round-"))
+    val = write_val_npz(tmp / "val.npz")
+    pool = WorkerPool(max([*ns, *real_ns]), env={"OMP_NUM_THREADS": "1"})
+    rows: list[dict[str, Any]] = []
+    plan = [(n, p, True) for p in sizes for n in ns]
+    plan += [(n, p, False) for p in sizes for n in real_ns]
+    try:
+        for n, n_params, stub in plan:
+            row = run_config(
+                pool,
+                tmp,
+                val,
+                n,
+                n_params,
+                a.rounds or default_rounds(n_params),
+                dot_s=micro[n_params]["dot_s"],
+                stub_val=stub,
+                server_env=server_env,
+            )
+            emit(row)
+            rows.append(row)
+    finally:
+        pool.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not a.no_plot:
+        plot(rows, a.plot)
+    print_tables(rows, micro)
     emit({"bench": "load_at_end", **load_snapshot()})
     print(f"\nwall time {time.monotonic() - start:.0f} s")
     return 0

@@ -147,7 +147,12 @@ def _train_and_submit(
     train_s = time.perf_counter() - t0
     try:
         reply = client.submit(
-            item.round, update, len(data), train_loss=loss, kind=rcfg.update_kind
+            item.round,
+            update,
+            len(data),
+            train_loss=loss,
+            kind=rcfg.update_kind,
+            model_digest=item.digest,
         )
     except RemoteError as err:
         if err.code in _SKIP_ROUND:

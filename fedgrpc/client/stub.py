@@ -214,6 +214,7 @@ class AggregatorClient:
         train_loss: float,
         kind: UpdateKind,
         submission_id: str = "",
+        model_digest: bytes = b"",
     ) -> aggregator_pb2.SubmitReply:
         """Stream one update (header, chunks, trailer); resend on UNAVAILABLE, same id."""
         layout = wire.FlatLayout.of(self.specs)
@@ -237,6 +238,7 @@ class AggregatorClient:
                     train_loss=train_loss,
                     update_kind=_KIND_TO_PROTO[kind],
                     submission_id=sid,
+                    model_digest=model_digest,
                 )
             )
             for chunk in wire.iter_bundle_chunks(arrays, wire_dtype=wdt):

@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError, Message
 from fedgrpc import wire
 from fedgrpc.engine import RoundEngine
 from fedgrpc.errors import (
+    StaleRoundError,
     FedGrpcError,
     ForbiddenError,
     InvalidUpdateError,
@@ -218,6 +219,17 @@ class AggregatorServicer:
         kind = _KIND_FROM_PROTO.get(hdr.update_kind)
         if kind is None:
             raise InvalidUpdateError(f"{label}: update kind is unset or unknown")
+        latest = self._broadcaster.latest
+        if (
+            hdr.model_digest
+            and latest is not None
+            and latest.round == hdr.round
+            and hdr.model_digest != latest.digest
+        ):
+            raise StaleRoundError(
+                f"{label}: update computed from model {hdr.model_digest.hex()[:16]}...; "
+                f"round {hdr.round}'s model is {latest.digest.hex()[:16]}..."
+            )
         sub = self._engine.begin_submission(
             party,
             int(hdr.round),
@@ -281,7 +293,8 @@ class AggregatorServicer:
             wanted = [ident.name]
         to_round = int(request.to_round) if request.has_to_round else None
         report = self._contributions(wanted, int(request.from_round), to_round)
-        return report_to_proto(report)
+        viewer = None if ident is None or ident.is_admin else ident.name
+        return report_to_proto(report, viewer=viewer)
 
     @_unary
     def GetStatus(
@@ -318,8 +331,10 @@ def parse(cls: type[M], raw: bytes) -> M:
         raise InvalidUpdateError(f"malformed {cls.__name__} message: {err}") from None
 
 
-def report_to_proto(report: ContributionReport) -> aggregator_pb2.ContributionsReply:
-    """Encode a ContributionReport."""
+def report_to_proto(
+    report: ContributionReport, *, viewer: str | None = None
+) -> aggregator_pb2.ContributionsReply:
+    """Encode a ContributionReport; for a ``viewer`` party, only its part of each round."""
     reply = aggregator_pb2.ContributionsReply(
         run_id=report.run_id, method=report.method, rounds_done=report.rounds_done
     )
@@ -341,6 +356,9 @@ def report_to_proto(report: ContributionReport) -> aggregator_pb2.ContributionsR
                 train_loss=pr.train_loss,
             )
     for r in report.rounds:
+        # A party sees only its own part of each round: other parties' ids, and a round
+        # total from which others' scores could be derived, are for admins.
+        seen = [p for p in r.parties if viewer is None or p.party_id == viewer]
         reply.rounds.add(
             round=r.round,
             status=r.status,
@@ -348,10 +366,10 @@ def report_to_proto(report: ContributionReport) -> aggregator_pb2.ContributionsR
             val_acc_before=r.val_acc_before,
             val_loss_after=r.val_loss_after,
             val_acc_after=r.val_acc_after,
-            predicted_drop=r.predicted_drop,
+            predicted_drop=sum(p.score for p in seen),
             measured_drop=r.measured_drop,
-            submitted=[p.party_id for p in r.parties],
-            late=list(r.late),
+            submitted=[p.party_id for p in seen],
+            late=[p for p in r.late if viewer is None or p == viewer],
             duration_s=r.duration_s,
             val_grad_s=r.val_grad_s,
             aggregate_s=r.aggregate_s,

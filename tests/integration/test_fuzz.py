@@ -313,12 +313,6 @@ def _chunk(shape: list[int], data: bytes = b"") -> tensor_pb2.TensorChunk:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: wire.decode_tensor sizes a declared shape with TensorSpec.numel "
-    "(np.prod in int64, wraps) and never bounds single dimensions: a huge shape raises "
-    "ValueError instead of LimitError/InvalidUpdateError",
-)
 @settings(max_examples=_EXAMPLES * 2, deadline=5000, database=None)
 @given(chunks=st.lists(_random_chunk(), min_size=1, max_size=4))
 @example(chunks=[_chunk([2**31, 2**32])])  # int64 product wraps to -2**63
