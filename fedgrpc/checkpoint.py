@@ -1,4 +1,4 @@
-"""Model checkpoints: ``.npz`` written atomically (temp file, fsync, rename) with a checksum."""
+"""Model checkpoints: ``.npz`` written atomically (temp, fsync, rename), checksummed."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from fedgrpc.errors import ConfigError
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
+    """Write ``data`` to ``path`` atomically: temp file alongside, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -39,7 +39,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 def save_arrays(
     path: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None
 ) -> str:
-    """Save named arrays (and JSON metadata) as ``.npz`` atomically; return its SHA-256 hex.
+    """Save arrays (and JSON metadata) as ``.npz`` atomically; return its SHA-256 hex.
 
     A sidecar ``<path>.sha256`` holds the checksum so a torn or edited file is detected.
     """

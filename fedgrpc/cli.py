@@ -401,7 +401,7 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------- contributions
 def _observer_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_text)
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--server", help="aggregator HOST:PORT")
     src.add_argument("--run-dir", type=Path, help="read the ledger of a run directory")

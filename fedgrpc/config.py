@@ -1,7 +1,7 @@
 """Typed configuration: frozen dataclasses checked in ``__post_init__``.
 
-``cli.py`` builds these from argv once and passes them down; no other module reads argv or
-the environment.
+``cli.py`` builds these from argv once and passes them down; no other module reads argv
+or the environment.
 """
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ class Limits:
 
 @dataclass(frozen=True)
 class RoundConfig:
-    """What the round engine runs: rounds, quorum, deadlines, update kind, learning rates."""
+    """What the engine runs: rounds, quorum, deadlines, update kind, learning rates."""
 
     rounds: int = 20
     """Number of rounds."""
     min_parties: int = 2
-    """Quorum: submissions needed to close a round at its deadline, and joins to start."""
+    """Quorum: submissions to close a round at its deadline, and joins to start."""
     expected_parties: int = 0
     """Parties to wait for before round 0 opens (0 = min_parties)."""
     update_kind: UpdateKind = UpdateKind.GRADIENT
@@ -72,7 +72,7 @@ class RoundConfig:
     join_timeout_s: float = 120.0
     """Seconds to wait for the first quorum of joins before the run fails."""
     aggregation: str = "samples"
-    """``samples`` (p_i = n_i / sum n), ``uniform`` or ``digfl`` (weights from scores)."""
+    """``samples`` (p_i = n_i / sum n), ``uniform`` or ``digfl`` (weights by score)."""
     quorum_retries: int = 0
     """Times a round that missed quorum is reopened before the run stops as failed."""
     seed: int = 0
@@ -139,7 +139,7 @@ class ServerConfig:
     address: str = "localhost:0"
     run_dir: Path = Path("runs/latest")
     val_data: str = "digits"
-    """Validation set source (``digits``, ``mnist:DIR``, ``npz:FILE``, ``module:factory``)."""
+    """Validation data (``digits``, ``mnist:DIR``, ``npz:FILE``, ``module:factory``)."""
     val_count: int = 0
     """Use only the first N validation samples (0 = all)."""
     insecure: bool = False
@@ -157,7 +157,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not self.insecure and self.tls.cert is None:
             raise ConfigError(
-                "no TLS certificate given: pass --tls-cert/--tls-key or run with --insecure"
+                "no TLS certificate given: pass --tls-cert/--tls-key or run with "
+                "--insecure"
             )
 
 

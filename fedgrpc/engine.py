@@ -1,17 +1,19 @@
 """The synchronous FedSGD round engine (DESIGN §3-4). No grpc, no torch.
 
-The engine holds the global parameters as one flat float32 vector, the party registry and the
-open round. Updates arrive through :class:`Submission` objects chunk by chunk: each chunk is
-checked for non-finite values and folded into the party's DIG-FL inner product with the
-validation gradient v_t as it arrives; the party's update is buffered only while its own
-stream is in flight, and is added to the round's weighted sum only once the whole stream has
-arrived and validated (nothing is ever half-applied). A bounded number of uploads may be in
-flight at once, so server memory is O(model size), not O(parties x model size), except with
-``aggregation="digfl"``, whose weights need every score before any update can be folded: it
-keeps the round's updates until the round closes (parties x model size).
+The engine holds the global parameters as one flat float32 vector, the party registry
+and the open round. Updates arrive through :class:`Submission` objects chunk by chunk:
+each chunk is checked for non-finite values and folded into the party's DIG-FL inner
+product with the validation gradient v_t as it arrives; the party's update is buffered
+only while its own stream is in flight, and is added to the round's weighted sum only
+once the whole stream has arrived and validated (nothing is ever half-applied). A
+bounded number of uploads may be in flight at once, so server memory is O(model size),
+not O(parties x model size), except with ``aggregation="digfl"``, whose weights need
+every score before any update can be folded: it keeps the round's updates until the
+round closes (parties x model size).
 
-Threading: every public method is safe to call from any thread. The owner calls :meth:`tick`
-(and :meth:`wait`) from one driver thread; rounds close inside :meth:`tick`.
+Threading: every public method is safe to call from any thread. The owner calls
+:meth:`tick` (and :meth:`wait`) from one driver thread; rounds close inside
+:meth:`tick`.
 """
 
 from __future__ import annotations
@@ -26,18 +28,20 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from fedgrpc import contribution
 from fedgrpc.config import RoundConfig
 from fedgrpc.errors import (
     DuplicateSubmissionError,
+    FedGrpcError,
     InvalidUpdateError,
     LimitError,
     StaleRoundError,
     UnknownPartyError,
 )
-from fedgrpc.types import PartyRound, RoundResult, TensorSpec, UpdateKind
 from fedgrpc.layout import FlatLayout, digest_hex
+from fedgrpc.types import PartyRound, RoundResult, TensorSpec, UpdateKind
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ class Validator(Protocol):
     """Server-side validation on flat parameter vectors."""
 
     def gradient(self, flat: np.ndarray) -> tuple[np.ndarray, float, float]:
-        """Mean validation-loss gradient at ``flat`` (flat float32), loss and accuracy."""
+        """Mean validation-loss gradient at ``flat`` (float32), loss and accuracy."""
         ...
 
     def evaluate(self, flat: np.ndarray) -> tuple[float, float]:
@@ -96,7 +100,7 @@ class _Round:
     model_digest: str
     accepted: dict[str, _Accepted] = field(default_factory=dict)
     weight_ref: float = 1.0  # sum of the joined parties' samples when the round opened
-    acc: np.ndarray | None = None  # sum of weight_i * u_i, float32
+    acc: npt.NDArray[np.float32] | None = None  # sum of weight_i * u_i
     weight_sum: float = 0.0
 
 
@@ -121,8 +125,8 @@ class Submission:
     """One party's update for one round, received piece by piece.
 
     Call :meth:`add` for each piece (in any order the caller has validated), then
-    :meth:`finish` with the stream's digest, or :meth:`abort` on any failure. Pieces go into a
-    private buffer; the shared round state changes only in :meth:`finish`.
+    :meth:`finish` with the stream's digest, or :meth:`abort` on any failure. Pieces go
+    into a private buffer; the shared round state changes only in :meth:`finish`.
     """
 
     def __init__(
@@ -147,6 +151,7 @@ class Submission:
         self._norm_sq = 0.0
         self._closed = False
         self._kept = False
+        self._expired = False
         self._v: np.ndarray | None = None
         self._buffer: np.ndarray | None = (
             None  # taken with an upload slot at the first piece
@@ -157,14 +162,15 @@ class Submission:
         self._label = f"party {party_id}, round {rnd.index}"
 
     def add(self, tensor_index: int, elem_offset: int, values: np.ndarray) -> None:
-        """Take ``values`` (float32, 1-D) for tensor ``tensor_index`` at ``elem_offset``."""
+        """Take 1-D float32 ``values`` for a tensor, starting at ``elem_offset``."""
         if self._closed:
-            raise InvalidUpdateError(f"{self._label}: submission already closed")
+            raise self._closed_error()
         layout = self._engine.layout
         spec = layout.specs[tensor_index]
         if elem_offset + values.size > spec.numel:
             raise InvalidUpdateError(
-                f"{self._label}: tensor {spec.name!r} overflows at element {elem_offset}"
+                f"{self._label}: tensor {spec.name!r} overflows at element "
+                f"{elem_offset}"
             )
         start = layout.offsets[tensor_index] + elem_offset
         end = start + values.size
@@ -176,12 +182,22 @@ class Submission:
             self._v = self._round.val_grad.result()[0]
         with self._lock:
             if self._closed:
-                raise LimitError(
-                    f"{self._label}: upload idle for more than "
-                    f"{self._engine.upload_idle_s:g} s; it was discarded"
-                )
+                raise self._closed_error()
             self.last_activity = self._engine._clock()
             self._add(spec.name, start, end, elem_offset, values)
+
+    def _closed_error(self) -> FedGrpcError:
+        if self._expired:
+            return LimitError(
+                f"{self._label}: upload idle for more than "
+                f"{self._engine.upload_idle_s:g} s; it was discarded"
+            )
+        return InvalidUpdateError(f"{self._label}: submission already closed")
+
+    def expire(self) -> None:
+        """Discard an upload that stopped sending (called by the driver thread)."""
+        self._expired = True
+        self.abort()
 
     def _add(
         self, name: str, start: int, end: int, elem_offset: int, values: np.ndarray
@@ -189,9 +205,10 @@ class Submission:
         assert self._buffer is not None
         if values.dtype != np.float32:
             values = values.astype(np.float32)
-        # Non-finite check folded into the norm: ||x||^2 is finite iff every x is finite,
-        # unless finite values overflow float32 squares; then look element-wise.
-        nsq = float(np.dot(values, values))
+        # Non-finite check folded into the norm: ||x||^2 is finite iff every x is
+        # finite, unless finite values overflow float32 squares; then look element-wise.
+        with np.errstate(over="ignore"):  # overflow is handled just below
+            nsq = float(np.dot(values, values))
         if not np.isfinite(nsq):
             bad = ~np.isfinite(values)
             if bad.any():
@@ -202,13 +219,14 @@ class Submission:
                 )
             nsq = float(np.dot(values.astype(np.float64), values.astype(np.float64)))
         assert self._v is not None
-        # DIG-FL: <v_t, u_i> accumulated chunk by chunk (float64 accumulation of float32 dot).
+        # DIG-FL: <v_t, u_i> accumulated chunk by chunk (float64 accumulation of float32
+        # dot).
         self._dot += float(np.dot(self._v[start:end], values))
         self._norm_sq += nsq
         self._buffer[start:end] = values
 
     def finish(self, digest: str) -> SubmitOutcome:
-        """Validate completeness (done by the caller) and fold the update into the round."""
+        """Fold the update into the round (the caller has checked completeness)."""
         with self._lock:
             if self._closed:
                 raise LimitError(
@@ -245,7 +263,7 @@ class Submission:
 
 
 class RoundEngine:
-    """Synchronous FedSGD: joins, open/close rounds, weighted aggregation, DIG-FL scores.
+    """Synchronous FedSGD: joins, rounds, weighted aggregation and DIG-FL scores.
 
     Args:
         cfg: round configuration.
@@ -260,7 +278,8 @@ class RoundEngine:
         on_join: called with (party, num_samples) when a party first joins or changes
             its sample count (the ledger records the registry here).
         clock: monotonic seconds.
-        start_round: first round (a resumed run continues from its last committed round).
+        start_round: first round (a resumed run continues from its last committed
+            round).
         max_in_flight: uploads buffered at once (each holds one model-sized buffer).
         upload_idle_s: an upload that sends nothing for this long is discarded and its
             slot released, so stalled or hostile streams cannot starve the others.
@@ -275,7 +294,7 @@ class RoundEngine:
         *,
         executor: Executor | None = None,
         on_commit: Callable[[RoundResult, np.ndarray], None] | None = None,
-        on_publish: Callable[[int, np.ndarray], None] | None = None,
+        on_publish: Callable[[int, np.ndarray], object] | None = None,
         on_finish: Callable[[RunState, str], None] | None = None,
         on_join: Callable[[str, int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -288,7 +307,8 @@ class RoundEngine:
         self.layout = FlatLayout.of(specs)
         if init_flat.shape != (self.layout.size,):
             raise InvalidUpdateError(
-                f"initial model has {init_flat.size} elements; specs need {self.layout.size}"
+                f"initial model has {init_flat.size} elements; specs need "
+                f"{self.layout.size}"
             )
         self.theta = np.array(init_flat, dtype=np.float32)  # own copy: never aliased
         self._validator = validator
@@ -360,7 +380,8 @@ class RoundEngine:
             if info is None:
                 if len(self.parties) >= self._max_parties:
                     raise LimitError(
-                        f"party {party_id} cannot join: {self._max_parties} parties already"
+                        f"party {party_id} cannot join: {self._max_parties} parties "
+                        "already"
                     )
                 info = PartyInfo(party_id, num_samples, joined_at=now)
                 self.parties[party_id] = info
@@ -393,7 +414,7 @@ class RoundEngine:
         submission_id: str = "",
         slot_timeout_s: float | None = None,
     ) -> Submission:
-        """Start receiving one update; raises for wrong round, unknown party, duplicates."""
+        """Start receiving one update; refuse wrong round, unknown party, duplicates."""
         label = f"party {party_id}, round {round_index}"
         if num_samples <= 0:
             raise InvalidUpdateError(
@@ -411,6 +432,12 @@ class RoundEngine:
             if info is None:
                 raise UnknownPartyError(
                     f"party {party_id} has not joined; call Join first"
+                )
+            if num_samples != info.num_samples:
+                # The weight must be the count the registry (and the ledger) holds.
+                raise InvalidUpdateError(
+                    f"{label}: num_samples {num_samples} differs from the "
+                    f"{info.num_samples} declared at Join; Join again to change it"
                 )
             info.active = True
             info.last_seen = self._clock()
@@ -450,8 +477,8 @@ class RoundEngine:
             if prev is not None and prev.submission_id != submission_id:
                 raise DuplicateSubmissionError(
                     f"{label}: an update ({prev.submission_id or 'no id'}) was already "
-                    f"accepted; resend it with the same submission id or wait for round "
-                    f"{rnd.index + 1}"
+                    "accepted; resend it with the same submission id or wait for "
+                    f"round {rnd.index + 1}"
                 )
             if prev is not None:
                 return Submission(
@@ -470,11 +497,11 @@ class RoundEngine:
             return sub
 
     def _acquire_upload(self, sub: Submission, timeout_s: float) -> np.ndarray:
-        """An upload slot and a model-sized buffer (waits while max_in_flight are busy)."""
+        """An upload slot and a model-size buffer (waits while all slots are busy)."""
         if not self._slots.acquire(timeout=timeout_s):
             raise LimitError(
-                f"party {sub.party_id}, round {sub.round}: {self._max_in_flight} uploads "
-                f"in flight for {timeout_s:g} s; try again"
+                f"party {sub.party_id}, round {sub.round}: {self._max_in_flight} "
+                f"uploads in flight for {timeout_s:g} s; try again"
             )
         sub.last_activity = self._clock()
         self._uploads.add(sub)
@@ -494,7 +521,8 @@ class RoundEngine:
         self._slots.release()
 
     def _recycle(self, buf: np.ndarray) -> None:
-        # Keep at most max_in_flight spare buffers: fresh pages cost, but so does hoarding.
+        # Keep at most max_in_flight spare buffers: fresh pages cost, but so does
+        # hoarding.
         if len(self._pool) < self._max_in_flight:
             self._pool.append(buf)
 
@@ -511,15 +539,15 @@ class RoundEngine:
                     sub.round,
                     now - sub.last_activity,
                 )
-                sub.abort()
+                sub.expire()
 
     def _finish(self, sub: Submission, digest: str) -> SubmitOutcome:
         label = f"party {sub.party_id}, round {sub.round}"
         if sub._resend_of is not None:
             if sub._resend_of.digest != digest:
                 raise DuplicateSubmissionError(
-                    f"{label}: submission {sub.submission_id!r} was already accepted with "
-                    "different bytes"
+                    f"{label}: submission {sub.submission_id!r} was already accepted "
+                    "with different bytes"
                 )
             return SubmitOutcome(
                 True,
@@ -532,8 +560,8 @@ class RoundEngine:
             rnd = self._round
             if rnd is None or rnd.index != sub.round or self.state != RunState.TRAINING:
                 raise StaleRoundError(
-                    f"{label}: the round closed while the update was in flight; open round "
-                    f"is {self.round_index}"
+                    f"{label}: the round closed while the update was in flight; open "
+                    f"round is {self.round_index}"
                 )
             prev = rnd.accepted.get(sub.party_id)
             if prev is not None:
@@ -593,12 +621,12 @@ class RoundEngine:
 
     # ----------------------------------------------------------------- rounds
     def wait(self, timeout_s: float) -> None:
-        """Block until something changed (a join or a submission) or ``timeout_s`` passed."""
+        """Block until a join or submission changes something, or for ``timeout_s``."""
         with self._changed:
             self._changed.wait(timeout_s)
 
     def tick(self) -> None:
-        """Advance the state machine: start, close rounds on completion or deadline, fail."""
+        """State machine step: start; close rounds on completion or deadline; fail."""
         with self._lock:
             now = self._clock()
             if self._uploads:
@@ -609,8 +637,8 @@ class RoundEngine:
                     self._open_round(now)
                 elif now >= self._join_deadline:
                     self._fail(
-                        f"only {len(self.parties)} of {self.cfg.start_parties} parties joined "
-                        f"within {self.cfg.join_timeout_s:g} s"
+                        f"only {len(self.parties)} of {self.cfg.start_parties} parties "
+                        f"joined within {self.cfg.join_timeout_s:g} s"
                     )
                 return
             if self.state != RunState.TRAINING or self._round is None:
@@ -693,7 +721,8 @@ class RoundEngine:
         # theta_{t+1} = theta_t - step * sum_i p_i u_i, with p_i = w_i / sum_j w_j.
         scale = np.float32(step / rnd.weight_sum)
         # A new array: theta_t stays intact for v_t and for anyone still holding it.
-        new_theta = self.theta - scale * rnd.acc
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            new_theta = self.theta - scale * rnd.acc
         aggregate_s = time.perf_counter() - t1
         if not np.isfinite(new_theta).all():
             self._round_failed(
@@ -767,7 +796,8 @@ class RoundEngine:
             self._on_commit(result, theta_next)
 
     def _prune_history(self, closed: int) -> None:
-        # Keep two rounds of accepted digests so resends after a close still get their OK.
+        # Keep two rounds of accepted digests so resends after a close still get their
+        # OK.
         for key in [k for k in self._history if k[0] < closed - 1]:
             del self._history[key]
 

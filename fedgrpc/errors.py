@@ -1,4 +1,4 @@
-"""Domain exceptions. The servicer maps each class to a gRPC status code (STATUS_FOR)."""
+"""Domain exceptions. The servicer maps each class to a gRPC status (STATUS_FOR)."""
 
 from __future__ import annotations
 

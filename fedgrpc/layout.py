@@ -40,7 +40,7 @@ class FlatLayout:
     def flatten(
         self, arrays: Mapping[str, np.ndarray], out: np.ndarray | None = None
     ) -> np.ndarray:
-        """Copy named arrays into one flat float32 vector (checked against the specs)."""
+        """Copy named arrays into one flat float32 vector (checked against the spec)."""
         flat = np.empty(self.size, dtype=np.float32) if out is None else out
         for s, o in zip(self.specs, self.offsets, strict=True):
             a = arrays.get(s.name)
@@ -48,7 +48,8 @@ class FlatLayout:
                 raise InvalidUpdateError(f"missing tensor {s.name!r}")
             if tuple(a.shape) != s.shape:
                 raise InvalidUpdateError(
-                    f"tensor {s.name!r} has shape {list(a.shape)}; expected {list(s.shape)}"
+                    f"tensor {s.name!r} has shape {list(a.shape)}; expected "
+                    f"{list(s.shape)}"
                 )
             flat[o : o + s.numel] = np.asarray(a).reshape(-1)
         extra = set(arrays) - {s.name for s in self.specs}
@@ -63,4 +64,4 @@ class FlatLayout:
 
 def digest_hex(flat: np.ndarray) -> str:
     """SHA-256 of an array's raw bytes (hex)."""
-    return hashlib.sha256(memoryview(np.ascontiguousarray(flat)).cast("B")).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(flat).data.cast("B")).hexdigest()

@@ -1,4 +1,4 @@
-"""Contribution reports as text: table, JSON, CSV; and from the GetContributions reply."""
+"""Contribution reports: text table, JSON, CSV; and from the GetContributions reply."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def report_from_proto(reply: aggregator_pb2.ContributionsReply) -> ContributionR
     for p in parties:
         for t, pr in zip(p.round_indices, p.rounds, strict=True):
             by_round.setdefault(t, []).append(pr)
-    rounds = tuple(
+    results = tuple(
         RoundResult(
             round=int(r.round),
             status=r.status,
@@ -63,7 +63,7 @@ def report_from_proto(reply: aggregator_pb2.ContributionsReply) -> ContributionR
         run_id=reply.run_id,
         method=reply.method,
         parties=tuple(parties),
-        rounds=rounds,
+        rounds=results,
         rounds_done=int(reply.rounds_done),
     )
 
@@ -97,7 +97,8 @@ def report_table(report: ContributionReport) -> str:
         meas = sum(r.measured_drop for r in ok)
         lines.append("")
         lines.append(
-            f"validation: loss {ok[0].val_loss_before:.4f} -> {last.val_loss_after:.4f}, "
+            f"validation: loss {ok[0].val_loss_before:.4f} -> "
+            f"{last.val_loss_after:.4f}, "
             f"accuracy {ok[0].val_acc_before:.4f} -> {last.val_acc_after:.4f}"
         )
         lines.append(
@@ -146,7 +147,7 @@ def report_json(report: ContributionReport) -> dict[str, Any]:
 
 
 def report_csv(report: ContributionReport) -> str:
-    """One row per (round, party): signed score, weight, samples, update norm, train loss."""
+    """One row per (round, party): signed score, weight, samples, norm, train loss."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(

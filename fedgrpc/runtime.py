@@ -22,16 +22,16 @@ from fedgrpc.datasets.attacks import Attack, apply_update_attack
 from fedgrpc.datasets.sources import Dataset
 from fedgrpc.engine import RoundEngine, RunState, submit_arrays
 from fedgrpc.errors import ConfigError
+from fedgrpc.layout import FlatLayout
 from fedgrpc.models import build_model, init_params, model_specs
 from fedgrpc.training import Evaluator, local_update
 from fedgrpc.types import RoundResult, TensorSpec
-from fedgrpc.layout import FlatLayout
 
 log = logging.getLogger(__name__)
 
 
 def party_rng(seed: int, party_id: str, round_index: int) -> np.random.Generator:
-    """The RNG a party uses in a round: a function of (run seed, party id, round) only."""
+    """A party's RNG in a round: a function of (run seed, party id, round) only."""
     pid = int.from_bytes(hashlib.sha256(party_id.encode()).digest()[:8], "little")
     return np.random.default_rng([seed, pid, round_index])
 
@@ -71,7 +71,7 @@ class ModelSetup:
 
 
 def setup_model(cfg: RoundConfig, init_model: Path | None = None) -> ModelSetup:
-    """Build the model of ``cfg`` and theta_0 (seeded, or loaded from ``init_model``)."""
+    """Build the model of ``cfg`` and theta_0 (seeded, or read from ``init_model``)."""
     model = build_model(cfg.model, cfg.input_shape, cfg.num_classes, cfg.model_hidden)
     specs = model_specs(model)
     layout = FlatLayout.of(specs)
@@ -101,7 +101,7 @@ def train_round(
     round_index: int,
     attack: Attack | None = None,
 ) -> tuple[dict[str, np.ndarray], float]:
-    """One party's update from theta_t: local training, then any simulated update attack."""
+    """One party's update from theta_t: local training, then any simulated attack."""
     rng = party_rng(cfg.seed, party_id, round_index)
     update, loss = local_update(
         model,
@@ -130,9 +130,10 @@ def run_in_process(
     on_round: Callable[[RoundResult], None] | None = None,
     threads: int = 1,
 ) -> tuple[RoundEngine, list[RoundResult]]:
-    """Run the same engine with the same training, without any network (DESIGN §4 oracle).
+    """Run the same engine and training without any network (DESIGN §4 oracle).
 
-    Returns the finished engine (``engine.theta`` is the final model) and the round results.
+    Returns the finished engine (``engine.theta`` is the final model) and the round
+    results.
     """
     torch.set_num_threads(threads)
     setup = setup_model(cfg)

@@ -17,7 +17,7 @@ PartyId = NewType("PartyId", str)
 class UpdateKind(StrEnum):
     """How a party's update is read (DESIGN §3)."""
 
-    GRADIENT = "gradient"  # mean loss gradient at theta_t; server steps -server_lr * sum p_i g_i
+    GRADIENT = "gradient"  # mean loss gradient at theta_t; step -server_lr*sum p_i g_i
     DELTA = "delta"  # theta_t - theta_local; server steps -sum p_i delta_i
 
 

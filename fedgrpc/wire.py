@@ -1,22 +1,24 @@
 """The only code that turns arrays into wire bytes and back (DESIGN §2).
 
 A tensor travels as name, dtype, shape and raw little-endian C-order bytes, split into
-``TensorChunk`` messages of at most ``CHUNK_BYTES``. Decoders check every declared size against
-the expected spec and the configured limits *before* allocating, refuse object dtypes, and
-check ``len(bytes) == prod(shape) * itemsize``. Nothing here unpickles or evaluates anything.
+``TensorChunk`` messages of at most ``CHUNK_BYTES``. Decoders check every declared size
+against the expected spec and the configured limits *before* allocating, refuse object
+dtypes, and check ``len(bytes) == prod(shape) * itemsize``. Nothing here unpickles or
+evaluates anything.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from fedgrpc.errors import InvalidUpdateError, LimitError
-from fedgrpc.proto import tensor_pb2
 from fedgrpc.layout import FlatLayout, digest_hex
+from fedgrpc.proto import tensor_pb2
 from fedgrpc.types import TensorSpec
 
 __all__ = [
@@ -30,9 +32,9 @@ __all__ = [
 CHUNK_BYTES = 1 << 20
 """Default chunk payload (bytes); 1 MiB measured best here (DESIGN §9)."""
 
-# dtype name -> (proto enum, itemsize). bfloat16 has no NumPy dtype: it travels as the upper
-# 16 bits of a float32 and is decoded to float32.
-_DTYPES: dict[str, tuple[int, int]] = {
+# dtype name -> (proto enum, itemsize). bfloat16 has no NumPy dtype: it travels as the
+# upper 16 bits of a float32 and is decoded to float32.
+_DTYPES: dict[str, tuple[tensor_pb2.DType.ValueType, int]] = {
     "float32": (tensor_pb2.FLOAT32, 4),
     "float16": (tensor_pb2.FLOAT16, 2),
     "bfloat16": (tensor_pb2.BFLOAT16, 2),
@@ -42,9 +44,9 @@ _DTYPES: dict[str, tuple[int, int]] = {
     "uint8": (tensor_pb2.UINT8, 1),
     "bool": (tensor_pb2.BOOL, 1),
 }
-_FROM_PROTO = {enum: name for name, (enum, _) in _DTYPES.items()}
+_FROM_PROTO: dict[int, str] = {enum: name for name, (enum, _) in _DTYPES.items()}
 # Storage dtype of the raw bytes for each wire dtype (little-endian).
-_STORAGE = {
+_STORAGE: dict[str, np.dtype[Any]] = {
     "float32": np.dtype("<f4"),
     "float16": np.dtype("<f2"),
     "bfloat16": np.dtype("<u2"),
@@ -62,7 +64,7 @@ def dtype_names() -> tuple[str, ...]:
     return tuple(_DTYPES)
 
 
-def dtype_to_proto(name: str) -> int:
+def dtype_to_proto(name: str) -> tensor_pb2.DType.ValueType:
     """Proto enum of a dtype name."""
     try:
         return _DTYPES[name][0]
@@ -97,8 +99,9 @@ def dtype_name_of(arr: np.ndarray) -> str:
 def to_wire_array(arr: np.ndarray, wire_dtype: str | None = None) -> np.ndarray:
     """The array as its little-endian, C-contiguous wire representation.
 
-    Float arrays are converted to ``wire_dtype`` (float16, or bfloat16 by round-to-nearest-even
-    of the float32 bit pattern) when given. Returns a view when no conversion is needed.
+    Float arrays are converted to ``wire_dtype`` (float16, or bfloat16 by
+    round-to-nearest-even of the float32 bit pattern) when given. Returns a view when no
+    conversion is needed.
     """
     src = dtype_name_of(arr)
     target = src if wire_dtype is None or src != "float32" else wire_dtype
@@ -107,7 +110,7 @@ def to_wire_array(arr: np.ndarray, wire_dtype: str | None = None) -> np.ndarray:
         bits = f32.view("<u4")
         # Round to nearest even on the dropped 16 bits; NaNs stay NaN (quiet bit kept).
         rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
-        out = ((bits + rounding) >> 16).astype("<u2")
+        out: np.ndarray = ((bits + rounding) >> 16).astype("<u2")
         nan = np.isnan(f32)
         if nan.any():
             out[nan] = (bits[nan] >> 16).astype("<u2") | np.uint16(0x40)
@@ -116,7 +119,7 @@ def to_wire_array(arr: np.ndarray, wire_dtype: str | None = None) -> np.ndarray:
 
 
 def from_wire_array(raw: np.ndarray, wire_dtype: str, out_dtype: str) -> np.ndarray:
-    """Values of wire-format elements as ``out_dtype`` (a view when no conversion is needed)."""
+    """Wire-format elements as ``out_dtype`` (a view when no conversion is needed)."""
     if wire_dtype == "bfloat16":
         values = (raw.astype("<u4") << 16).view("<f4")
         return values if out_dtype == "float32" else values.astype(out_dtype)
@@ -132,12 +135,12 @@ def iter_tensor_chunks(
     chunk_bytes: int = CHUNK_BYTES,
     wire_dtype: str | None = None,
 ) -> Iterator[tensor_pb2.TensorChunk]:
-    """Split one tensor into ``TensorChunk`` messages of at most ``chunk_bytes`` of data."""
+    """Split a tensor into ``TensorChunk`` messages of at most ``chunk_bytes`` data."""
     wire = to_wire_array(arr, wire_dtype)
     dname = "bfloat16" if wire.dtype == np.dtype("<u2") else dtype_name_of(wire)
     size = itemsize(dname)
     step = max(size, chunk_bytes - chunk_bytes % size)
-    buf = memoryview(wire.reshape(-1).view(np.uint8))
+    buf = wire.reshape(-1).view(np.uint8).data
     total = len(buf)
     offset = 0
     while True:
@@ -198,10 +201,10 @@ class DecodeLimits:
 class BundleDecoder:
     """Validates a stream of chunks against the expected specs and yields element views.
 
-    Tensors must arrive in spec order, each as contiguous chunks in increasing offset with no
-    gap or overlap; the first chunk of a tensor declares dtype, shape and total bytes, which
-    must match the spec (float tensors in ``wire_dtype``). A running SHA-256 covers every data
-    byte in arrival order.
+    Tensors must arrive in spec order, each as contiguous chunks in increasing offset
+    with no gap or overlap; the first chunk of a tensor declares dtype, shape and total
+    bytes, which must match the spec (float tensors in ``wire_dtype``). A running
+    SHA-256 covers every data byte in arrival order.
 
     Args:
         specs: expected tensors, in order.
@@ -245,7 +248,7 @@ class BundleDecoder:
         return InvalidUpdateError(self._label + text)
 
     def feed(self, chunk: tensor_pb2.TensorChunk) -> tuple[int, int, np.ndarray]:
-        """Check one chunk; return (tensor index, element offset, wire-dtype element view)."""
+        """Check one chunk; return (tensor index, element offset, wire-dtype view)."""
         data = chunk.data  # read once: upb returns a new bytes object on every access
         name = chunk.name
         if len(data) > self._limits.max_chunk_bytes:
@@ -261,8 +264,8 @@ class BundleDecoder:
             self._start_tensor(idx, chunk)
         elif idx != self._current:
             raise self._err(
-                f"chunk of tensor {name!r} at offset {chunk.offset} arrived out of order; "
-                f"expected the first chunk of {self._next_name()!r}"
+                f"chunk of tensor {name!r} at offset {chunk.offset} arrived out of "
+                f"order; expected the first chunk of {self._next_name()!r}"
             )
         elif not self._expected_bytes:
             raise self._err(f"tensor {name!r} has no bytes but was sent twice")
@@ -309,7 +312,8 @@ class BundleDecoder:
             )
         if idx != self._current + 1:
             raise self._err(
-                f"tensor {spec.name!r} arrived out of order; expected {self._next_name()!r}"
+                f"tensor {spec.name!r} arrived out of order; expected "
+                f"{self._next_name()!r}"
             )
         wdt = self.wire_dtype_of(spec)
         got_dtype = _FROM_PROTO.get(chunk.dtype, f"<unknown enum {chunk.dtype}>")
@@ -322,7 +326,8 @@ class BundleDecoder:
         shape = tuple(int(d) for d in chunk.shape)
         if shape != spec.shape:
             raise self._err(
-                f"tensor {spec.name!r} has shape {list(shape)}; expected {list(spec.shape)}"
+                f"tensor {spec.name!r} has shape {list(shape)}; expected "
+                f"{list(spec.shape)}"
             )
         expected = spec.numel * itemsize(wdt)
         if chunk.total_bytes != expected:
@@ -345,7 +350,7 @@ class BundleDecoder:
         self._expected_bytes = expected
 
     def finish(self, digest: bytes | None = None) -> str:
-        """Check that every tensor arrived whole; compare the digest; return it as hex."""
+        """Check every tensor arrived whole; compare the digest; return it as hex."""
         if self._current >= 0 and self._received < self._expected_bytes:
             spec = self._specs[self._current]
             raise self._err(
@@ -376,8 +381,8 @@ def decode_tensor(
 ) -> np.ndarray:
     """Reassemble one tensor of any wire dtype from its chunks.
 
-    Without ``spec`` the first chunk's dtype and shape are taken as declared (still checked
-    against ``limits`` before allocation). bfloat16 decodes to float32.
+    Without ``spec`` the first chunk's dtype and shape are taken as declared (still
+    checked against ``limits`` before allocation). bfloat16 decodes to float32.
     """
     lim = limits or DecodeLimits()
     it = iter(chunks)
@@ -397,8 +402,8 @@ def decode_tensor(
         spec = TensorSpec(first.name, dtype_from_proto(first.dtype), shape)
         if spec.numel * itemsize(spec.dtype) > lim.max_tensor_bytes:
             raise LimitError(
-                f"tensor {first.name!r} declares {spec.numel * itemsize(spec.dtype)} bytes; "
-                f"limit is {lim.max_tensor_bytes}"
+                f"tensor {first.name!r} declares {spec.numel * itemsize(spec.dtype)} "
+                f"bytes; limit is {lim.max_tensor_bytes}"
             )
     wdt = spec.dtype
     dec = BundleDecoder(

@@ -81,20 +81,46 @@ class Probes:
         self.vt_wait_in_add: dict[int, float] = defaultdict(float)  # round -> max wait
         self.closing = -1  # round being closed (driver thread)
         self.rss: list[tuple[float, float]] = []  # (monotonic, VmRSS MiB)
+        self.traced_peak_mib = float("nan")  # Python-level allocations (tracemalloc)
+        self.traced_top: list[str] = []  # allocation sites at the traced peak
         self._stop = threading.Event()
 
-    def start_rss_sampler(self, period_s: float = 0.01) -> None:
-        """Sample VmRSS every ``period_s`` until :meth:`stop`."""
+    def start_rss_sampler(self, period_s: float = 0.01, trace: bool = False) -> None:
+        """Sample VmRSS every ``period_s`` until :meth:`stop`.
+
+        With ``trace``, tracemalloc runs too (slower!) and a snapshot is kept whenever
+        the traced Python allocations reach a new high (NumPy buffers included; gRPC
+        core and allocator fragmentation are not: they are the RSS minus this).
+        """
+        import tracemalloc
+
+        if trace:
+            tracemalloc.start(1)
+        best = 0
 
         def sample() -> None:
+            nonlocal best
             while not self._stop.wait(period_s):
                 self.rss.append((time.monotonic(), proc_status_mib("VmRSS")))
+                if trace:
+                    cur = tracemalloc.get_traced_memory()[0]
+                    if cur > best * 1.05:
+                        best = cur
+                        snap = tracemalloc.take_snapshot()
+                        self.traced_top = [
+                            f"{st.size / 2**20:.1f} MiB {st.traceback[0]}"
+                            for st in snap.statistics("lineno")[:8]
+                        ]
+            if trace:
+                self.traced_peak_mib = tracemalloc.get_traced_memory()[1] / 2**20
 
-        threading.Thread(target=sample, name="rss-sampler", daemon=True).start()
+        self._sampler = threading.Thread(target=sample, name="rss", daemon=True)
+        self._sampler.start()
 
     def stop(self) -> None:
         """Stop the RSS sampler."""
         self._stop.set()
+        self._sampler.join(timeout=5)
 
     def _record(self, what: str, rnd: int, t0: float) -> None:
         t1 = time.monotonic()
@@ -186,16 +212,21 @@ def _server_main(
     rounds: int,
     timeout_s: float,
     stub_val: bool,
+    trace: bool,
+    grpc_args: list[tuple[str, int | str]],
 ) -> None:
     """The aggregator process: serve one run, then report timings and peak RSS."""
     logging.basicConfig(level=logging.WARNING)
     from fedgrpc.server.app import Aggregator
 
+    if grpc_args:
+        _add_server_options(grpc_args)
+
     if stub_val:
         _stub_validator()
     probes = Probes()
     probes.install()
-    probes.start_rss_sampler()
+    probes.start_rss_sampler(trace=trace)
     agg = Aggregator(server_config(run_dir, val, n_params, n_parties, rounds))
     port = agg.start()
     conn.send(
@@ -216,6 +247,7 @@ def _server_main(
         }
         for r in agg.engine.results
     ]
+    probes.stop()
     with probes.lock:
         report = {
             "finished": finished,
@@ -228,10 +260,24 @@ def _server_main(
             "rss": list(probes.rss),
             "peak_rss_mib": proc_status_mib("VmHWM"),
             "rss_end_mib": proc_status_mib("VmRSS"),
+            "traced_peak_mib": probes.traced_peak_mib,
+            "traced_top": probes.traced_top,
         }
-    probes.stop()
     conn.send(report)
     agg.shutdown(grace_s=0.5, save_open_round=False)
+
+
+def _add_server_options(extra: list[tuple[str, int | str]]) -> None:
+    """Append channel arguments to every ``grpc.server`` made in this process."""
+    import grpc
+
+    make = grpc.server
+
+    def server(*args: Any, **kw: Any) -> Any:
+        kw["options"] = [*(kw.get("options") or []), *extra]
+        return make(*args, **kw)
+
+    setattr(grpc, "server", server)  # noqa: B010
 
 
 def _stub_validator() -> None:
@@ -449,6 +495,8 @@ def run_config(
     dot_s: float = 0.0,
     stub_val: bool = True,
     server_env: dict[str, str] | None = None,
+    trace: bool = False,
+    grpc_args: list[tuple[str, int | str]] | None = None,
 ) -> dict[str, Any]:
     """One aggregator process, ``n_parties`` party workers, ``rounds`` rounds."""
     ctx = mp.get_context("spawn")
@@ -456,7 +504,18 @@ def run_config(
     run_dir = tmp / f"round-{n_parties}-{n_params}-{int(stub_val)}"
     proc = ctx.Process(
         target=_server_main,
-        args=(child, run_dir, val, n_params, n_parties, rounds, timeout_s, stub_val),
+        args=(
+            child,
+            run_dir,
+            val,
+            n_params,
+            n_parties,
+            rounds,
+            timeout_s,
+            stub_val,
+            trace,
+            grpc_args or [],
+        ),
         daemon=True,
     )
     t_start = time.monotonic()
@@ -509,6 +568,8 @@ def run_config(
         "rss_ready_mib": ready["rss_ready_mib"],
         "peak_rss_mib": server["peak_rss_mib"],
         "rss_limit_mib": 4 * model_mib + 300,
+        "traced_peak_mib": server["traced_peak_mib"],
+        "traced_top": server["traced_top"],
         "wall_s": time.monotonic() - t_start,
     }
     return row
@@ -608,9 +669,7 @@ def print_tables(
     rows: list[dict[str, Any]], micro: dict[int, dict[str, float]]
 ) -> None:
     """The markdown tables."""
-    ms_rows = [
-        {**r, **{k + "_ms": round(1000 * r[k], 1) for k, _ in MS_COLUMNS}} for r in rows
-    ]
+    ms_rows = [{**r, **{k + "_ms": 1000 * r[k] for k, _ in MS_COLUMNS}} for r in rows]
     for val, title in (
         ("stub", "validation passes stubbed (the system cost of a round)"),
         ("real", "with the real validation passes of the flat model"),
@@ -684,6 +743,18 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="environment of the aggregator process (e.g. MALLOC_ARENA_MAX=2)",
     )
+    p.add_argument(
+        "--trace-memory",
+        action="store_true",
+        help="tracemalloc in the aggregator: Python-level peak and its top sites",
+    )
+    p.add_argument(
+        "--grpc-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra gRPC server channel argument (e.g. grpc.http2.bdp_probe=0)",
+    )
     p.add_argument("--plot", type=Path, default=DOCS / "bench_round.png")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
@@ -694,12 +765,17 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [parse_count(x) for x in a.params.split(",")]
     real_ns = [int(x) for x in a.real_val_parties.split(",") if x]
     server_env = dict(kv.split("=", 1) for kv in a.server_env)
+    grpc_args: list[tuple[str, int | str]] = []
+    for kv in a.grpc_arg:
+        key, value = kv.split("=", 1)
+        grpc_args.append((key, int(value) if value.lstrip("-").isdigit() else value))
     emit(
         {
             "bench": "machine",
             **machine_info(),
             **load_snapshot(),
             "server_env": server_env,
+            "grpc_args": grpc_args,
         }
     )
     start = time.monotonic()
@@ -725,6 +801,8 @@ def main(argv: list[str] | None = None) -> int:
                 dot_s=micro[n_params]["dot_s"],
                 stub_val=stub,
                 server_env=server_env,
+                trace=a.trace_memory,
+                grpc_args=grpc_args,
             )
             emit(row)
             rows.append(row)

@@ -1,0 +1,1 @@
+"""Client side: the party process and its connection to the aggregator."""

@@ -11,7 +11,7 @@ import torch
 
 from fedgrpc.client.stub import AggregatorClient, ModelVersion, TrainingOver
 from fedgrpc.config import ClientConfig, RoundConfig
-from fedgrpc.datasets.attacks import parse_attack
+from fedgrpc.datasets.attacks import Attack, parse_attack
 from fedgrpc.datasets.sources import Dataset, load_dataset
 from fedgrpc.errors import ConfigError, RemoteError
 from fedgrpc.models import build_model, model_specs
@@ -74,7 +74,8 @@ def run_party(cfg: ClientConfig, data: Dataset | None = None) -> PartyResult:
         rcfg = round_config_from_reply(reply.config)
         if tuple(data.x.shape[1:]) != rcfg.input_shape:
             raise ConfigError(
-                f"party {cfg.party_id}: local samples have shape {list(data.x.shape[1:])}; "
+                f"party {cfg.party_id}: local samples have shape "
+                f"{list(data.x.shape[1:])}; "
                 f"the run's model expects {list(rcfg.input_shape)}"
             )
         model = build_model(
@@ -138,12 +139,12 @@ def _train_and_submit(
     data: Dataset,
     rcfg: RoundConfig,
     cfg: ClientConfig,
-    attack: object,
+    attack: Attack | None,
 ) -> float | None:
     t0 = time.perf_counter()
     update, loss = train_round(
         model, layout, item.flat, data, rcfg, cfg.party_id, item.round, attack
-    )  # type: ignore[arg-type]
+    )
     train_s = time.perf_counter() - t0
     try:
         reply = client.submit(

@@ -1,4 +1,4 @@
-"""AggregatorClient: channel, deadlines, retries; ndarrays in and out, fedgrpc errors out."""
+"""AggregatorClient: channel, deadlines, retries; ndarrays in/out, fedgrpc errors."""
 
 from __future__ import annotations
 
@@ -69,9 +69,9 @@ def _remote(err: grpc.RpcError) -> RemoteError:
 class AggregatorClient:
     """A party's (or an observer's) connection to the aggregator.
 
-    Every call has a deadline; only UNAVAILABLE is retried, with capped exponential backoff
-    and jitter, until ``connect_timeout_s`` has passed without success. Errors leave as
-    :class:`~fedgrpc.errors.RemoteError` carrying the status name.
+    Every call has a deadline; only UNAVAILABLE is retried, with capped exponential
+    backoff and jitter, until ``connect_timeout_s`` has passed without success. Errors
+    leave as :class:`~fedgrpc.errors.RemoteError` carrying the status name.
     """
 
     def __init__(self, cfg: ClientConfig) -> None:
@@ -132,7 +132,7 @@ class AggregatorClient:
 
     # ------------------------------------------------------------------ RPCs
     def join(self, num_samples: int) -> aggregator_pb2.JoinReply:
-        """Join (retrying while the aggregator is unreachable); learn spec and config."""
+        """Join (retried while the aggregator is unreachable); learn spec and config."""
         req = aggregator_pb2.JoinRequest(
             party_id=self.cfg.party_id,
             num_samples=num_samples,
@@ -216,7 +216,7 @@ class AggregatorClient:
         submission_id: str = "",
         model_digest: bytes = b"",
     ) -> aggregator_pb2.SubmitReply:
-        """Stream one update (header, chunks, trailer); resend on UNAVAILABLE, same id."""
+        """Stream an update: header, chunks, trailer; resend on UNAVAILABLE, same id."""
         layout = wire.FlatLayout.of(self.specs)
         arrays = [(s.name, update[s.name]) for s in layout.specs]
         wdt = self.wire_dtype

@@ -112,7 +112,7 @@ def load_dataset(spec: str) -> Dataset:
 def _load_digits() -> Dataset:
     """Scikit-learn's 1797 8x8 digits as ``(1797, 1, 8, 8)`` in ``[0, 1]``."""
     # Imported here: scikit-learn is slow to import and only this source needs it.
-    from sklearn.datasets import load_digits  # type: ignore[import-untyped]
+    from sklearn.datasets import load_digits
 
     bunch = load_digits()
     x = (np.asarray(bunch.data, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)

@@ -1,0 +1,1 @@
+"""Server side: the aggregator process, its gRPC servicer and model broadcast."""

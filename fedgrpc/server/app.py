@@ -1,4 +1,4 @@
-"""The aggregator process: wires data, engine, ledger, broadcaster and the gRPC server."""
+"""The aggregator process: wires data, engine, ledger, broadcaster and gRPC server."""
 
 from __future__ import annotations
 
@@ -47,8 +47,10 @@ def _identity(b: bytes) -> bytes:
 
 
 def build_handler(servicer: AggregatorServicer) -> grpc.GenericRpcHandler:
-    """Method handlers with raw-bytes requests (parsed in the servicer, so malformed input
-    is INVALID_ARGUMENT) and pre-encoded GetModel responses (encoded once per version).
+    """Method handlers: raw-bytes requests and pre-encoded GetModel responses.
+
+    Requests are parsed in the servicer, so malformed input is INVALID_ARGUMENT;
+    GetModel responses are encoded once per version.
     """
     enc = {
         "Join": aggregator_pb2.JoinReply.SerializeToString,
@@ -56,7 +58,7 @@ def build_handler(servicer: AggregatorServicer) -> grpc.GenericRpcHandler:
         "GetContributions": aggregator_pb2.ContributionsReply.SerializeToString,
         "GetStatus": aggregator_pb2.StatusReply.SerializeToString,
     }
-    handlers = {
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Join": grpc.unary_unary_rpc_method_handler(
             servicer.Join,
             request_deserializer=_identity,
@@ -127,8 +129,8 @@ class Aggregator:
         else:
             if self.ledger.run_info() is not None:
                 raise ConfigError(
-                    f"{self.run_dir} already holds a run; use --resume {self.run_dir} or a new "
-                    "--run-dir"
+                    f"{self.run_dir} already holds a run; use --resume {self.run_dir} "
+                    "or a new --run-dir"
                 )
             self.run_id = uuid.uuid4().hex[:12]
             rcfg, val_spec, val_count = cfg.round, cfg.val_data, cfg.val_count
@@ -263,7 +265,7 @@ class Aggregator:
         return state
 
     def _commit(self, result: RoundResult, theta_next: np.ndarray) -> None:
-        """Checkpoint theta_{t+1}, then commit the round and the resume pointer at once."""
+        """Checkpoint theta_{t+1}; then commit the round and resume pointer at once."""
         if result.status == "ok":
             state = self._save_checkpoint(result.round + 1, theta_next)
             self.ledger.record_round(result, state={"resume": state})
@@ -342,7 +344,7 @@ class Aggregator:
         return self._done.is_set()
 
     def shutdown(self, grace_s: float = 2.0, *, save_open_round: bool = True) -> None:
-        """Stop serving: health NOT_SERVING, save the open round's state, close the server."""
+        """Stop serving: health NOT_SERVING, save the open round, close the server."""
         if self._closed:
             return
         self._closed = True
@@ -380,15 +382,17 @@ def serve(cfg: ServerConfig) -> int:
     """Run the aggregator until training ends or a signal arrives; return an exit code.
 
     0: every round completed; 1: the run failed (quorum lost, no parties); 128 + signal
-    number after SIGTERM/SIGINT (graceful: health NOT_SERVING, open round saved, resumable
-    with ``--resume``).
+    number after SIGTERM/SIGINT (graceful: health NOT_SERVING, open round saved,
+    resumable with ``--resume``).
     """
     agg = Aggregator(cfg)
     received: list[int] = []
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.warning("received %s: shutting down gracefully", signal.Signals(signum).name)
+        log.warning(
+            "received %s: shutting down gracefully", signal.Signals(signum).name
+        )
         received.append(signum)
         stop.set()
 
@@ -405,8 +409,12 @@ def serve(cfg: ServerConfig) -> int:
                 stop.wait()
                 received.clear()
             else:
-                # Let every GetModel stream deliver its done message before closing.
-                time.sleep(0.5)
+                # Let every GetModel stream deliver its done message before closing
+                # (bounded: a party that vanished must not keep the process alive).
+                end = time.monotonic() + 10.0
+                while agg.servicer.model_streams and time.monotonic() < end:
+                    time.sleep(0.05)
+                time.sleep(0.2)
     finally:
         agg.shutdown(save_open_round=True)
     if received:

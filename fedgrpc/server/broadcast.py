@@ -91,7 +91,7 @@ class ModelBroadcaster:
         return self._latest
 
     def wait_next(self, from_round: int, timeout_s: float) -> Version | None:
-        """The latest version with round >= ``from_round``, the done message, or None."""
+        """The latest version with round >= ``from_round``, the done message or None."""
         with self._cond:
             ready = self._cond.wait_for(
                 lambda: (

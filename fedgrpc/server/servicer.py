@@ -6,7 +6,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -14,11 +14,11 @@ from google.protobuf.message import DecodeError, Message
 from fedgrpc import wire
 from fedgrpc.engine import RoundEngine
 from fedgrpc.errors import (
-    StaleRoundError,
     FedGrpcError,
     ForbiddenError,
     InvalidUpdateError,
     LimitError,
+    StaleRoundError,
 )
 from fedgrpc.proto import aggregator_pb2
 from fedgrpc.security import PARTY_ID_RE, Identity, PartyRegistry
@@ -37,13 +37,13 @@ _KIND_FROM_PROTO = {
 KIND_TO_PROTO = {v: k for k, v in _KIND_FROM_PROTO.items()}
 
 
-def _abort(context: grpc.ServicerContext, err: FedGrpcError) -> None:
+def _abort(context: grpc.ServicerContext, err: FedGrpcError) -> NoReturn:
     code = getattr(grpc.StatusCode, err.code, grpc.StatusCode.INTERNAL)
     context.abort(code, str(err))
 
 
 def _unary(fn: Callable[..., T]) -> Callable[..., T]:
-    """Map domain errors to their status and anything unexpected to INTERNAL (never UNKNOWN)."""
+    """Map domain errors to their status, anything else to INTERNAL (never UNKNOWN)."""
 
     @functools.wraps(fn)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> T:
@@ -52,13 +52,14 @@ def _unary(fn: Callable[..., T]) -> Callable[..., T]:
         except FedGrpcError as err:
             _abort(context, err)
         except Exception as err:
-            if isinstance(err, grpc.RpcError) or context.code() is not None:
+            # types-grpcio lacks ServicerContext.code() (in grpcio since 1.38).
+            status_code = context.code  # type: ignore[attr-defined]
+            if isinstance(err, grpc.RpcError) or status_code() is not None:
                 raise  # cancelled by the client, or already aborted with a status
             log.exception("internal error in %s", fn.__name__)
             context.abort(
                 grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}"
             )
-        raise AssertionError("unreachable")  # pragma: no cover
 
     return wrapper
 
@@ -73,7 +74,9 @@ def _streaming(fn: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
         except FedGrpcError as err:
             _abort(context, err)
         except Exception as err:
-            if isinstance(err, grpc.RpcError) or context.code() is not None:
+            # types-grpcio lacks ServicerContext.code() (in grpcio since 1.38).
+            status_code = context.code  # type: ignore[attr-defined]
+            if isinstance(err, grpc.RpcError) or status_code() is not None:
                 raise  # cancelled by the client, or already aborted with a status
             log.exception("internal error in %s", fn.__name__)
             context.abort(
@@ -122,6 +125,7 @@ class AggregatorServicer:
         self._max_streams = max_streams_per_party
         self._streams: dict[str, int] = {}
         self._streams_lock = threading.Lock()
+        self.model_streams = 0  # open GetModel streams (the server waits for them)
         self._run_id = run_id
         self._stopping = stopping or threading.Event()
         self._wire_dtype = wire.dtype_from_proto(join_reply.config.wire_dtype)
@@ -131,7 +135,7 @@ class AggregatorServicer:
         return identity_from_context(context, self._registry, mtls=self._mtls)
 
     def _party(self, context: grpc.ServicerContext, claimed: str) -> str:
-        """The calling party's id: from the channel when configured, else the payload."""
+        """The caller's party id: from the channel when configured, else the payload."""
         ident = self._identity(context)
         if ident is None:
             if not PARTY_ID_RE.fullmatch(claimed or ""):
@@ -143,7 +147,8 @@ class AggregatorServicer:
             raise ForbiddenError(f"admin {ident.name} cannot act as a party")
         if claimed and claimed != ident.name:
             raise ForbiddenError(
-                f"authenticated as party {ident.name} but the request names party {claimed}"
+                f"authenticated as party {ident.name} but the request names party "
+                f"{claimed}"
             )
         return ident.name
 
@@ -164,23 +169,29 @@ class AggregatorServicer:
 
     @_streaming
     def GetModel(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        """Stream every model version from ``from_round`` on (pre-encoded bytes), then done."""
+        """Stream each model version from ``from_round`` on (pre-encoded), then done."""
         request = parse(aggregator_pb2.GetModelRequest, raw)
         party = self._party(context, request.party_id)
         self._engine.touch(party)
         next_round = int(request.from_round)
-        while context.is_active():
-            item = self._broadcaster.wait_next(next_round, timeout_s=0.5)
-            if item is None:
-                if self._stopping.is_set():
-                    context.abort(
-                        grpc.StatusCode.UNAVAILABLE, "aggregator shutting down"
-                    )
-                continue
-            yield from item.messages
-            if item.done:
-                return
-            next_round = item.round + 1
+        with self._streams_lock:
+            self.model_streams += 1
+        try:
+            while context.is_active():
+                item = self._broadcaster.wait_next(next_round, timeout_s=0.5)
+                if item is None:
+                    if self._stopping.is_set():
+                        context.abort(
+                            grpc.StatusCode.UNAVAILABLE, "aggregator shutting down"
+                        )
+                    continue
+                yield from item.messages
+                if item.done:
+                    return
+                next_round = item.round + 1
+        finally:
+            with self._streams_lock:
+                self.model_streams -= 1
 
     @_unary
     def SubmitGradient(
@@ -199,8 +210,8 @@ class AggregatorServicer:
             open_streams = self._streams.get(party, 0)
             if open_streams >= self._max_streams:
                 raise LimitError(
-                    f"party {party}, round {hdr.round}: {open_streams} uploads already open; "
-                    f"limit is {self._max_streams}"
+                    f"party {party}, round {hdr.round}: {open_streams} uploads already "
+                    f"open; limit is {self._max_streams}"
                 )
             self._streams[party] = open_streams + 1
         try:
@@ -227,7 +238,8 @@ class AggregatorServicer:
             and hdr.model_digest != latest.digest
         ):
             raise StaleRoundError(
-                f"{label}: update computed from model {hdr.model_digest.hex()[:16]}...; "
+                f"{label}: update computed from model "
+                f"{hdr.model_digest.hex()[:16]}...; "
                 f"round {hdr.round}'s model is {latest.digest.hex()[:16]}..."
             )
         sub = self._engine.begin_submission(
@@ -270,7 +282,8 @@ class AggregatorServicer:
                         "inside the update"
                     )
             raise InvalidUpdateError(
-                f"{label}: stream ended without its trailer after {dec.bytes_received} bytes"
+                f"{label}: stream ended without its trailer after {dec.bytes_received} "
+                "bytes"
             )
         except BaseException:
             sub.abort()
@@ -288,7 +301,8 @@ class AggregatorServicer:
             if wanted is not None and wanted != [ident.name]:
                 others = sorted(set(wanted) - {ident.name})
                 raise ForbiddenError(
-                    f"party {ident.name} may read only its own contributions, not {others}"
+                    f"party {ident.name} may read only its own contributions, not "
+                    f"{others}"
                 )
             wanted = [ident.name]
         to_round = int(request.to_round) if request.has_to_round else None
@@ -301,7 +315,7 @@ class AggregatorServicer:
         self, raw: bytes, context: grpc.ServicerContext
     ) -> aggregator_pb2.StatusReply:
         """Run progress."""
-        request = parse(aggregator_pb2.StatusRequest, raw)
+        parse(aggregator_pb2.StatusRequest, raw)
         self._identity(context)  # authenticate when credentials are configured
         st = self._engine.status()
         return aggregator_pb2.StatusReply(
@@ -334,7 +348,7 @@ def parse(cls: type[M], raw: bytes) -> M:
 def report_to_proto(
     report: ContributionReport, *, viewer: str | None = None
 ) -> aggregator_pb2.ContributionsReply:
-    """Encode a ContributionReport; for a ``viewer`` party, only its part of each round."""
+    """Encode a ContributionReport; for a ``viewer`` party, only its part of rounds."""
     reply = aggregator_pb2.ContributionsReply(
         run_id=report.run_id, method=report.method, rounds_done=report.rounds_done
     )

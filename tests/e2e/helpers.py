@@ -1,13 +1,14 @@
-"""Process helpers for end-to-end tests: every wait has a timeout, children die in finally."""
+"""Process helpers for e2e tests: every wait has a timeout, children die in finally."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -55,10 +56,8 @@ class Procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGKILL)
         for p in self.procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
 
 
 @contextmanager
@@ -72,12 +71,12 @@ def processes() -> Iterator[Procs]:
 
 
 def wait_for(
-    predicate: object, timeout_s: float, what: str, poll_s: float = 0.05
+    predicate: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.05
 ) -> None:
     """Poll ``predicate()`` until true; fail the test after ``timeout_s``."""
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        if predicate():  # type: ignore[operator]
+        if predicate():
             return
         time.sleep(poll_s)
     raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
@@ -87,11 +86,11 @@ def wait_exit(p: subprocess.Popen[bytes], timeout_s: float, log: Path) -> int:
     """Wait for a process; on timeout fail with the tail of its log."""
     try:
         return p.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as exc:
         tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
         raise AssertionError(
-            f"process {p.args} did not exit in {timeout_s:g} s:\n{tail}"
-        )
+            f"process {p.args!r} did not exit in {timeout_s:g} s:\n{tail}"
+        ) from exc
 
 
 def read_port(port_file: Path, proc: subprocess.Popen[bytes], log: Path) -> int:

@@ -1,4 +1,4 @@
-"""End to end: `fedgrpc serve` + separate `fedgrpc client` processes, simulate, kill/resume."""
+"""End to end: `fedgrpc serve` + `fedgrpc client` processes, simulate, kill/resume."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TLS by default, identity from the channel, tokens, admin vs party reads: real processes."""
+"""TLS by default, channel identity, tokens, admin vs party reads: real processes."""
 
 from __future__ import annotations
 
@@ -14,21 +14,42 @@ from tests.e2e.helpers import processes, read_port, run_cli, wait_exit, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
-TRAIN = ["--rounds", "3", "--update-kind", "delta", "--lr", "0.1", "--batch-size", "32",
-         "--model", "logreg", "--seed", "1", "--val-count", "200", "--min-parties", "2"]
+TRAIN = [
+    "--rounds",
+    "3",
+    "--update-kind",
+    "delta",
+    "--lr",
+    "0.1",
+    "--batch-size",
+    "32",
+    "--model",
+    "logreg",
+    "--seed",
+    "1",
+    "--val-count",
+    "200",
+    "--min-parties",
+    "2",
+]
 
 
 def _split(tmp_path: Path) -> Path:
     out = tmp_path / "data"
-    res = run_cli(["split", "--parties", "2", "--val-holdout", "300", "--out", str(out)])
+    res = run_cli(
+        ["split", "--parties", "2", "--val-holdout", "300", "--out", str(out)]
+    )
     assert res.returncode == 0, res.stderr
     return out
 
 
 def test_serve_and_client_refuse_plaintext_without_insecure(tmp_path: Path) -> None:
-    serve = run_cli(["serve", "--run-dir", str(tmp_path / "r"), "--address", "localhost:0"])
-    client = run_cli(["client", "--server", "localhost:1", "--party-id", "p", "--data",
-                      "digits"])
+    serve = run_cli(
+        ["serve", "--run-dir", str(tmp_path / "r"), "--address", "localhost:0"]
+    )
+    client = run_cli(
+        ["client", "--server", "localhost:1", "--party-id", "p", "--data", "digits"]
+    )
 
     assert serve.returncode == 2
     assert "--insecure" in serve.stderr and "TLS" in serve.stderr
@@ -53,50 +74,119 @@ def test_mutual_tls_run_identity_from_certificates(tmp_path: Path) -> None:
 
     with processes() as procs:
         server = procs.start(
-            ["serve", "--address", "localhost:0", "--port-file", str(port_file),
-             "--run-dir", str(tmp_path / "run"), "--val-data", f"npz:{data / 'val.npz'}",
-             "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
-             "--tls-ca", str(pki / "ca.pem"), "--require-client-cert",
-             "--parties-file", str(parties_file), "--keep-serving", *TRAIN], log)
+            [
+                "serve",
+                "--address",
+                "localhost:0",
+                "--port-file",
+                str(port_file),
+                "--run-dir",
+                str(tmp_path / "run"),
+                "--val-data",
+                f"npz:{data / 'val.npz'}",
+                "--tls-cert",
+                str(pki / "server.pem"),
+                "--tls-key",
+                str(pki / "server.key"),
+                "--tls-ca",
+                str(pki / "ca.pem"),
+                "--require-client-cert",
+                "--parties-file",
+                str(parties_file),
+                "--keep-serving",
+                *TRAIN,
+            ],
+            log,
+        )
         port = read_port(port_file, server, log)
         address = f"localhost:{port}"
 
         def tls(name: str) -> list[str]:
-            return ["--tls-ca", str(pki / "ca.pem"), "--tls-cert",
-                    str(pki / "parties" / f"{name}.pem"), "--tls-key",
-                    str(pki / "parties" / f"{name}.key")]
+            return [
+                "--tls-ca",
+                str(pki / "ca.pem"),
+                "--tls-cert",
+                str(pki / "parties" / f"{name}.pem"),
+                "--tls-key",
+                str(pki / "parties" / f"{name}.key"),
+            ]
 
         # A party presenting party-0's certificate but naming party-1 is refused.
-        impostor = run_cli(["client", "--server", address, "--party-id", "party-1",
-                            "--data", f"npz:{data / 'party-0.npz'}", *tls("party-0")])
+        impostor = run_cli(
+            [
+                "client",
+                "--server",
+                address,
+                "--party-id",
+                "party-1",
+                "--data",
+                f"npz:{data / 'party-0.npz'}",
+                *tls("party-0"),
+            ]
+        )
         assert impostor.returncode == 2
         assert "PERMISSION_DENIED" in impostor.stderr
         assert "party-0" in impostor.stderr and "party-1" in impostor.stderr
         # A client that does not trust the aggregator's CA cannot connect at all.
         other_ca = tmp_path / "other"
         assert run_cli(["certs", "init", str(other_ca)]).returncode == 0
-        distrust = run_cli(["client", "--server", address, "--party-id", "party-0",
-                            "--data", f"npz:{data / 'party-0.npz'}", "--tls-ca",
-                            str(other_ca / "ca.pem"), "--connect-timeout", "2"])
+        distrust = run_cli(
+            [
+                "client",
+                "--server",
+                address,
+                "--party-id",
+                "party-0",
+                "--data",
+                f"npz:{data / 'party-0.npz'}",
+                "--tls-ca",
+                str(other_ca / "ca.pem"),
+                "--connect-timeout",
+                "2",
+            ]
+        )
         assert distrust.returncode == 2
         assert "UNAVAILABLE" in distrust.stderr
 
-        clients = [procs.start(["client", "--server", address, "--party-id", f"party-{i}",
-                                "--data", f"npz:{data / f'party-{i}.npz'}", *tls(f"party-{i}")],
-                               tmp_path / f"c{i}.log") for i in range(2)]
+        clients = [
+            procs.start(
+                [
+                    "client",
+                    "--server",
+                    address,
+                    "--party-id",
+                    f"party-{i}",
+                    "--data",
+                    f"npz:{data / f'party-{i}.npz'}",
+                    *tls(f"party-{i}"),
+                ],
+                tmp_path / f"c{i}.log",
+            )
+            for i in range(2)
+        ]
         for i, c in enumerate(clients):
             assert wait_exit(c, 120, tmp_path / f"c{i}.log") == 0
 
-        admin = run_cli(["contributions", "--server", address, "--format", "json",
-                         *tls("operator")])
+        admin = run_cli(
+            ["contributions", "--server", address, "--format", "json", *tls("operator")]
+        )
         assert admin.returncode == 0, admin.stderr
         assert set(json.loads(admin.stdout)["totals"]) == {"party-0", "party-1"}
-        own = run_cli(["contributions", "--server", address, "--format", "json",
-                       *tls("party-0")])
+        own = run_cli(
+            ["contributions", "--server", address, "--format", "json", *tls("party-0")]
+        )
         assert own.returncode == 0, own.stderr
         assert set(json.loads(own.stdout)["totals"]) == {"party-0"}
-        other = run_cli(["contributions", "--server", address, "--party", "party-1",
-                         *tls("party-0")])
+        other = run_cli(
+            [
+                "contributions",
+                "--server",
+                address,
+                "--party",
+                "party-1",
+                *tls("party-0"),
+            ]
+        )
         assert other.returncode == 2
         assert "PERMISSION_DENIED" in other.stderr
 
@@ -110,8 +200,16 @@ def test_bearer_tokens_over_tls(tmp_path: Path) -> None:
     assert run_cli(["certs", "init", str(pki)]).returncode == 0
     parties_file = tmp_path / "parties.toml"
     for name in ("party-0", "party-1"):
-        res = run_cli(["parties", "add", str(parties_file), name, "--token-out",
-                       str(tmp_path / f"{name}.token")])
+        res = run_cli(
+            [
+                "parties",
+                "add",
+                str(parties_file),
+                name,
+                "--token-out",
+                str(tmp_path / f"{name}.token"),
+            ]
+        )
         assert res.returncode == 0, res.stderr
     token0 = (tmp_path / "party-0.token").read_text().strip()
     stored = parties_file.read_text()
@@ -122,25 +220,63 @@ def test_bearer_tokens_over_tls(tmp_path: Path) -> None:
 
     with processes() as procs:
         server = procs.start(
-            ["serve", "--address", "localhost:0", "--port-file", str(port_file),
-             "--run-dir", str(tmp_path / "run"), "--val-data", f"npz:{data / 'val.npz'}",
-             "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
-             "--parties-file", str(parties_file), *TRAIN], log)
+            [
+                "serve",
+                "--address",
+                "localhost:0",
+                "--port-file",
+                str(port_file),
+                "--run-dir",
+                str(tmp_path / "run"),
+                "--val-data",
+                f"npz:{data / 'val.npz'}",
+                "--tls-cert",
+                str(pki / "server.pem"),
+                "--tls-key",
+                str(pki / "server.key"),
+                "--parties-file",
+                str(parties_file),
+                *TRAIN,
+            ],
+            log,
+        )
         port = read_port(port_file, server, log)
         common = ["--server", f"localhost:{port}", "--tls-ca", str(pki / "ca.pem")]
 
-        bad = run_cli(["client", *common, "--party-id", "party-0", "--data", "digits",
-                       "--token-file", str(tmp_path / "bad.token")])
+        bad = run_cli(
+            [
+                "client",
+                *common,
+                "--party-id",
+                "party-0",
+                "--data",
+                "digits",
+                "--token-file",
+                str(tmp_path / "bad.token"),
+            ]
+        )
         assert bad.returncode == 2
         assert "UNAUTHENTICATED" in bad.stderr
         missing = run_cli(["status", *common])
         assert missing.returncode == 2
         assert "UNAUTHENTICATED" in missing.stderr
 
-        clients = [procs.start(["client", *common, "--party-id", f"party-{i}", "--data",
-                                f"npz:{data / f'party-{i}.npz'}", "--token-file",
-                                str(tmp_path / f"party-{i}.token")], tmp_path / f"c{i}.log")
-                   for i in range(2)]
+        clients = [
+            procs.start(
+                [
+                    "client",
+                    *common,
+                    "--party-id",
+                    f"party-{i}",
+                    "--data",
+                    f"npz:{data / f'party-{i}.npz'}",
+                    "--token-file",
+                    str(tmp_path / f"party-{i}.token"),
+                ],
+                tmp_path / f"c{i}.log",
+            )
+            for i in range(2)
+        ]
         for i, c in enumerate(clients):
             assert wait_exit(c, 120, tmp_path / f"c{i}.log") == 0
         assert wait_exit(server, 60, log) == 0
@@ -154,9 +290,21 @@ def test_sigterm_shuts_down_gracefully_and_saves_open_round(tmp_path: Path) -> N
 
     with processes() as procs:
         server = procs.start(
-            ["serve", "--insecure", "--address", "localhost:0", "--port-file",
-             str(port_file), "--run-dir", str(run_dir), "--val-data",
-             f"npz:{data / 'val.npz'}", *TRAIN], log)
+            [
+                "serve",
+                "--insecure",
+                "--address",
+                "localhost:0",
+                "--port-file",
+                str(port_file),
+                "--run-dir",
+                str(run_dir),
+                "--val-data",
+                f"npz:{data / 'val.npz'}",
+                *TRAIN,
+            ],
+            log,
+        )
         read_port(port_file, server, log)
         wait_for(lambda: "listening" in log.read_text(), 30, "the server to listen")
 
@@ -168,8 +316,11 @@ def test_sigterm_shuts_down_gracefully_and_saves_open_round(tmp_path: Path) -> N
     assert f"--resume {run_dir}" in text
     con = sqlite3.connect(f"file:{run_dir / 'ledger.sqlite'}?mode=ro", uri=True)
     try:
-        saved = json.loads(con.execute(
-            "SELECT value FROM state WHERE key = 'open_round'").fetchone()[0])
+        saved = json.loads(
+            con.execute("SELECT value FROM state WHERE key = 'open_round'").fetchone()[
+                0
+            ]
+        )
     finally:
         con.close()
     assert saved["round"] == 0 and saved["submitted"] == []

@@ -970,6 +970,7 @@ def test_garbage_between_good_uploads_does_not_corrupt_round(
     agg, stub = _training(
         make_server, stub_for, ["alice", "bob"], rounds=1, min_parties=2
     )
+    _join(stub, "bob", 300)  # weights follow the count declared at Join
     specs = agg.engine.specs
     theta0 = agg.engine.theta.copy()
     ua, ub = _update(specs, 21), _update(specs, 22)
