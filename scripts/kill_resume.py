@@ -294,8 +294,8 @@ def main() -> int:
     for r in rows:
         print(
             f"| {r['trial']} | {r['kill_after_rounds']} | {r['extra_delay_s']} | "
-            f"{r['rounds_committed_at_kill']} | "
-            f"{r['max_abs_model_diff']:.2e} | {r['model_equal']} | {r['ledger_equal']} |"
+            f"{r['rounds_committed_at_kill']} | {r['max_abs_model_diff']:.2e} | "
+            f"{r['model_equal']} | {r['ledger_equal']} |"
         )
     print(
         f"\n{ok} of {len(rows)} kill points resumed to the same final model and ledger"
