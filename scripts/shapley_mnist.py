@@ -5,6 +5,13 @@ parties 2..5 flip 20/40/60/80 % of their labels. MLP, FedSGD (gradient updates),
 rounds. Exact Shapley over all 63 coalitions (63 x 80 rounds of training), compared
 with DIG-FL from the one full run and with leave-one-out.
 
+Server lr 0.25 with full local batches: the run learns (about 83 % validation
+accuracy) while each step stays in the regime where the first-order expansion holds
+(per round, the DIG-FL sum matches the measured loss drop within a few %). At 0.5 the
+run learns a little more but steps overshoot in a third of the rounds: DIG-FL then
+sums to about 13x the real drop and scores the 80 % flipper positive; the Pearson
+correlation stays about 0.995. At 2.0 training fails and Pearson falls to about 0.83.
+
     python scripts/shapley_mnist.py [--output docs/shapley_mnist.json]
 
 Needs MNIST IDX files (raw or .gz) in ../shared/data/mnist relative to the repo root;
@@ -49,7 +56,7 @@ def main() -> int:
     )
     ap.add_argument("--output", type=Path, default=REPO / "docs" / "shapley_mnist.json")
     ap.add_argument("--rounds", type=int, default=80)
-    ap.add_argument("--server-lr", type=float, default=0.5)
+    ap.add_argument("--server-lr", type=float, default=0.25)
     ap.add_argument(
         "--batch-size", type=int, default=0, help="0 = full local batch per round"
     )
