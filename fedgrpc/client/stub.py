@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import time
@@ -217,13 +216,10 @@ class AggregatorClient:
         model_digest: bytes = b"",
     ) -> aggregator_pb2.SubmitReply:
         """Stream an update: header, chunks, trailer; resend on UNAVAILABLE, same id."""
-        layout = wire.FlatLayout.of(self.specs)
-        arrays = [(s.name, update[s.name]) for s in layout.specs]
-        wdt = self.wire_dtype
-        digest = hashlib.sha256()
-        for chunk in wire.iter_bundle_chunks(arrays, wire_dtype=wdt):
-            digest.update(chunk.data)
-        trailer_digest = digest.digest()
+        bundle = wire.prepare_bundle(
+            ((s.name, update[s.name]) for s in self.specs), self.wire_dtype
+        )
+        trailer_digest = bundle.digest
         sid = (
             submission_id
             or f"{self.cfg.party_id}:{round_index}:{trailer_digest.hex()[:16]}"
@@ -241,7 +237,7 @@ class AggregatorClient:
                     model_digest=model_digest,
                 )
             )
-            for chunk in wire.iter_bundle_chunks(arrays, wire_dtype=wdt):
+            for chunk in bundle.chunks():
                 yield aggregator_pb2.SubmitMessage(chunk=chunk)
             yield aggregator_pb2.SubmitMessage(
                 trailer=aggregator_pb2.SubmitTrailer(digest=trailer_digest)

@@ -228,7 +228,7 @@ class ModelHeader(_message.Message):
     version: _builtins.int
     """monotone version number (equals round)"""
     digest: _builtins.bytes
-    """SHA-256 over the tensors' raw bytes in spec order"""
+    """XXH3-128 (16 bytes, big-endian) over the tensors' wire bytes in spec order"""
     total_bytes: _builtins.int
     """sum of the tensors' byte lengths"""
     wire_dtype: _tensor_pb2.DType.ValueType
@@ -258,7 +258,7 @@ class ModelEnd(_message.Message):
 
     DIGEST_FIELD_NUMBER: _builtins.int
     digest: _builtins.bytes
-    """SHA-256, as in ModelHeader"""
+    """XXH3-128, as in ModelHeader"""
     def __init__(
         self,
         *,
@@ -386,7 +386,7 @@ class SubmitTrailer(_message.Message):
 
     DIGEST_FIELD_NUMBER: _builtins.int
     digest: _builtins.bytes
-    """SHA-256 over all chunk data bytes in the order sent"""
+    """XXH3-128 (16 bytes, big-endian) over all chunk data bytes in the order sent"""
     def __init__(
         self,
         *,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from dataclasses import dataclass
 
@@ -45,19 +44,12 @@ class ModelBroadcaster:
 
     def publish(self, round_index: int, flat: np.ndarray) -> Version:
         """Encode ``flat`` as the model of ``round_index`` and wake every stream."""
-        h = hashlib.sha256()
-        body = []
-        total = 0
-        for chunk in wire.iter_bundle_chunks(
-            self._layout.iter_arrays(flat),
-            chunk_bytes=self._chunk_bytes,
-            wire_dtype=self._wire_dtype,
-        ):
-            data = chunk.data
-            h.update(data)
-            total += len(data)
-            body.append(aggregator_pb2.ModelMessage(chunk=chunk).SerializeToString())
-        digest = h.digest()
+        bundle = wire.prepare_bundle(self._layout.iter_arrays(flat), self._wire_dtype)
+        body = [
+            aggregator_pb2.ModelMessage(chunk=chunk).SerializeToString()
+            for chunk in bundle.chunks(self._chunk_bytes)
+        ]
+        digest, total = bundle.digest, bundle.total_bytes
         header = aggregator_pb2.ModelMessage(
             header=aggregator_pb2.ModelHeader(
                 round=round_index,

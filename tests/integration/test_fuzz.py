@@ -8,7 +8,6 @@ independent oracle below), and keeps working afterwards (DESIGN §2, §3, §5).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -69,6 +68,12 @@ _ITEMSIZE = {
 _U64 = 2**64 - 1
 _I64 = 2**63 - 1
 _HUGE_DIMS = [2**31, 2**32, 2**62, _I64, -1, -(2**63)]
+
+
+def _xxh(data: bytes) -> bytes:
+    h = wire.stream_digest()
+    h.update(data)
+    return bytes(h.digest())
 
 
 # ------------------------------------------------------------------ the oracle
@@ -156,7 +161,7 @@ def _submit_oracle(
     if any(m.WhichOneof("kind") != "chunk" for m in body):
         return None
     data = _chunks_oracle([m.chunk for m in body], specs, "float32", finite=True)
-    if data is None or hashlib.sha256(data).digest() != msgs[-1].trailer.digest:
+    if data is None or _xxh(data) != msgs[-1].trailer.digest:
         return None
     return data
 
@@ -278,7 +283,7 @@ def _decode_all(
 def test_bundle_decoder_random_chunks_raise_only_fedgrpc_errors(
     wire_dtype: str, chunks: list[tensor_pb2.TensorChunk], with_digest: bool
 ) -> None:
-    digest = hashlib.sha256(b"".join(c.data for c in chunks)).digest()
+    digest = _xxh(b"".join(c.data for c in chunks))
 
     accepted = _decode_all(chunks, digest if with_digest else None, wire_dtype)
 
@@ -295,12 +300,12 @@ def test_bundle_decoder_mutated_streams_accept_only_well_formed(
     wire_dtype = data.draw(st.sampled_from(["float32", "float16", "bfloat16"]))
     valid = _valid_chunks(wire_dtype, data.draw(st.sampled_from([2, 8, 24, 1 << 20])))
     chunks = data.draw(_mutated_chunks(valid))
-    want = hashlib.sha256(b"".join(c.data for c in valid)).digest()
+    want = _xxh(b"".join(c.data for c in valid))
 
     accepted = _decode_all(chunks, want, wire_dtype)
 
     oracle = _chunks_oracle(chunks, _SPECS, wire_dtype, finite=False)
-    assert accepted == (oracle is not None and hashlib.sha256(oracle).digest() == want)
+    assert accepted == (oracle is not None and _xxh(oracle) == want)
 
 
 def _chunk(shape: list[int], data: bytes = b"") -> tensor_pb2.TensorChunk:
@@ -399,7 +404,7 @@ def _valid_upload(agg: Aggregator, party: str, sid: str, seed: int) -> list[byte
         for s in specs
     ]
     chunks = list(wire.iter_bundle_chunks(arrays, chunk_bytes=1024))
-    digest = hashlib.sha256(b"".join(c.data for c in chunks)).digest()
+    digest = _xxh(b"".join(c.data for c in chunks))
     msgs: list[Message] = [
         aggregator_pb2.SubmitMessage(
             header=aggregator_pb2.SubmitHeader(
@@ -522,7 +527,7 @@ def _fix_trailer(raws: list[bytes]) -> list[bytes]:
         return raws
     if not msgs or msgs[-1].WhichOneof("kind") != "trailer":
         return raws
-    h = hashlib.sha256()
+    h = wire.stream_digest()
     for m in msgs[:-1]:
         if m.WhichOneof("kind") == "chunk":
             h.update(m.chunk.data)
@@ -556,7 +561,7 @@ def test_live_submit_fuzz_rejects_garbage_and_keeps_serving(
         oracle = _submit_oracle(raws, specs, 0, kind)
         if _accepted(code, reply):
             assert oracle is not None, "the server accepted a malformed upload"
-            good_digests.add(hashlib.sha256(oracle).hexdigest())
+            good_digests.add(_xxh(oracle).hex())
         elif oracle is not None:
             # Well formed, refused only because another update of ours already counts.
             assert code == grpc.StatusCode.ALREADY_EXISTS, (code, reply)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -41,6 +40,12 @@ _TIMEOUT_S = 10.0
 _SERVICE = "fedgrpc.v1.Aggregator"
 _SERVER_LR = 0.5  # RoundConfig default, restated so the oracle is explicit
 _SAMPLES = 100
+
+
+def _xxh(data: bytes) -> bytes:
+    h = wire.stream_digest()
+    h.update(data)
+    return bytes(h.digest())
 
 
 # ----------------------------------------------------------------- helpers
@@ -131,7 +136,7 @@ def _chunks(
 def _trailer(
     chunks: Sequence[aggregator_pb2.SubmitMessage],
 ) -> aggregator_pb2.SubmitMessage:
-    h = hashlib.sha256()
+    h = wire.stream_digest()
     for msg in chunks:
         h.update(msg.chunk.data)
     return aggregator_pb2.SubmitMessage(
@@ -344,7 +349,7 @@ def test_get_model_streams_round_zero_with_matching_digest(
         tensor_pb2.FLOAT32,
     )
     assert header.total_bytes == len(data) == 4 * agg.layout.size
-    assert header.digest == end.digest == hashlib.sha256(data).digest()
+    assert header.digest == end.digest == _xxh(data)
     assert [m.chunk.name for m in messages[1:-1] if m.chunk.offset == 0] == [
         "fc.weight",
         "fc.bias",
@@ -463,7 +468,7 @@ def _digest_mismatch(
     specs: Sequence[TensorSpec], bad: Update, party: str = "alice"
 ) -> Messages:
     msgs = _submission(party, 0, specs, bad)
-    msgs[-1].trailer.digest = hashlib.sha256(b"something else").digest()
+    msgs[-1].trailer.digest = wire.stream_digest().digest()
     return msgs
 
 

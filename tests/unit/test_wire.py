@@ -33,6 +33,12 @@ SHAPES = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=6)
 CHUNK_SIZES = st.sampled_from([1, 3, 8, 16, 40, wire.CHUNK_BYTES])
 
 
+def _xxh(data: bytes) -> bytes:
+    h = wire.stream_digest()
+    h.update(data)
+    return bytes(h.digest())
+
+
 def _le_bytes(arr: np.ndarray) -> bytes:
     """Little-endian C-order bytes of ``arr`` (the oracle for what travels)."""
     return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
@@ -48,8 +54,8 @@ def _stream(
     return list(wire.iter_bundle_chunks(arrays.items(), chunk_bytes=chunk_bytes))
 
 
-def _sha256(chunks: Iterable[tensor_pb2.TensorChunk]) -> bytes:
-    h = hashlib.sha256()
+def _wire_digest(chunks: Iterable[tensor_pb2.TensorChunk]) -> bytes:
+    h = wire.stream_digest()
     for c in chunks:
         h.update(c.data)
     return h.digest()
@@ -344,7 +350,7 @@ def test_wire_bundle_decoder_round_trip_every_dtype(
     chunks = _stream(arrays, chunk_bytes)
     dec = wire.BundleDecoder(specs)
 
-    out = _decode_bundle(dec, specs, chunks, _sha256(chunks))
+    out = _decode_bundle(dec, specs, chunks, _wire_digest(chunks))
 
     for name, arr in arrays.items():
         assert out[name].shape == arr.shape
@@ -363,7 +369,7 @@ def test_wire_bundle_decoder_float_wire_dtypes(wire_dtype: str) -> None:
     )
     dec = wire.BundleDecoder(specs, wire_dtype=wire_dtype)
 
-    raw = _decode_bundle(dec, specs, chunks, _sha256(chunks))
+    raw = _decode_bundle(dec, specs, chunks, _wire_digest(chunks))
 
     for s in SPECS:
         got = wire.from_wire_array(raw[s.name], dec.wire_dtype_of(s), "float32")
@@ -393,7 +399,7 @@ def test_wire_bundle_decoder_finish_returns_hex_digest() -> None:
 
     _decode_bundle(dec, SPECS, chunks)
 
-    assert dec.finish() == _sha256(chunks).hex()
+    assert dec.finish() == _wire_digest(chunks).hex()
 
 
 # ------------------------------------------------------------- decoder rejections
@@ -715,7 +721,7 @@ def test_wire_decoder_digest_mismatch(chunks: list[tensor_pb2.TensorChunk]) -> N
         InvalidUpdateError,
         match=r"^party p3, round 4: digest mismatch: "
         r"trailer says 0000000000000000\.\.\., "
-        rf"data hashes to {_sha256(chunks).hex()[:16]}\.\.\.$",
+        rf"data hashes to {_wire_digest(chunks).hex()[:16]}\.\.\.$",
     ):
         dec.finish(bytes(32))
 
@@ -724,7 +730,7 @@ def test_wire_decoder_digest_match(chunks: list[tensor_pb2.TensorChunk]) -> None
     dec = wire.BundleDecoder(SPECS)
     _feed(dec, chunks)
 
-    assert dec.finish(_sha256(chunks)) == _sha256(chunks).hex()
+    assert dec.finish(_wire_digest(chunks)) == _wire_digest(chunks).hex()
 
 
 def test_wire_decoder_empty_first_chunk_for_non_empty_tensor() -> None:
@@ -759,7 +765,7 @@ def test_wire_decoder_zero_size_tensor_then_next() -> None:
     specs = [TensorSpec(k, "float32", a.shape) for k, a in arrays.items()]
     chunks = _stream(arrays)
 
-    out = _decode_bundle(wire.BundleDecoder(specs), specs, chunks, _sha256(chunks))
+    out = _decode_bundle(wire.BundleDecoder(specs), specs, chunks, _wire_digest(chunks))
 
     assert out["empty"].shape == (0, 3)
     np.testing.assert_array_equal(out["b"], [1.0])
@@ -931,7 +937,7 @@ def test_wire_mutated_stream_decodes_exactly_or_raises(
 ) -> None:
     arrays = _model(np.random.default_rng(seed))
     original = _stream(arrays, chunk_bytes)
-    digest = _sha256(original)
+    digest = _wire_digest(original)
     mutated = _mutate(original, ops)
     note(f"mutated: {[(c.name, c.offset, len(c.data)) for c in mutated]}")
 
