@@ -335,11 +335,21 @@ def _split_parser(sub: Any) -> None:
     p.set_defaults(func=_cmd_split)
 
 
-def _cmd_split(a: argparse.Namespace) -> int:
+def write_split(
+    out: Path,
+    a: argparse.Namespace,
+    parties: dict[str, Any],
+    val: Any,
+    attacks: dict[str, Any],
+) -> dict[str, Any]:
+    """Write each party's .npz, the validation set and manifest.json.
+
+    The manifest records data, partition, seed and each party's attack, so that an
+    evaluation can be reproduced.
+    """
     from fedgrpc.datasets.sources import save_npz
 
-    parties, val, attacks = _prepare(a)
-    a.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {
         "data": a.data,
         "partition": a.partition,
@@ -347,9 +357,9 @@ def _cmd_split(a: argparse.Namespace) -> int:
         "validation": {"file": "val.npz", "samples": len(val)},
         "parties": [],
     }
-    save_npz(a.out / "val.npz", val)
+    save_npz(out / "val.npz", val)
     for pid, ds in parties.items():
-        save_npz(a.out / f"{pid}.npz", ds)
+        save_npz(out / f"{pid}.npz", ds)
         att = attacks.get(pid)
         manifest["parties"].append(
             {
@@ -359,11 +369,19 @@ def _cmd_split(a: argparse.Namespace) -> int:
                 "attack": att.spec if att else "",
             }
         )
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _cmd_split(a: argparse.Namespace) -> int:
+    parties, val, attacks = _prepare(a)
+    manifest = write_split(a.out, a, parties, val, attacks)
+    for entry in manifest["parties"]:
+        attack = f" (attack {entry['attack']})" if entry["attack"] else ""
         print(
-            f"{pid}: {len(ds)} samples -> {a.out / (pid + '.npz')}"
-            + (f" (attack {att.spec})" if att else "")
+            f"{entry['party_id']}: {entry['samples']} samples -> "
+            f"{a.out / entry['file']}{attack}"
         )
-    (a.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"validation: {len(val)} samples -> {a.out / 'val.npz'}")
     return 0
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from fedgrpc.config import ClientConfig, RoundConfig
-from fedgrpc.datasets.sources import save_npz
 from fedgrpc.errors import FedGrpcError, RemoteError
 
 log = logging.getLogger(__name__)
@@ -64,9 +63,9 @@ def simulate(
     run_dir.mkdir(parents=True, exist_ok=True)
     data_dir = run_dir / "data"
     parties, val, attacks = prepare(a)
-    save_npz(data_dir / "val.npz", val)
-    for pid, ds in parties.items():
-        save_npz(data_dir / f"{pid}.npz", ds)
+    from fedgrpc.cli import write_split
+
+    write_split(data_dir, a, parties, val, attacks)  # manifest records the attacks
     port_file = run_dir / "port"
     port_file.unlink(missing_ok=True)
     server_cmd = [
