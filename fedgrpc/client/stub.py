@@ -91,6 +91,15 @@ class AggregatorClient:
                 cfg.server, creds, options=CHANNEL_OPTIONS
             )
         self._stub = aggregator_pb2_grpc.AggregatorStub(self._channel)
+        # Uploads send pre-serialized messages: chunks are framed by hand straight from
+        # the array buffer (wire.WireBundle.messages), so no serializer runs on them.
+        self._submit_raw: grpc.StreamUnaryMultiCallable[
+            bytes, aggregator_pb2.SubmitReply
+        ] = self._channel.stream_unary(
+            "/fedgrpc.v1.Aggregator/SubmitGradient",
+            request_serializer=None,
+            response_deserializer=aggregator_pb2.SubmitReply.FromString,
+        )
         self._jitter = random.Random()
         self.specs: list[TensorSpec] = []
         self.wire_dtype = "float32"
@@ -225,7 +234,7 @@ class AggregatorClient:
             or f"{self.cfg.party_id}:{round_index}:{trailer_digest.hex()[:16]}"
         )
 
-        def messages() -> Iterator[aggregator_pb2.SubmitMessage]:
+        def messages() -> Iterator[bytes]:
             yield aggregator_pb2.SubmitMessage(
                 header=aggregator_pb2.SubmitHeader(
                     party_id=self.cfg.party_id,
@@ -236,15 +245,14 @@ class AggregatorClient:
                     submission_id=sid,
                     model_digest=model_digest,
                 )
-            )
-            for chunk in bundle.chunks():
-                yield aggregator_pb2.SubmitMessage(chunk=chunk)
+            ).SerializeToString()
+            yield from bundle.messages()
             yield aggregator_pb2.SubmitMessage(
                 trailer=aggregator_pb2.SubmitTrailer(digest=trailer_digest)
-            )
+            ).SerializeToString()
 
         def call() -> aggregator_pb2.SubmitReply:
-            reply: aggregator_pb2.SubmitReply = self._stub.SubmitGradient(
+            reply: aggregator_pb2.SubmitReply = self._submit_raw(
                 messages(), timeout=self.cfg.rpc_timeout_s, metadata=self._metadata
             )
             return reply

@@ -45,10 +45,7 @@ class ModelBroadcaster:
     def publish(self, round_index: int, flat: np.ndarray) -> Version:
         """Encode ``flat`` as the model of ``round_index`` and wake every stream."""
         bundle = wire.prepare_bundle(self._layout.iter_arrays(flat), self._wire_dtype)
-        body = [
-            aggregator_pb2.ModelMessage(chunk=chunk).SerializeToString()
-            for chunk in bundle.chunks(self._chunk_bytes)
-        ]
+        body = list(bundle.messages(self._chunk_bytes))
         digest, total = bundle.digest, bundle.total_bytes
         header = aggregator_pb2.ModelMessage(
             header=aggregator_pb2.ModelHeader(

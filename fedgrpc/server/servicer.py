@@ -6,7 +6,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -198,13 +198,11 @@ class AggregatorServicer:
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> aggregator_pb2.SubmitReply:
         """Receive one update: header, chunks, trailer; fold it in only when whole."""
-        messages = (
-            parse(aggregator_pb2.SubmitMessage, raw) for raw in request_iterator
-        )
-        first = next(messages, None)
-        if first is None or first.WhichOneof("kind") != "header":
+        messages = _submit_messages(request_iterator)
+        which, first = next(messages, (None, None))
+        if which != "header":
             raise InvalidUpdateError("submission must start with a header message")
-        hdr = first.header
+        hdr = cast(aggregator_pb2.SubmitHeader, first)
         party = self._party(context, hdr.party_id)
         with self._streams_lock:
             open_streams = self._streams.get(party, 0)
@@ -224,7 +222,7 @@ class AggregatorServicer:
         self,
         party: str,
         hdr: aggregator_pb2.SubmitHeader,
-        it: Iterator[aggregator_pb2.SubmitMessage],
+        it: Iterator[tuple[str | None, Any]],
     ) -> aggregator_pb2.SubmitReply:
         label = f"party {party}, round {hdr.round}"
         kind = _KIND_FROM_PROTO.get(hdr.update_kind)
@@ -259,13 +257,12 @@ class AggregatorServicer:
         )
         wdt = self._wire_dtype
         try:
-            for msg in it:
-                which = msg.WhichOneof("kind")
+            for which, payload in it:
                 if which == "chunk":
-                    idx, off, view = dec.feed(msg.chunk)
+                    idx, off, view = dec.feed(payload)
                     sub.add(idx, off, wire.from_wire_array(view, wdt, "float32"))
                 elif which == "trailer":
-                    digest = dec.finish(msg.trailer.digest)
+                    digest = dec.finish(payload.digest)
                     if next(it, None) is not None:
                         raise InvalidUpdateError(f"{label}: messages after the trailer")
                     outcome = sub.finish(digest)
@@ -335,6 +332,18 @@ class AggregatorServicer:
 
 
 M = TypeVar("M", bound=Message)
+
+
+def _submit_messages(raw: Iterator[bytes]) -> Iterator[tuple[str | None, Any]]:
+    """(kind, payload) of each upload message; chunks parse without copying data."""
+    for data in raw:
+        fast = wire.parse_chunk_message(data)
+        if fast is not None:
+            yield "chunk", fast
+            continue
+        msg = parse(aggregator_pb2.SubmitMessage, data)
+        which = msg.WhichOneof("kind")
+        yield which, getattr(msg, which) if which else None
 
 
 def parse(cls: type[M], raw: bytes) -> M:
