@@ -57,7 +57,7 @@ def test_wire_fast_parser_declines_non_canonical_messages() -> None:
         name="w", offset=0, dtype=tensor_pb2.FLOAT32, shape=[2], total_bytes=8
     )
     good = wire.encode_chunk_message(head, memoryview(bytes(8)))
-    duplicated = good[:1] + bytes([good[1] + 2]) + good[2:] + b"\x20\x00"  # offset x2
+    duplicated = good[:1] + bytes([good[1] + 2]) + good[2:] + b"\x10\x01"  # dtype x2
     unknown = good[:1] + bytes([good[1] + 2]) + good[2:] + b"\x38\x01"  # field 7
     header = aggregator_pb2.SubmitMessage(
         header=aggregator_pb2.SubmitHeader(party_id="p")
@@ -67,7 +67,7 @@ def test_wire_fast_parser_declines_non_canonical_messages() -> None:
     for raw in (duplicated, unknown, header, b"", b"\x12", b"\x12\x05ab"):
         assert wire.parse_chunk_message(raw) is None
     # The generated parser still reads the declined-but-valid ones.
-    assert aggregator_pb2.SubmitMessage.FromString(duplicated).chunk.offset == 0
+    assert aggregator_pb2.SubmitMessage.FromString(duplicated).chunk.dtype == 1
     assert aggregator_pb2.SubmitMessage.FromString(unknown).chunk.name == "w"
 
 
