@@ -6,6 +6,7 @@ Every wait here is bounded; every server listens on localhost only.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.metadata
 import json
 import multiprocessing as mp
@@ -13,6 +14,7 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -26,6 +28,8 @@ from typing import Any
 import numpy as np
 
 SCRIPTS = Path(__file__).resolve().parent
+MODEL = "bench_models:flat_model"
+"""The benchmark model (scripts/bench_models.py); only the aggregator imports it."""
 RECV_BUF = 4 << 20  # bytes of the reusable receive buffer (raw TCP)
 
 
@@ -89,7 +93,19 @@ def machine_info() -> dict[str, Any]:
             versions[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = "-"
+    try:
+        code = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=SCRIPTS,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        code = "-"
     return {
+        "code": code or "-",
         "nproc": os.cpu_count(),
         "cpu": cpu,
         "ram_gib": round(mem_gib, 1),
@@ -155,10 +171,14 @@ class Control:
             raise RuntimeError(f"expected go, got {msg!r}")
 
 
-def _worker_loop(conn: Connection, env: dict[str, str]) -> None:
+def _worker_loop(
+    conn: Connection, env: dict[str, str], preload: tuple[str, ...]
+) -> None:
     os.environ.update(env)
     if str(SCRIPTS) not in sys.path:
         sys.path.insert(0, str(SCRIPTS))
+    for name in preload:  # every process runs the code as it was at start-up
+        importlib.import_module(name)
     state: dict[str, Any] = {}
     while True:
         msg = conn.recv()
@@ -185,13 +205,20 @@ class WorkerPool:
     lives as long as the worker (clients, cached arrays).
     """
 
-    def __init__(self, n: int, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        n: int,
+        env: dict[str, str] | None = None,
+        preload: tuple[str, ...] = ("fedgrpc.client.stub",),
+    ) -> None:
         ctx = mp.get_context("spawn")
         self.workers: list[_Worker] = []
         env = env or {}
         for _ in range(n):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_loop, args=(child, env), daemon=True)
+            proc = ctx.Process(
+                target=_worker_loop, args=(child, env, preload), daemon=True
+            )
             proc.start()
             child.close()
             self.workers.append(_Worker(proc, parent))
@@ -375,8 +402,6 @@ def server_config(
     rounds: int,
 ) -> Any:
     """An insecure localhost ServerConfig for the flat model of ``n_params``."""
-    from bench_models import MODEL
-
     from fedgrpc.config import RoundConfig, ServerConfig
     from fedgrpc.types import UpdateKind
 
@@ -452,3 +477,12 @@ def human(n: int) -> str:
             v = n / div
             return f"{v:g}{suf}"
     return str(n)
+
+
+def write_val_npz(path: Path, n: int = 64, features: int = 16, seed: int = 0) -> str:
+    """A tiny validation set (n samples, 10 classes); returns its ``npz:`` spec."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, features), dtype=np.float32)
+    y = np.arange(n, dtype=np.int64) % 10
+    np.savez(path, x=x, y=y)
+    return f"npz:{path}"

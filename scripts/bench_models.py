@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
-
-MODEL = "bench_models:flat_model"
 
 
 class FlatModel(nn.Module):
@@ -55,12 +51,3 @@ def flat_model(
 ) -> nn.Module:
     """Factory for the aggregator: ``hidden`` is the exact number of parameters."""
     return FlatModel(math.prod(input_shape), num_classes, hidden)
-
-
-def write_val_npz(path: Path, n: int = 64, features: int = 16, seed: int = 0) -> str:
-    """A tiny validation set (n samples, 10 classes); returns its ``npz:`` spec."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, features), dtype=np.float32)
-    y = np.arange(n, dtype=np.int64) % 10
-    np.savez(path, x=x, y=y)
-    return f"npz:{path}"
