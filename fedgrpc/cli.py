@@ -198,6 +198,12 @@ def _serve_parser(sub: Any) -> None:
         "--max-streams-per-party", type=int, default=lim.max_streams_per_party
     )
     g.add_argument("--max-parties", type=int, default=lim.max_parties)
+    g.add_argument(
+        "--max-inflight-uploads",
+        type=int,
+        default=lim.max_inflight_uploads,
+        help="uploads buffered at once (memory: this many model-sized buffers)",
+    )
     p.set_defaults(func=_cmd_serve)
 
 
@@ -225,6 +231,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
             a.max_submission_bytes,
             a.max_streams_per_party,
             a.max_parties,
+            a.max_inflight_uploads,
         ),
         port_file=a.port_file,
         keep_serving=a.keep_serving,

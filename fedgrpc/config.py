@@ -30,6 +30,9 @@ class Limits:
     """Concurrent SubmitGradient streams one party may hold open."""
     max_parties: int = 1024
     """Parties that may join."""
+    max_inflight_uploads: int = 2
+    """Uploads buffered at once (each holds one model-sized float32 buffer); further
+    uploads wait for a slot, held back by HTTP/2 flow control."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -38,6 +41,7 @@ class Limits:
             "max_submission_bytes",
             "max_streams_per_party",
             "max_parties",
+            "max_inflight_uploads",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(

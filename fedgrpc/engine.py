@@ -40,7 +40,7 @@ from fedgrpc.errors import (
     StaleRoundError,
     UnknownPartyError,
 )
-from fedgrpc.layout import FlatLayout, digest_hex, update_digest
+from fedgrpc.layout import FlatLayout, update_digest
 from fedgrpc.types import PartyRound, RoundResult, TensorSpec, UpdateKind
 
 log = logging.getLogger(__name__)
@@ -665,7 +665,7 @@ class RoundEngine:
 
     def _open_round(self, now: float) -> None:
         theta = self.theta
-        digest = digest_hex(theta)
+        digest = update_digest(theta)  # XXH3-128: ~1 ms, where SHA-256 cost 25 ms/40 MB
         if self._executor is None:
             fut: Future[tuple[np.ndarray, float, float]] = _DoneFuture(
                 self._validator.gradient(theta)
@@ -723,7 +723,9 @@ class RoundEngine:
         scale = np.float32(step / rnd.weight_sum)
         # A new array: theta_t stays intact for v_t and for anyone still holding it.
         with np.errstate(over="ignore", invalid="ignore"):  # checked just below
-            new_theta = self.theta - scale * rnd.acc
+            # acc is spent after this round: scale it in place, then one new array.
+            np.multiply(rnd.acc, scale, out=rnd.acc)
+            new_theta = np.subtract(self.theta, rnd.acc)
         aggregate_s = time.perf_counter() - t1
         if not np.isfinite(new_theta).all():
             self._round_failed(

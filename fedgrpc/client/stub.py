@@ -93,6 +93,13 @@ class AggregatorClient:
         self._stub = aggregator_pb2_grpc.AggregatorStub(self._channel)
         # Uploads send pre-serialized messages: chunks are framed by hand straight from
         # the array buffer (wire.WireBundle.messages), so no serializer runs on them.
+        self._get_model_raw: grpc.UnaryStreamMultiCallable[
+            aggregator_pb2.GetModelRequest, bytes
+        ] = self._channel.unary_stream(
+            "/fedgrpc.v1.Aggregator/GetModel",
+            request_serializer=aggregator_pb2.GetModelRequest.SerializeToString,
+            response_deserializer=None,
+        )
         self._submit_raw: grpc.StreamUnaryMultiCallable[
             bytes, aggregator_pb2.SubmitReply
         ] = self._channel.stream_unary(
@@ -172,15 +179,22 @@ class AggregatorClient:
         )
         layout = wire.FlatLayout.of(self.specs)
         try:
-            stream = self._stub.GetModel(
+            stream = self._get_model_raw(
                 req, timeout=timeout_s, metadata=self._metadata
             )
             header: aggregator_pb2.ModelHeader | None = None
             flat = np.empty(0, dtype=np.float32)
             dec: wire.BundleDecoder | None = None
-            for msg in stream:
-                kind = msg.WhichOneof("kind")
+            for raw in stream:
+                fast = wire.parse_chunk_message(raw)  # zero-copy view of the chunk
+                msg = (
+                    None
+                    if fast is not None
+                    else aggregator_pb2.ModelMessage.FromString(raw)
+                )
+                kind = "chunk" if msg is None else msg.WhichOneof("kind")
                 if kind == "header":
+                    assert msg is not None
                     header = msg.header
                     wdt = (
                         wire.dtype_from_proto(header.wire_dtype)
@@ -196,7 +210,11 @@ class AggregatorClient:
                 elif kind == "chunk":
                     if dec is None or header is None:
                         raise InvalidUpdateError("model chunk before its header")
-                    idx, off, view = dec.feed(msg.chunk)
+                    if fast is None:
+                        assert msg is not None
+                        idx, off, view = dec.feed(msg.chunk)
+                    else:
+                        idx, off, view = dec.feed(fast)
                     start = layout.offsets[idx] + off
                     flat[start : start + view.size] = wire.from_wire_array(
                         view, dec.wire_dtype_of(self.specs[idx]), "float32"
@@ -208,6 +226,7 @@ class AggregatorClient:
                     yield ModelVersion(int(header.round), flat, bytes(header.digest))
                     header, dec = None, None
                 elif kind == "done":
+                    assert msg is not None
                     yield TrainingOver(int(msg.done.rounds_completed), msg.done.reason)
                     return
         except grpc.RpcError as err:
