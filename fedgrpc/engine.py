@@ -152,6 +152,9 @@ class Submission:
         self._closed = False
         self._kept = False
         self._expired = False
+        self._unscored: list[
+            tuple[int, int]
+        ] = []  # ranges received before v_t was ready
         self._v: np.ndarray | None = None
         self._buffer: np.ndarray | None = (
             None  # taken with an upload slot at the first piece
@@ -178,7 +181,7 @@ class Submission:
             return
         if self._buffer is None:
             self._buffer = self._engine._acquire_upload(self, self._slot_timeout_s)
-        if self._v is None:  # v_t may still be computing: wait without holding our lock
+        if self._v is None and self._round.val_grad.done():
             self._v = self._round.val_grad.result()[0]
         with self._lock:
             if self._closed:
@@ -218,13 +221,24 @@ class Submission:
                     f"({values[first - elem_offset]}) at element {first}"
                 )
             nsq = float(np.dot(values.astype(np.float64), values.astype(np.float64)))
-        assert self._v is not None
         # DIG-FL: <v_t, u_i> accumulated chunk by chunk: a float32 BLAS dot per chunk
         # (fast), summed across chunks in float64. Different chunkings agree to ~1e-5
         # relative, far inside the scores' own first-order error.
-        self._dot += float(np.dot(self._v[start:end], values))
         self._norm_sq += nsq
         self._buffer[start:end] = values
+        if self._v is None:
+            # v_t is still being computed: keep streaming, score this range later from
+            # the buffer rather than stall the upload (and its sender) on v_t.
+            self._unscored.append((start, end))
+        else:
+            self._score_pending()
+            self._dot += float(np.dot(self._v[start:end], values))
+
+    def _score_pending(self) -> None:
+        assert self._v is not None and self._buffer is not None
+        for s, e in self._unscored:
+            self._dot += float(np.dot(self._v[s:e], self._buffer[s:e]))
+        self._unscored.clear()
 
     def finish(self, digest: str) -> SubmitOutcome:
         """Fold the update into the round (the caller has checked completeness)."""
@@ -237,6 +251,9 @@ class Submission:
         if self._buffer is None and self._resend_of is None:
             # An update with no elements at all (a model of empty tensors).
             self._buffer = self._engine._acquire_upload(self, self._slot_timeout_s)
+        if self._unscored:
+            self._v = self._round.val_grad.result()[0]  # wait for v_t only now
+            self._score_pending()
         try:
             return self._engine._finish(self, digest)
         finally:

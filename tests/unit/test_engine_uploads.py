@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Executor, Future
+from typing import Any
+
 import numpy as np
 import pytest
 
-from fedgrpc.engine import RunState
+from fedgrpc.engine import RoundEngine, RunState
 from fedgrpc.errors import LimitError
-from tests.unit.test_engine import G3, N3, _run, _submit
+from fedgrpc.layout import update_digest
+from tests.unit.test_engine import (
+    G3,
+    N3,
+    SPECS,
+    THETA_0,
+    V_0,
+    QuadraticValidator,
+    _cfg,
+    _run,
+    _submit,
+)
 
 
 def test_engine_idle_upload_expires_and_frees_its_slot() -> None:
@@ -55,3 +69,41 @@ def test_engine_non_finite_aggregate_fails_round_instead_of_committing() -> None
     np.testing.assert_array_equal(run.engine.theta, theta0)
     assert run.engine.state == RunState.FAILED
     assert run.engine.reason.startswith("aggregation failed")
+
+
+class _LaterExecutor(Executor):
+    """Runs submitted calls only when told to: v_t is 'still computing' until then."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Future[Any], Any, tuple[Any, ...]]] = []
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        self.calls.append((fut, fn, args))
+        return fut
+
+    def run_all(self) -> None:
+        for fut, fn, args in self.calls:
+            if not fut.done():
+                fut.set_result(fn(*args))
+
+
+def test_engine_upload_streams_before_v_t_is_ready_and_scores_at_finish() -> None:
+    later = _LaterExecutor()
+    validator = QuadraticValidator()
+    engine = RoundEngine(_cfg(), SPECS, THETA_0, validator, executor=later)
+    for p, n in N3.items():
+        engine.join(p, n)
+    engine.tick()
+    g = G3["b"]
+    sub = engine.begin_submission("b", 0, 3, slot_timeout_s=1.0)
+
+    sub.add(0, 0, g[:4])  # v_t not computed yet: must not block
+    sub.add(0, 4, g[4:6])
+    later.run_all()
+    sub.add(1, 0, g[6:])
+    outcome = sub.finish(update_digest(g))
+
+    assert outcome.accepted
+    entry = engine._round.accepted["b"]  # type: ignore[union-attr]
+    assert entry.dot == pytest.approx(float(np.dot(V_0, g)), rel=1e-6)
