@@ -16,11 +16,17 @@ import numpy as np
 from fedgrpc.errors import ConfigError
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file alongside, fsync, rename."""
+def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` atomically: temp file alongside, fsync, rename.
+
+    The temp file is created 0600 and only then set to ``mode`` (if given), so a
+    private key is never readable by others, not even for an instant.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

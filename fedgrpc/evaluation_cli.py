@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from fedgrpc.checkpoint import atomic_write
 from fedgrpc.config import RoundConfig
 from fedgrpc.datasets.attacks import parse_assignments
 from fedgrpc.errors import ConfigError
@@ -269,15 +268,5 @@ def _evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:
     """Write ``doc`` as JSON to ``path`` atomically (temp file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=2, allow_nan=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
+    atomic_write(path, text.encode("utf-8"))

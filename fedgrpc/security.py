@@ -21,16 +21,13 @@ The file stores only SHA-256 digests of tokens; the plaintext token is shown onc
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import hmac
 import ipaddress
 import logging
-import os
 import re
 import secrets
-import tempfile
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +40,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedgrpc.checkpoint import atomic_write
 from fedgrpc.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -67,39 +65,9 @@ _HEX_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 # --------------------------------------------------------------------------- files
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Flush a directory entry so a rename survives a crash (best effort off POSIX)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` via temp file + fsync + rename, with ``mode``.
-
-    The temp file is created 0600 by ``mkstemp`` and only then widened, so a private
-    key is never readable by others, not even for an instant.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    """Write ``data`` to ``path`` via temp file + fsync + rename, with ``mode``."""
+    atomic_write(path, data, mode)
 
 
 def _make_dir(directory: Path) -> None:

@@ -130,9 +130,10 @@ def from_wire_array(raw: np.ndarray, wire_dtype: str, out_dtype: str) -> np.ndar
     return raw.astype(out_dtype)
 
 
-def _tensor_chunks(
+def _chunk_heads(
     name: str, dname: str, shape: tuple[int, ...], wire: np.ndarray, chunk_bytes: int
-) -> Iterator[tensor_pb2.TensorChunk]:
+) -> Iterator[tuple[tensor_pb2.TensorChunk, memoryview]]:
+    """(chunk fields without data, the data's slice of the buffer) for one tensor."""
     size = itemsize(dname)
     step = max(size, chunk_bytes - chunk_bytes % size)
     buf = wire.reshape(-1).view(np.uint8).data
@@ -140,17 +141,23 @@ def _tensor_chunks(
     offset = 0
     while True:
         end = min(total, offset + step)
-        msg = tensor_pb2.TensorChunk(
-            name=name, offset=offset, data=bytes(buf[offset:end])
-        )
+        head = tensor_pb2.TensorChunk(name=name, offset=offset)
         if offset == 0:
-            msg.dtype = dtype_to_proto(dname)
-            msg.shape.extend(int(d) for d in shape)
-            msg.total_bytes = total
-        yield msg
+            head.dtype = dtype_to_proto(dname)
+            head.shape.extend(int(d) for d in shape)
+            head.total_bytes = total
+        yield head, buf[offset:end]
         offset = end
         if offset >= total:
             return
+
+
+def _tensor_chunks(
+    name: str, dname: str, shape: tuple[int, ...], wire: np.ndarray, chunk_bytes: int
+) -> Iterator[tensor_pb2.TensorChunk]:
+    for head, data in _chunk_heads(name, dname, shape, wire, chunk_bytes):
+        head.data = bytes(data)
+        yield head
 
 
 def _wire_name(arr: np.ndarray, wire: np.ndarray) -> str:
@@ -209,22 +216,8 @@ class WireBundle:
         Each is built straight from the array buffer with a single copy.
         """
         for name, dname, shape, wire in self.tensors:
-            size = itemsize(dname)
-            step = max(size, chunk_bytes - chunk_bytes % size)
-            buf = wire.reshape(-1).view(np.uint8).data
-            total = len(buf)
-            offset = 0
-            while True:
-                end = min(total, offset + step)
-                head = tensor_pb2.TensorChunk(name=name, offset=offset)
-                if offset == 0:
-                    head.dtype = dtype_to_proto(dname)
-                    head.shape.extend(int(d) for d in shape)
-                    head.total_bytes = total
-                yield encode_chunk_message(head, buf[offset:end])
-                offset = end
-                if offset >= total:
-                    break
+            for head, data in _chunk_heads(name, dname, shape, wire, chunk_bytes):
+                yield encode_chunk_message(head, data)
 
 
 def prepare_bundle(

@@ -42,6 +42,18 @@ def _abort(context: grpc.ServicerContext, err: FedGrpcError) -> NoReturn:
     context.abort(code, str(err))
 
 
+def _fail(context: grpc.ServicerContext, err: Exception, method: str) -> NoReturn:
+    """Abort with the status of ``err``: a domain error's own, else INTERNAL."""
+    if isinstance(err, FedGrpcError):
+        _abort(context, err)
+    # types-grpcio lacks ServicerContext.code() (in grpcio since 1.38).
+    status_code = context.code  # type: ignore[attr-defined]
+    if isinstance(err, grpc.RpcError) or status_code() is not None:
+        raise err  # cancelled by the client, or already aborted with a status
+    log.exception("internal error in %s", method)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}")
+
+
 def _unary(fn: Callable[..., T]) -> Callable[..., T]:
     """Map domain errors to their status, anything else to INTERNAL (never UNKNOWN)."""
 
@@ -49,17 +61,8 @@ def _unary(fn: Callable[..., T]) -> Callable[..., T]:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> T:
         try:
             return fn(self, request, context)
-        except FedGrpcError as err:
-            _abort(context, err)
         except Exception as err:
-            # types-grpcio lacks ServicerContext.code() (in grpcio since 1.38).
-            status_code = context.code  # type: ignore[attr-defined]
-            if isinstance(err, grpc.RpcError) or status_code() is not None:
-                raise  # cancelled by the client, or already aborted with a status
-            log.exception("internal error in %s", fn.__name__)
-            context.abort(
-                grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}"
-            )
+            _fail(context, err, fn.__name__)
 
     return wrapper
 
@@ -71,17 +74,8 @@ def _streaming(fn: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[T]:
         try:
             yield from fn(self, request, context)
-        except FedGrpcError as err:
-            _abort(context, err)
         except Exception as err:
-            # types-grpcio lacks ServicerContext.code() (in grpcio since 1.38).
-            status_code = context.code  # type: ignore[attr-defined]
-            if isinstance(err, grpc.RpcError) or status_code() is not None:
-                raise  # cancelled by the client, or already aborted with a status
-            log.exception("internal error in %s", fn.__name__)
-            context.abort(
-                grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}"
-            )
+            _fail(context, err, fn.__name__)
 
     return wrapper
 
