@@ -15,7 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from fedgrpc.checkpoint import load_arrays
+from fedgrpc.config import RoundConfig
 from fedgrpc.datasets.sources import Dataset, load_dataset
+from fedgrpc.engine import RoundEngine
+from fedgrpc.runtime import config_for_data, run_in_process
+from fedgrpc.types import RoundResult, UpdateKind
 
 FEDGRPC = [sys.executable, "-m", "fedgrpc"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -118,3 +122,68 @@ def final_model(run_dir: Path) -> dict[str, np.ndarray]:
     """The aggregator's final model file."""
     arrays, _ = load_arrays(run_dir / "final_model.npz")
     return arrays
+
+
+# The seeded run the multi-process tests share; its gRPC result must equal the
+# in-process reference run.
+SEEDED_TRAIN = [
+    "--rounds",
+    "6",
+    "--update-kind",
+    "delta",
+    "--lr",
+    "0.1",
+    "--batch-size",
+    "16",
+    "--model",
+    "mlp",
+    "--hidden",
+    "32",
+    "--seed",
+    "7",
+]
+
+
+def seeded_round_cfg(n_parties: int, rounds: int = 6) -> RoundConfig:
+    """The RoundConfig of SEEDED_TRAIN, for the in-process reference run."""
+    return RoundConfig(
+        rounds=rounds,
+        min_parties=n_parties,
+        update_kind=UpdateKind.DELTA,
+        lr=0.1,
+        batch_size=16,
+        model="mlp",
+        model_hidden=32,
+        seed=7,
+    )
+
+
+def split_digits(tmp_path: Path, n_parties: int, *extra: str) -> Path:
+    """`fedgrpc split` of digits into ``n_parties`` (seed 7, 300 held out)."""
+    out = tmp_path / "data"
+    res = run_cli(
+        [
+            "split",
+            "--data",
+            "digits",
+            "--parties",
+            str(n_parties),
+            "--val-holdout",
+            "300",
+            "--seed",
+            "7",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def reference_run(data: Path, n_parties: int) -> tuple[RoundEngine, list[RoundResult]]:
+    """The in-process run of SEEDED_TRAIN on the parties ``split_digits`` wrote."""
+    parties, val = load_parties(data, n_parties)
+    return run_in_process(
+        config_for_data(seeded_round_cfg(n_parties), val), parties, val
+    )

@@ -29,18 +29,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedgrpc.config import RoundConfig
-from fedgrpc.runtime import config_for_data, run_in_process
-from fedgrpc.types import UpdateKind
 from tests.e2e.helpers import (
     ENV,
     FEDGRPC,
+    SEEDED_TRAIN,
     Procs,
     final_model,
-    load_parties,
     processes,
     read_port,
-    run_cli,
+    reference_run,
+    split_digits,
     wait_exit,
     wait_for,
 )
@@ -50,22 +48,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 REPO = Path(__file__).resolve().parents[2]
 N_PARTIES = 3
-TRAIN = [
-    "--rounds",
-    "6",
-    "--update-kind",
-    "delta",
-    "--lr",
-    "0.1",
-    "--batch-size",
-    "16",
-    "--model",
-    "mlp",
-    "--hidden",
-    "32",
-    "--seed",
-    "7",
-]
 LATENCY_S = 0.1
 RATE_BYTES_S = 2_000_000
 # A party's connection carries ~16 KB per round (model down, update up, HTTP/2 framing):
@@ -79,40 +61,6 @@ NET_ENV = {
     **{k: v for k, v in ENV.items() if "proxy" not in k.lower()},
     "PYTHONPATH": str(REPO),
 }
-
-
-def _round_cfg() -> RoundConfig:
-    return RoundConfig(
-        rounds=6,
-        min_parties=N_PARTIES,
-        update_kind=UpdateKind.DELTA,
-        lr=0.1,
-        batch_size=16,
-        model="mlp",
-        model_hidden=32,
-        seed=7,
-    )
-
-
-def _split(tmp_path: Path) -> Path:
-    out = tmp_path / "data"
-    res = run_cli(
-        [
-            "split",
-            "--data",
-            "digits",
-            "--parties",
-            str(N_PARTIES),
-            "--val-holdout",
-            "300",
-            "--seed",
-            "7",
-            "--out",
-            str(out),
-        ]
-    )
-    assert res.returncode == 0, res.stderr
-    return out
 
 
 def _serve_args(run_dir: Path, data: Path, port_file: Path, address: str) -> list[str]:
@@ -131,7 +79,7 @@ def _serve_args(run_dir: Path, data: Path, port_file: Path, address: str) -> lis
         str(N_PARTIES),
         "--round-timeout",
         "60",
-        *TRAIN,
+        *SEEDED_TRAIN,
     ]
 
 
@@ -151,8 +99,7 @@ def _client_args(server: str, i: int, data: Path) -> list[str]:
 
 
 def _assert_matches_in_process(run_dir: Path, data: Path) -> None:
-    parties, val = load_parties(data, N_PARTIES)
-    engine, _ = run_in_process(config_for_data(_round_cfg(), val), parties, val)
+    engine, _ = reference_run(data, N_PARTIES)
     got = final_model(run_dir)
     want = dict(engine.layout.iter_arrays(engine.theta))
     assert set(got) == set(want)
@@ -194,7 +141,7 @@ def _wait_clients(clients: list[subprocess.Popen[bytes]], tmp_path: Path) -> Non
 def test_bad_loopback_network_run_matches_clean_in_process_run(
     tmp_path: Path,
 ) -> None:
-    data = _split(tmp_path)
+    data = split_digits(tmp_path, N_PARTIES)
     run_dir = tmp_path / "run"
     port_file = tmp_path / "port"
     slog = tmp_path / "server.log"
@@ -345,7 +292,7 @@ def _read_stats(path: Path) -> dict[str, object]:
 def test_bad_namespaced_network_run_matches_clean_in_process_run(
     tmp_path: Path,
 ) -> None:
-    data = _split(tmp_path)
+    data = split_digits(tmp_path, N_PARTIES)
     run_dir = tmp_path / "run"
     port_file = tmp_path / "port"
     proxy_port_file = tmp_path / "proxy-port"

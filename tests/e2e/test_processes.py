@@ -14,11 +14,14 @@ from fedgrpc.config import RoundConfig
 from fedgrpc.runtime import config_for_data, run_in_process
 from fedgrpc.types import UpdateKind
 from tests.e2e.helpers import (
+    SEEDED_TRAIN,
     final_model,
     load_parties,
     processes,
     read_port,
+    reference_run,
     run_cli,
+    split_digits,
     wait_exit,
     wait_for,
 )
@@ -26,59 +29,6 @@ from tests.e2e.helpers import (
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 N_PARTIES = 3
-TRAIN = [
-    "--rounds",
-    "6",
-    "--update-kind",
-    "delta",
-    "--lr",
-    "0.1",
-    "--batch-size",
-    "16",
-    "--model",
-    "mlp",
-    "--hidden",
-    "32",
-    "--seed",
-    "7",
-]
-
-
-def _round_cfg(rounds: int = 6) -> RoundConfig:
-    return RoundConfig(
-        rounds=rounds,
-        min_parties=N_PARTIES,
-        update_kind=UpdateKind.DELTA,
-        lr=0.1,
-        batch_size=16,
-        model="mlp",
-        model_hidden=32,
-        seed=7,
-    )
-
-
-def _split(tmp_path: Path) -> Path:
-    out = tmp_path / "data"
-    res = run_cli(
-        [
-            "split",
-            "--data",
-            "digits",
-            "--parties",
-            str(N_PARTIES),
-            "--val-holdout",
-            "300",
-            "--seed",
-            "7",
-            "--out",
-            str(out),
-            "--attack",
-            "2=label-flip:0.9",
-        ]
-    )
-    assert res.returncode == 0, res.stderr
-    assert "party-2" in res.stdout
-    return out
 
 
 def _serve_args(
@@ -102,7 +52,7 @@ def _serve_args(
         str(N_PARTIES),
         "--round-timeout",
         "60",
-        *TRAIN,
+        *SEEDED_TRAIN,
     ]
 
 
@@ -151,7 +101,7 @@ def _scores(run_dir: Path) -> dict[tuple[int, str], float]:
 
 
 def test_serve_and_clients_match_in_process_run(tmp_path: Path) -> None:
-    data = _split(tmp_path)
+    data = split_digits(tmp_path, N_PARTIES, "--attack", "2=label-flip:0.9")
     run_dir = tmp_path / "run"
     port_file = tmp_path / "port"
 
@@ -168,8 +118,7 @@ def test_serve_and_clients_match_in_process_run(tmp_path: Path) -> None:
             assert wait_exit(c, 120, tmp_path / f"c{i}.log") == 0
         assert wait_exit(server, 60, tmp_path / "server.log") == 0
 
-    parties, val = load_parties(data, N_PARTIES)
-    engine, results = run_in_process(config_for_data(_round_cfg(), val), parties, val)
+    engine, results = reference_run(data, N_PARTIES)
     got = final_model(run_dir)
     want = dict(engine.layout.iter_arrays(engine.theta))
     assert set(got) == set(want)
@@ -181,7 +130,7 @@ def test_serve_and_clients_match_in_process_run(tmp_path: Path) -> None:
     for key, value in expected.items():
         assert scores[key] == pytest.approx(value, rel=1e-3, abs=1e-6)
     # The heavily flipped party ranks last.
-    totals = {p: sum(s for (_, q), s in scores.items() if q == p) for p in parties}
+    totals = {q: sum(s for (_, p), s in scores.items() if p == q) for _, q in scores}
     assert min(totals, key=totals.__getitem__) == "party-2"
 
 
@@ -220,7 +169,7 @@ def test_simulate_default_reaches_accuracy_and_reports(tmp_path: Path) -> None:
 def test_aggregator_killed_and_resumed_finishes_like_uninterrupted_run(
     tmp_path: Path,
 ) -> None:
-    data = _split(tmp_path)
+    data = split_digits(tmp_path, N_PARTIES, "--attack", "2=label-flip:0.9")
     run_dir = tmp_path / "run"
     port_file = tmp_path / "port"
     log = tmp_path / "server.log"
@@ -253,8 +202,7 @@ def test_aggregator_killed_and_resumed_finishes_like_uninterrupted_run(
 
     assert 2 <= committed < 6
     assert _ledger_rounds(run_dir) == [(r, "ok") for r in range(6)]
-    parties, val = load_parties(data, N_PARTIES)
-    engine, results = run_in_process(config_for_data(_round_cfg(), val), parties, val)
+    engine, results = reference_run(data, N_PARTIES)
     got = final_model(run_dir)
     for name, want in engine.layout.iter_arrays(engine.theta):
         np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-5)
