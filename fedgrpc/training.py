@@ -186,7 +186,7 @@ class Evaluator:
     def evaluate(self, params: Params) -> tuple[float, float]:
         """Mean cross-entropy loss and accuracy of ``params`` on the validation set."""
         set_params(self._model, params)
-        self._model.eval()
+        self._model.train(False)  # eval mode (no dropout/batch-norm updates)
         loss_sum = 0.0
         correct = 0
         with torch.no_grad():
@@ -204,7 +204,7 @@ class Evaluator:
         depend on ``batch_size``.
         """
         set_params(self._model, params)
-        self._model.eval()
+        self._model.train(False)  # eval mode (no dropout/batch-norm updates)
         named = list(self._model.named_parameters())
         # float64 accumulators: many batches of float32 partial sums.
         acc = [torch.zeros(p.shape, dtype=torch.float64) for _, p in named]
