@@ -181,7 +181,13 @@ def test_aggregator_killed_and_resumed_finishes_like_uninterrupted_run(
             procs.start(_client_args(port, i, data), tmp_path / f"c{i}.log")
             for i in range(N_PARTIES)
         ]
-        wait_for(lambda: len(_ledger_rounds(run_dir)) >= 2, 60, "two committed rounds")
+        # Poll fast: rounds take ~50 ms here, and the kill must land mid-run.
+        wait_for(
+            lambda: len(_ledger_rounds(run_dir)) >= 2,
+            60,
+            "two committed rounds",
+            poll_s=0.002,
+        )
         server.send_signal(signal.SIGKILL)
         server.wait(timeout=10)
         committed = len(_ledger_rounds(run_dir))
