@@ -187,3 +187,46 @@ def reference_run(data: Path, n_parties: int) -> tuple[RoundEngine, list[RoundRe
     return run_in_process(
         config_for_data(seeded_round_cfg(n_parties), val), parties, val
     )
+
+
+def seeded_serve_args(
+    run_dir: Path,
+    data: Path,
+    port_file: Path,
+    address: str = "localhost:0",
+    n_parties: int = 3,
+) -> list[str]:
+    """`fedgrpc serve` arguments for the seeded run on ``split_digits`` data."""
+    return [
+        "serve",
+        "--insecure",
+        "--address",
+        address,
+        "--port-file",
+        str(port_file),
+        "--run-dir",
+        str(run_dir),
+        "--val-data",
+        f"npz:{data / 'val.npz'}",
+        "--min-parties",
+        str(n_parties),
+        "--round-timeout",
+        "60",
+        *SEEDED_TRAIN,
+    ]
+
+
+def party_args(server: str, i: int, data: Path) -> list[str]:
+    """`fedgrpc client` arguments for party ``i`` of ``split_digits`` data."""
+    return [
+        "client",
+        "--insecure",
+        "--server",
+        server,
+        "--party-id",
+        f"party-{i}",
+        "--data",
+        f"npz:{data / f'party-{i}.npz'}",
+        "--connect-timeout",
+        "60",
+    ]

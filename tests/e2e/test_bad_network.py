@@ -32,12 +32,13 @@ import pytest
 from tests.e2e.helpers import (
     ENV,
     FEDGRPC,
-    SEEDED_TRAIN,
     Procs,
     final_model,
+    party_args,
     processes,
     read_port,
     reference_run,
+    seeded_serve_args,
     split_digits,
     wait_exit,
     wait_for,
@@ -61,41 +62,6 @@ NET_ENV = {
     **{k: v for k, v in ENV.items() if "proxy" not in k.lower()},
     "PYTHONPATH": str(REPO),
 }
-
-
-def _serve_args(run_dir: Path, data: Path, port_file: Path, address: str) -> list[str]:
-    return [
-        "serve",
-        "--insecure",
-        "--address",
-        address,
-        "--port-file",
-        str(port_file),
-        "--run-dir",
-        str(run_dir),
-        "--val-data",
-        f"npz:{data / 'val.npz'}",
-        "--min-parties",
-        str(N_PARTIES),
-        "--round-timeout",
-        "60",
-        *SEEDED_TRAIN,
-    ]
-
-
-def _client_args(server: str, i: int, data: Path) -> list[str]:
-    return [
-        "client",
-        "--insecure",
-        "--server",
-        server,
-        "--party-id",
-        f"party-{i}",
-        "--data",
-        f"npz:{data / f'party-{i}.npz'}",
-        "--connect-timeout",
-        "60",
-    ]
 
 
 def _assert_matches_in_process(run_dir: Path, data: Path) -> None:
@@ -150,7 +116,10 @@ def test_bad_loopback_network_run_matches_clean_in_process_run(
     with processes() as procs:
         server = _spawn(
             procs,
-            [*FEDGRPC, *_serve_args(run_dir, data, port_file, "127.0.0.1:0")],
+            [
+                *FEDGRPC,
+                *seeded_serve_args(run_dir, data, port_file, "127.0.0.1:0"),
+            ],
             slog,
         )
         port = read_port(port_file, server, slog)
@@ -165,7 +134,7 @@ def test_bad_loopback_network_run_matches_clean_in_process_run(
             clients = [
                 _spawn(
                     procs,
-                    [*FEDGRPC, *_client_args(f"127.0.0.1:{proxy.port}", i, data)],
+                    [*FEDGRPC, *party_args(f"127.0.0.1:{proxy.port}", i, data)],
                     tmp_path / f"c{i}.log",
                 )
                 for i in range(N_PARTIES)
@@ -304,7 +273,10 @@ def test_bad_namespaced_network_run_matches_clean_in_process_run(
         shaped = _tbf(ns_party, dev)
         server = _spawn(
             procs,
-            [*FEDGRPC, *_serve_args(run_dir, data, port_file, f"{agg_ip}:0")],
+            [
+                *FEDGRPC,
+                *seeded_serve_args(run_dir, data, port_file, f"{agg_ip}:0"),
+            ],
             slog,
             ns_agg,
         )
@@ -351,7 +323,7 @@ def test_bad_namespaced_network_run_matches_clean_in_process_run(
         clients = [
             _spawn(
                 procs,
-                [*FEDGRPC, *_client_args(f"127.0.0.1:{proxy_port}", i, data)],
+                [*FEDGRPC, *party_args(f"127.0.0.1:{proxy_port}", i, data)],
                 tmp_path / f"c{i}.log",
                 ns_party,
             )

@@ -14,13 +14,14 @@ from fedgrpc.config import RoundConfig
 from fedgrpc.runtime import config_for_data, run_in_process
 from fedgrpc.types import UpdateKind
 from tests.e2e.helpers import (
-    SEEDED_TRAIN,
     final_model,
     load_parties,
+    party_args,
     processes,
     read_port,
     reference_run,
     run_cli,
+    seeded_serve_args,
     split_digits,
     wait_exit,
     wait_for,
@@ -29,46 +30,6 @@ from tests.e2e.helpers import (
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 N_PARTIES = 3
-
-
-def _serve_args(
-    run_dir: Path,
-    data: Path,
-    port_file: Path,
-    address: str = "localhost:0",
-) -> list[str]:
-    return [
-        "serve",
-        "--insecure",
-        "--address",
-        address,
-        "--port-file",
-        str(port_file),
-        "--run-dir",
-        str(run_dir),
-        "--val-data",
-        f"npz:{data / 'val.npz'}",
-        "--min-parties",
-        str(N_PARTIES),
-        "--round-timeout",
-        "60",
-        *SEEDED_TRAIN,
-    ]
-
-
-def _client_args(port: int, i: int, data: Path) -> list[str]:
-    return [
-        "client",
-        "--insecure",
-        "--server",
-        f"localhost:{port}",
-        "--party-id",
-        f"party-{i}",
-        "--data",
-        f"npz:{data / f'party-{i}.npz'}",
-        "--connect-timeout",
-        "60",
-    ]
 
 
 def _ledger_rounds(run_dir: Path) -> list[tuple[int, str]]:
@@ -107,11 +68,14 @@ def test_serve_and_clients_match_in_process_run(tmp_path: Path) -> None:
 
     with processes() as procs:
         server = procs.start(
-            _serve_args(run_dir, data, port_file), tmp_path / "server.log"
+            seeded_serve_args(run_dir, data, port_file),
+            tmp_path / "server.log",
         )
         port = read_port(port_file, server, tmp_path / "server.log")
         clients = [
-            procs.start(_client_args(port, i, data), tmp_path / f"c{i}.log")
+            procs.start(
+                party_args(f"localhost:{port}", i, data), tmp_path / f"c{i}.log"
+            )
             for i in range(N_PARTIES)
         ]
         for i, c in enumerate(clients):
@@ -175,10 +139,12 @@ def test_aggregator_killed_and_resumed_finishes_like_uninterrupted_run(
     log = tmp_path / "server.log"
 
     with processes() as procs:
-        server = procs.start(_serve_args(run_dir, data, port_file), log)
+        server = procs.start(seeded_serve_args(run_dir, data, port_file), log)
         port = read_port(port_file, server, log)
         clients = [
-            procs.start(_client_args(port, i, data), tmp_path / f"c{i}.log")
+            procs.start(
+                party_args(f"localhost:{port}", i, data), tmp_path / f"c{i}.log"
+            )
             for i in range(N_PARTIES)
         ]
         # Poll fast: rounds take ~50 ms here, and the kill must land mid-run.
