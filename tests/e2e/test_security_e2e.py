@@ -34,6 +34,23 @@ TRAIN = [
 ]
 
 
+def _serve(run_dir: Path, data: Path, port_file: Path, *security: str) -> list[str]:
+    """`fedgrpc serve` on localhost with the small training set-up and ``security``."""
+    return [
+        "serve",
+        "--address",
+        "localhost:0",
+        "--port-file",
+        str(port_file),
+        "--run-dir",
+        str(run_dir),
+        "--val-data",
+        f"npz:{data / 'val.npz'}",
+        *security,
+        *TRAIN,
+    ]
+
+
 def _split(tmp_path: Path) -> Path:
     out = tmp_path / "data"
     res = run_cli(
@@ -74,16 +91,10 @@ def test_mutual_tls_run_identity_from_certificates(tmp_path: Path) -> None:
 
     with processes() as procs:
         server = procs.start(
-            [
-                "serve",
-                "--address",
-                "localhost:0",
-                "--port-file",
-                str(port_file),
-                "--run-dir",
-                str(tmp_path / "run"),
-                "--val-data",
-                f"npz:{data / 'val.npz'}",
+            _serve(
+                tmp_path / "run",
+                data,
+                port_file,
                 "--tls-cert",
                 str(pki / "server.pem"),
                 "--tls-key",
@@ -94,8 +105,7 @@ def test_mutual_tls_run_identity_from_certificates(tmp_path: Path) -> None:
                 "--parties-file",
                 str(parties_file),
                 "--keep-serving",
-                *TRAIN,
-            ],
+            ),
             log,
         )
         port = read_port(port_file, server, log)
@@ -220,24 +230,17 @@ def test_bearer_tokens_over_tls(tmp_path: Path) -> None:
 
     with processes() as procs:
         server = procs.start(
-            [
-                "serve",
-                "--address",
-                "localhost:0",
-                "--port-file",
-                str(port_file),
-                "--run-dir",
-                str(tmp_path / "run"),
-                "--val-data",
-                f"npz:{data / 'val.npz'}",
+            _serve(
+                tmp_path / "run",
+                data,
+                port_file,
                 "--tls-cert",
                 str(pki / "server.pem"),
                 "--tls-key",
                 str(pki / "server.key"),
                 "--parties-file",
                 str(parties_file),
-                *TRAIN,
-            ],
+            ),
             log,
         )
         port = read_port(port_file, server, log)
@@ -289,22 +292,7 @@ def test_sigterm_shuts_down_gracefully_and_saves_open_round(tmp_path: Path) -> N
     run_dir = tmp_path / "run"
 
     with processes() as procs:
-        server = procs.start(
-            [
-                "serve",
-                "--insecure",
-                "--address",
-                "localhost:0",
-                "--port-file",
-                str(port_file),
-                "--run-dir",
-                str(run_dir),
-                "--val-data",
-                f"npz:{data / 'val.npz'}",
-                *TRAIN,
-            ],
-            log,
-        )
+        server = procs.start(_serve(run_dir, data, port_file, "--insecure"), log)
         read_port(port_file, server, log)
         wait_for(lambda: "listening" in log.read_text(), 30, "the server to listen")
 
