@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import fedgrpc
+from fedgrpc.cli_options import add_data_options, add_training_options, round_config
 from fedgrpc.config import ClientConfig, Limits, RoundConfig, ServerConfig, TlsConfig
 from fedgrpc.errors import FedGrpcError
 from fedgrpc.types import UpdateKind
@@ -23,86 +24,6 @@ log = logging.getLogger("fedgrpc")
 
 
 # --------------------------------------------------------------------- options
-def _add_training_options(p: argparse.ArgumentParser, *, defaults: RoundConfig) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument("--rounds", type=int, default=defaults.rounds)
-    g.add_argument(
-        "--update-kind",
-        choices=[k.value for k in UpdateKind],
-        default=defaults.update_kind.value,
-        help="gradient (FedSGD, server lr) or delta (local SGD steps)",
-    )
-    g.add_argument(
-        "--server-lr",
-        type=float,
-        default=defaults.server_lr,
-        help="server step size for gradient updates",
-    )
-    g.add_argument(
-        "--lr", type=float, default=defaults.lr, help="local SGD learning rate"
-    )
-    g.add_argument(
-        "--local-steps",
-        type=int,
-        default=defaults.local_steps,
-        help="local steps per round (delta); 0 = --local-epochs",
-    )
-    g.add_argument("--local-epochs", type=int, default=defaults.local_epochs)
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        default=defaults.batch_size,
-        help="local mini-batch size; 0 = full local data",
-    )
-    g.add_argument(
-        "--model",
-        default=defaults.model,
-        help="logreg, mlp, cnn or package.module:factory",
-    )
-    g.add_argument("--hidden", type=int, default=defaults.model_hidden)
-    g.add_argument("--seed", type=int, default=defaults.seed)
-    g.add_argument(
-        "--aggregation",
-        choices=["samples", "uniform", "digfl"],
-        default=defaults.aggregation,
-    )
-    g.add_argument(
-        "--wire-dtype", choices=["float32", "float16", "bfloat16"], default="float32"
-    )
-    g.add_argument(
-        "--round-timeout",
-        type=float,
-        default=defaults.round_timeout_s,
-        help="seconds before a round closes on quorum (or fails)",
-    )
-    g.add_argument("--join-timeout", type=float, default=defaults.join_timeout_s)
-    g.add_argument("--quorum-retries", type=int, default=0)
-
-
-def _round_config(
-    a: argparse.Namespace, *, min_parties: int, expected: int
-) -> RoundConfig:
-    return RoundConfig(
-        rounds=a.rounds,
-        min_parties=min_parties,
-        expected_parties=expected,
-        update_kind=UpdateKind(a.update_kind),
-        server_lr=a.server_lr,
-        lr=a.lr,
-        local_steps=a.local_steps,
-        local_epochs=a.local_epochs,
-        batch_size=a.batch_size,
-        round_timeout_s=a.round_timeout,
-        join_timeout_s=a.join_timeout,
-        aggregation=a.aggregation,
-        quorum_retries=a.quorum_retries,
-        seed=a.seed,
-        model=a.model,
-        model_hidden=a.hidden,
-        wire_dtype=a.wire_dtype,
-    )
-
-
 def _add_tls_client_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("security")
     g.add_argument(
@@ -173,7 +94,7 @@ def _serve_parser(sub: Any) -> None:
         action="store_true",
         help="after the last round keep answering queries until SIGTERM",
     )
-    _add_training_options(p, defaults=RoundConfig())
+    add_training_options(p, defaults=RoundConfig())
     g = p.add_argument_group("security")
     g.add_argument(
         "--insecure", action="store_true", help="plaintext (no TLS): tests only"
@@ -212,7 +133,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
     run_dir = a.resume or a.run_dir
     cfg = ServerConfig(
-        round=_round_config(a, min_parties=a.min_parties, expected=a.expected_parties),
+        round=round_config(a, min_parties=a.min_parties, expected=a.expected_parties),
         address=a.address,
         run_dir=run_dir,
         val_data=a.val_data,
@@ -283,38 +204,6 @@ def _cmd_client(a: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------- split
-def _add_data_options(p: argparse.ArgumentParser, *, parties: int) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--data", default="digits", help="digits, mnist:DIR, npz:FILE, mod:fn"
-    )
-    g.add_argument("--parties", type=int, default=parties)
-    g.add_argument(
-        "--partition",
-        default="iid",
-        help="iid, dirichlet:ALPHA, quantity:ALPHA, shards:K",
-    )
-    g.add_argument(
-        "--val-holdout",
-        type=int,
-        default=0,
-        help="samples held out for validation (default: 20%% of the data)",
-    )
-    g.add_argument(
-        "--train-count",
-        type=int,
-        default=0,
-        help="use only N training samples (0 = all)",
-    )
-    g.add_argument(
-        "--attack",
-        action="append",
-        default=[],
-        metavar="IDX=SPEC",
-        help="e.g. 3=label-flip:0.6, 1=mix:6->2:0.8, 2=free-rider, 4=scale:5",
-    )
-
-
 def _prepare(a: argparse.Namespace) -> tuple[dict[str, Any], Any, dict[str, Any]]:
     from fedgrpc.datasets.attacks import parse_assignments
     from fedgrpc.datasets.sources import load_dataset
@@ -336,7 +225,7 @@ def _split_parser(sub: Any) -> None:
     p = sub.add_parser(
         "split", help="write each party's partition and the validation set"
     )
-    _add_data_options(p, parties=5)
+    add_data_options(p, parties=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.set_defaults(func=_cmd_split)
@@ -398,7 +287,7 @@ def _simulate_parser(sub: Any) -> None:
     p = sub.add_parser(
         "simulate", help="aggregator + N client processes on loopback, one command"
     )
-    _add_data_options(p, parties=5)
+    add_data_options(p, parties=5)
     defaults = RoundConfig(
         rounds=15,
         update_kind=UpdateKind.DELTA,
@@ -407,7 +296,7 @@ def _simulate_parser(sub: Any) -> None:
         round_timeout_s=60.0,
         join_timeout_s=60.0,
     )
-    _add_training_options(p, defaults=defaults)
+    add_training_options(p, defaults=defaults)
     p.add_argument(
         "--run-dir", type=Path, help="run directory (default runs/sim-YYYYmmdd-HHMMSS)"
     )
@@ -420,7 +309,7 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
     from fedgrpc.simulate import simulate
 
     return simulate(
-        a, _prepare, _round_config(a, min_parties=a.parties, expected=a.parties)
+        a, _prepare, round_config(a, min_parties=a.parties, expected=a.parties)
     )
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedgrpc.checkpoint import atomic_write
+from fedgrpc.cli_options import add_data_options, add_training_options, round_config
 from fedgrpc.config import RoundConfig
 from fedgrpc.datasets.attacks import parse_assignments
 from fedgrpc.errors import ConfigError
@@ -26,7 +27,6 @@ from fedgrpc.evaluation import (
     prepare_parties,
     progress_bar,
 )
-from fedgrpc.types import UpdateKind
 
 log = logging.getLogger(__name__)
 
@@ -52,104 +52,9 @@ def add_shapley_parser(
             "with leave-one-out."
         ),
     )
-    data = p.add_argument_group("data")
-    data.add_argument(
-        "--data",
-        default="digits",
-        help="digits, mnist:DIR, npz:FILE or package.module:factory "
-        "(default: %(default)s)",
-    )
-    data.add_argument(
-        "--parties",
-        type=int,
-        default=4,
-        help="number of parties (default: %(default)s)",
-    )
-    data.add_argument(
-        "--partition",
-        default="iid",
-        help="iid, dirichlet:ALPHA, quantity:ALPHA or shards:K (default: %(default)s)",
-    )
-    data.add_argument(
-        "--val-holdout",
-        type=int,
-        default=None,
-        help=f"validation samples held out (default: {DIGITS_VAL_HOLDOUT} "
-        f"for digits, {OTHER_VAL_HOLDOUT} otherwise)",
-    )
-    data.add_argument(
-        "--train-count",
-        type=int,
-        default=0,
-        help="keep only this many training samples (default: all)",
-    )
-    data.add_argument(
-        "--attack",
-        action="append",
-        default=[],
-        metavar="IDX=SPEC",
-        help="attack a party, e.g. 3=label-flip:0.6 (repeatable)",
-    )
-    train = p.add_argument_group("training")
-    train.add_argument(
-        "--model",
-        default=_DEFAULTS.model,
-        help="logreg, mlp, cnn or package.module:factory (default: %(default)s)",
-    )
-    train.add_argument(
-        "--hidden",
-        type=int,
-        default=_DEFAULTS.model_hidden,
-        help="hidden width of mlp/cnn (default: %(default)s)",
-    )
-    train.add_argument(
-        "--rounds",
-        type=int,
-        default=_DEFAULTS.rounds,
-        help="rounds per training (default: %(default)s)",
-    )
-    train.add_argument(
-        "--update-kind",
-        choices=[k.value for k in UpdateKind],
-        default=_DEFAULTS.update_kind.value,
-        help="gradient (FedSGD) or delta (default: %(default)s)",
-    )
-    train.add_argument(
-        "--lr",
-        type=float,
-        default=_DEFAULTS.lr,
-        help="local SGD step size, delta only (default: %(default)s)",
-    )
-    train.add_argument(
-        "--server-lr",
-        type=float,
-        default=_DEFAULTS.server_lr,
-        help="server step size, gradient only (default: %(default)s)",
-    )
-    train.add_argument(
-        "--local-epochs",
-        type=int,
-        default=_DEFAULTS.local_epochs,
-        help="local epochs, delta (default: %(default)s)",
-    )
-    train.add_argument(
-        "--local-steps",
-        type=int,
-        default=_DEFAULTS.local_steps,
-        help="local steps, delta; 0 = use epochs (default: %(default)s)",
-    )
-    train.add_argument(
-        "--batch-size",
-        type=int,
-        default=_DEFAULTS.batch_size,
-        help="local mini-batch; 0 = all local data (default: %(default)s)",
-    )
-    train.add_argument(
-        "--seed",
-        type=int,
-        default=_DEFAULTS.seed,
-        help="run seed: data split, attacks, model, batches (default: %(default)s)",
-    )
+    add_data_options(p, parties=4)
+    add_training_options(p, defaults=_DEFAULTS)
+    train = p.add_argument_group("evaluation run")
     train.add_argument(
         "--threads",
         type=int,
@@ -211,9 +116,9 @@ def run_shapley(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    holdout = args.val_holdout
-    if holdout is None:
-        holdout = DIGITS_VAL_HOLDOUT if args.data == "digits" else OTHER_VAL_HOLDOUT
+    holdout = args.val_holdout or (
+        DIGITS_VAL_HOLDOUT if args.data == "digits" else OTHER_VAL_HOLDOUT
+    )
     attacks = parse_assignments(args.attack)
     parties, val = prepare_parties(
         args.data,
@@ -224,19 +129,7 @@ def _evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         args.seed,
         train_count=args.train_count,
     )
-    cfg = RoundConfig(
-        rounds=args.rounds,
-        min_parties=args.parties,
-        update_kind=UpdateKind(args.update_kind),
-        server_lr=args.server_lr,
-        lr=args.lr,
-        local_steps=args.local_steps,
-        local_epochs=args.local_epochs,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        model=args.model,
-        model_hidden=args.hidden,
-    )
+    cfg = round_config(args, min_parties=args.parties, expected=args.parties)
     show = args.progress != "never"
     progress = (
         partial(progress_bar, stream=sys.stderr, force=args.progress == "always")
