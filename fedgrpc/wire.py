@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from fedgrpc.config import RoundConfig
 from fedgrpc.errors import InvalidUpdateError, LimitError
 from fedgrpc.layout import FlatLayout, digest_hex, stream_digest
-from fedgrpc.proto import tensor_pb2
-from fedgrpc.types import TensorSpec
+from fedgrpc.proto import aggregator_pb2, tensor_pb2
+from fedgrpc.types import TensorSpec, UpdateKind
 
 __all__ = [
     "CHUNK_BYTES",
@@ -234,6 +235,64 @@ def prepare_bundle(
         total += raw.size
         tensors.append((name, _wire_name(arr, wire), tuple(arr.shape), wire))
     return WireBundle(tuple(tensors), h.digest(), total)
+
+
+_KIND_TO_PROTO = {
+    UpdateKind.GRADIENT: aggregator_pb2.GRADIENT,
+    UpdateKind.DELTA: aggregator_pb2.DELTA,
+}
+_KIND_FROM_PROTO: dict[int, UpdateKind] = {int(v): k for k, v in _KIND_TO_PROTO.items()}
+
+
+def update_kind_to_proto(kind: UpdateKind) -> aggregator_pb2.UpdateKind.ValueType:
+    """Proto enum of an update kind."""
+    return _KIND_TO_PROTO[kind]
+
+
+def update_kind_from_proto(value: int) -> UpdateKind | None:
+    """Update kind of a proto enum value; None when unset or unknown."""
+    return _KIND_FROM_PROTO.get(int(value))
+
+
+def training_config_to_proto(cfg: RoundConfig) -> aggregator_pb2.TrainingConfig:
+    """What a party needs of the run's RoundConfig."""
+    return aggregator_pb2.TrainingConfig(
+        rounds=cfg.rounds,
+        update_kind=update_kind_to_proto(cfg.update_kind),
+        lr=cfg.lr,
+        server_lr=cfg.server_lr,
+        local_steps=cfg.local_steps,
+        local_epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        model=cfg.model,
+        model_hidden=cfg.model_hidden,
+        seed=cfg.seed,
+        wire_dtype=dtype_to_proto(cfg.wire_dtype),
+        input_shape=list(cfg.input_shape),
+        num_classes=cfg.num_classes,
+        round_timeout_s=cfg.round_timeout_s,
+    )
+
+
+def training_config_from_proto(tc: aggregator_pb2.TrainingConfig) -> RoundConfig:
+    """The RoundConfig a party trains by, from the aggregator's TrainingConfig."""
+    wire_dtype = dtype_from_proto(tc.wire_dtype) if tc.wire_dtype else "float32"
+    return RoundConfig(
+        rounds=max(1, tc.rounds),
+        update_kind=update_kind_from_proto(tc.update_kind) or UpdateKind.GRADIENT,
+        lr=tc.lr or 0.05,
+        server_lr=tc.server_lr or 0.5,
+        local_steps=tc.local_steps,
+        local_epochs=max(1, tc.local_epochs),
+        batch_size=tc.batch_size,
+        model=tc.model,
+        model_hidden=max(1, tc.model_hidden),
+        seed=tc.seed,
+        wire_dtype=wire_dtype,
+        input_shape=tuple(int(d) for d in tc.input_shape),
+        num_classes=tc.num_classes,
+        round_timeout_s=tc.round_timeout_s or 60.0,
+    )
 
 
 def spec_to_proto(spec: TensorSpec) -> tensor_pb2.TensorSpec:

@@ -9,15 +9,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedgrpc import wire
 from fedgrpc.client.stub import AggregatorClient, ModelVersion, TrainingOver
 from fedgrpc.config import ClientConfig, RoundConfig
 from fedgrpc.datasets.attacks import Attack, parse_attack
 from fedgrpc.datasets.sources import Dataset, load_dataset
 from fedgrpc.errors import ConfigError, RemoteError
 from fedgrpc.models import build_model, model_specs
-from fedgrpc.proto import aggregator_pb2
 from fedgrpc.runtime import train_round
-from fedgrpc.types import UpdateKind
 from fedgrpc.wire import FlatLayout
 
 log = logging.getLogger(__name__)
@@ -38,32 +37,6 @@ class PartyResult:
     last_train_loss: float
 
 
-def round_config_from_reply(tc: aggregator_pb2.TrainingConfig) -> RoundConfig:
-    """The RoundConfig a party needs, from the server's TrainingConfig."""
-    kind = (
-        UpdateKind.DELTA
-        if tc.update_kind == aggregator_pb2.DELTA
-        else UpdateKind.GRADIENT
-    )
-    wire_names = {1: "float32", 2: "float16", 3: "bfloat16"}
-    return RoundConfig(
-        rounds=max(1, tc.rounds),
-        update_kind=kind,
-        lr=tc.lr or 0.05,
-        server_lr=tc.server_lr or 0.5,
-        local_steps=tc.local_steps,
-        local_epochs=max(1, tc.local_epochs),
-        batch_size=tc.batch_size,
-        model=tc.model,
-        model_hidden=max(1, tc.model_hidden),
-        seed=tc.seed,
-        wire_dtype=wire_names.get(tc.wire_dtype, "float32"),
-        input_shape=tuple(int(d) for d in tc.input_shape),
-        num_classes=tc.num_classes,
-        round_timeout_s=tc.round_timeout_s or 60.0,
-    )
-
-
 def run_party(cfg: ClientConfig, data: Dataset | None = None) -> PartyResult:
     """Take part in a run until the aggregator says training is over."""
     torch.set_num_threads(cfg.threads)
@@ -71,7 +44,7 @@ def run_party(cfg: ClientConfig, data: Dataset | None = None) -> PartyResult:
     attack = parse_attack(cfg.attack)
     with AggregatorClient(cfg) as client:
         reply = client.join(len(data))
-        rcfg = round_config_from_reply(reply.config)
+        rcfg = wire.training_config_from_proto(reply.config)
         if tuple(data.x.shape[1:]) != rcfg.input_shape:
             raise ConfigError(
                 f"party {cfg.party_id}: local samples have shape "

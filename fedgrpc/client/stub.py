@@ -28,10 +28,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_KIND_TO_PROTO = {
-    UpdateKind.GRADIENT: aggregator_pb2.GRADIENT,
-    UpdateKind.DELTA: aggregator_pb2.DELTA,
-}
 CHANNEL_OPTIONS = [
     # Detect a dead peer on a silent network within ~15 s, without flooding a live one.
     ("grpc.keepalive_time_ms", 10_000),
@@ -260,7 +256,7 @@ class AggregatorClient:
                     round=round_index,
                     num_samples=num_samples,
                     train_loss=train_loss,
-                    update_kind=_KIND_TO_PROTO[kind],
+                    update_kind=wire.update_kind_to_proto(kind),
                     submission_id=sid,
                     model_digest=model_digest,
                 )

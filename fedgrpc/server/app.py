@@ -31,7 +31,7 @@ from fedgrpc.runtime import FlatValidator, config_for_data, setup_model
 from fedgrpc.security import PartyRegistry
 from fedgrpc.server.auth import server_credentials
 from fedgrpc.server.broadcast import ModelBroadcaster
-from fedgrpc.server.servicer import KIND_TO_PROTO, AggregatorServicer
+from fedgrpc.server.servicer import AggregatorServicer
 from fedgrpc.training import Evaluator
 from fedgrpc.types import RoundResult, UpdateKind
 
@@ -233,22 +233,7 @@ class Aggregator:
     def _join_reply(
         self, rcfg: RoundConfig, specs: list[Any]
     ) -> aggregator_pb2.JoinReply:
-        tc = aggregator_pb2.TrainingConfig(
-            rounds=rcfg.rounds,
-            update_kind=KIND_TO_PROTO[rcfg.update_kind],
-            lr=rcfg.lr,
-            server_lr=rcfg.server_lr,
-            local_steps=rcfg.local_steps,
-            local_epochs=rcfg.local_epochs,
-            batch_size=rcfg.batch_size,
-            model=rcfg.model,
-            model_hidden=rcfg.model_hidden,
-            seed=rcfg.seed,
-            wire_dtype=wire.dtype_to_proto(rcfg.wire_dtype),
-            input_shape=list(rcfg.input_shape),
-            num_classes=rcfg.num_classes,
-            round_timeout_s=rcfg.round_timeout_s,
-        )
+        tc = wire.training_config_to_proto(rcfg)
         return aggregator_pb2.JoinReply(
             run_id=self.run_id,
             config=tc,

@@ -24,17 +24,11 @@ from fedgrpc.proto import aggregator_pb2
 from fedgrpc.security import PARTY_ID_RE, Identity, PartyRegistry
 from fedgrpc.server.auth import identity_from_context
 from fedgrpc.server.broadcast import ModelBroadcaster
-from fedgrpc.types import ContributionReport, UpdateKind
+from fedgrpc.types import ContributionReport
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-_KIND_FROM_PROTO = {
-    aggregator_pb2.GRADIENT: UpdateKind.GRADIENT,
-    aggregator_pb2.DELTA: UpdateKind.DELTA,
-}
-KIND_TO_PROTO = {v: k for k, v in _KIND_FROM_PROTO.items()}
 
 
 def _abort(context: grpc.ServicerContext, err: FedGrpcError) -> NoReturn:
@@ -219,7 +213,7 @@ class AggregatorServicer:
         it: Iterator[tuple[str | None, Any]],
     ) -> aggregator_pb2.SubmitReply:
         label = f"party {party}, round {hdr.round}"
-        kind = _KIND_FROM_PROTO.get(hdr.update_kind)
+        kind = wire.update_kind_from_proto(hdr.update_kind)
         if kind is None:
             raise InvalidUpdateError(f"{label}: update kind is unset or unknown")
         latest = self._broadcaster.latest

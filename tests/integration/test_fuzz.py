@@ -24,7 +24,7 @@ from fedgrpc import wire
 from fedgrpc.errors import FedGrpcError
 from fedgrpc.proto import aggregator_pb2, tensor_pb2
 from fedgrpc.server.app import Aggregator
-from fedgrpc.server.servicer import KIND_TO_PROTO, parse
+from fedgrpc.server.servicer import parse
 from fedgrpc.types import TensorSpec
 from tests.conftest import MakeServer
 
@@ -425,7 +425,7 @@ def _valid_upload(agg: Aggregator, party: str, sid: str, seed: int) -> list[byte
 
 
 def _kind(agg: Aggregator) -> int:
-    return int(KIND_TO_PROTO[agg.round_cfg.update_kind])
+    return int(wire.update_kind_to_proto(agg.round_cfg.update_kind))
 
 
 _HEADER_FIELDS = ("party_id", "round", "num_samples", "train_loss", "update_kind")
