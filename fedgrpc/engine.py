@@ -291,7 +291,8 @@ class RoundEngine:
         executor: where to compute v_t while parties train; ``None`` computes it inline.
         on_commit: called with each closed round's result and theta_{t+1} *before* the
             next model is published (the ledger commits here).
-        on_publish: called with (round, theta_round) to publish a model to the parties.
+        on_publish: called with (round, theta_round) to publish a model to the parties;
+            theta_round is one of the engine's two buffers: encode or copy it now.
         on_finish: called once with the final state (DONE or FAILED) and a reason.
         on_join: called with (party, num_samples) when a party first joins or changes
             its sample count (the ledger records the registry here).
@@ -299,6 +300,11 @@ class RoundEngine:
         start_round: first round (a resumed run continues from its last committed
             round).
         max_in_flight: uploads buffered at once (each holds one model-sized buffer).
+        theta_buffers: two model-sized float32 vectors the engine alternates between:
+            one holds theta_t, the other accumulates the round's weighted sum and
+            becomes theta_{t+1} at the close (allocated here when ``None``). So
+            ``engine.theta`` stays intact until the round after next opens; copy it
+            to keep it longer.
         upload_idle_s: an upload that sends nothing for this long is discarded and its
             slot released, so stalled or hostile streams cannot starve the others.
     """
@@ -320,6 +326,7 @@ class RoundEngine:
         max_in_flight: int = 4,
         max_parties: int = 1024,
         upload_idle_s: float = 60.0,
+        theta_buffers: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         self.cfg = cfg
         self.layout = FlatLayout.of(specs)
@@ -328,7 +335,19 @@ class RoundEngine:
                 f"initial model has {init_flat.size} elements; specs need "
                 f"{self.layout.size}"
             )
-        self.theta = np.array(init_flat, dtype=np.float32)  # own copy: never aliased
+        if theta_buffers is None:
+            theta_buffers = (
+                np.empty(self.layout.size, dtype=np.float32),
+                np.empty(self.layout.size, dtype=np.float32),
+            )
+        for buf in theta_buffers:
+            if buf.shape != (self.layout.size,) or buf.dtype != np.float32:
+                raise InvalidUpdateError(
+                    f"theta buffers must be float32 vectors of {self.layout.size}"
+                )
+        np.copyto(theta_buffers[0], init_flat, casting="same_kind")
+        self.theta = theta_buffers[0]  # theta_t
+        self._spare = theta_buffers[1]  # the accumulator, then theta_{t+1}
         self._validator = validator
         self._executor = executor
         self._on_commit = on_commit
@@ -626,10 +645,12 @@ class RoundEngine:
         return num_samples / rnd.weight_ref
 
     def _fold(self, rnd: _Round, update: np.ndarray, weight: float) -> None:
-        if rnd.acc is None:
-            rnd.acc = np.zeros(self.layout.size, dtype=np.float32)
-        acc = rnd.acc
         w = np.float32(weight)
+        if rnd.acc is None:  # the first update of the round: write, don't add
+            rnd.acc = self._spare
+            np.multiply(update, w, out=rnd.acc)
+            return
+        acc = rnd.acc
         tmp = np.empty(min(_FOLD_BLOCK, acc.size), dtype=np.float32)
         for s in range(0, acc.size, _FOLD_BLOCK):
             e = min(acc.size, s + _FOLD_BLOCK)
@@ -662,6 +683,12 @@ class RoundEngine:
             if self.state != RunState.TRAINING or self._round is None:
                 return
             rnd = self._round
+            if rnd.val_grad.done() and rnd.val_grad.exception() is not None:
+                # Nothing can be scored or closed without v_t: stop, naming why.
+                err = rnd.val_grad.exception()
+                self._round = None
+                self._finish_run(RunState.FAILED, f"failed: {err}")
+                return
             active = {p for p, i in self.parties.items() if i.active}
             # Close early only with quorum: after a failed round the inactive parties
             # must not let a single resubmission close the retry.
@@ -738,11 +765,11 @@ class RoundEngine:
         assert rnd.acc is not None
         # theta_{t+1} = theta_t - step * sum_i p_i u_i, with p_i = w_i / sum_j w_j.
         scale = np.float32(step / rnd.weight_sum)
-        # A new array: theta_t stays intact for v_t and for anyone still holding it.
+        # In place in the spare buffer: theta_t stays intact for v_t and for anyone
+        # holding it until the next round's first fold; no fresh pages per round.
         with np.errstate(over="ignore", invalid="ignore"):  # checked just below
-            # acc is spent after this round: scale it in place, then one new array.
             np.multiply(rnd.acc, scale, out=rnd.acc)
-            new_theta = np.subtract(self.theta, rnd.acc)
+            new_theta = np.subtract(self.theta, rnd.acc, out=rnd.acc)
         aggregate_s = time.perf_counter() - t1
         if not np.isfinite(new_theta).all():
             self._round_failed(
@@ -786,7 +813,7 @@ class RoundEngine:
             aggregate_s=aggregate_s,
         )
         self._commit(result, new_theta)
-        self.theta = new_theta
+        self._spare, self.theta = self.theta, new_theta
         self.val_loss, self.val_acc = loss_after, acc_after
         self.late = late
         self.last_round_s = result.duration_s

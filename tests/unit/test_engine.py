@@ -77,7 +77,7 @@ class Run:
 
     def on_commit(self, result: RoundResult, theta: np.ndarray) -> None:
         self.events.append(("commit", result.round))
-        self.commits.append((result, theta))
+        self.commits.append((result, theta.copy()))  # the engine reuses the buffer
 
     def on_finish(self, state: RunState, reason: str) -> None:
         self.events.append(("finish", state))
@@ -106,6 +106,7 @@ def _run(
     start: bool = True,
     init: np.ndarray = THETA_0,
     max_in_flight: int = 4,
+    theta_buffers: tuple[np.ndarray, np.ndarray] | None = None,
     **cfg: Any,
 ) -> Run:
     clock = FakeClock()
@@ -121,6 +122,7 @@ def _run(
         on_finish=run.on_finish,
         clock=clock,
         max_in_flight=max_in_flight,
+        theta_buffers=theta_buffers,
     )
     for pid, n in (parties or {}).items():
         run.engine.join(pid, n)
@@ -855,21 +857,41 @@ def test_engine_commit_before_next_publish() -> None:
     ]
 
 
-def test_engine_published_theta_is_never_mutated() -> None:
-    run = _run(N3, rounds=3)
+def test_engine_theta_stays_intact_through_its_round_in_two_buffers() -> None:
+    """theta_t is not touched while round t runs (v_t, publication, parties); the
+    engine alternates two preallocated buffers instead of fresh arrays per round."""
+    bufs = (np.full(SIZE, np.nan, np.float32), np.full(SIZE, np.nan, np.float32))
+    run = _run(N3, rounds=3, theta_buffers=bufs)
+    np.testing.assert_array_equal(bufs[0], THETA_0)  # theta_0 copied into buffer 0
 
     for t in range(3):
+        _, theta_t, snapshot = run.published[t]
         _submit_all(run, G3, N3, rnd=t)
+        np.testing.assert_array_equal(theta_t, snapshot)  # folds went elsewhere
         run.engine.tick()
 
     assert [r for r, _, _ in run.published] == [0, 1, 2]
-    for _, theta, snapshot in run.published:
-        np.testing.assert_array_equal(theta, snapshot)
-    for (_, theta_next), (_, published, _) in zip(
+    for (_, theta_next), (_, _, published) in zip(
         run.commits[:-1], run.published[1:], strict=True
     ):
         np.testing.assert_array_equal(theta_next, published)
-    assert not np.array_equal(run.published[0][1], run.published[1][1])
+    assert not np.array_equal(run.published[0][2], run.published[1][2])
+    ptrs = [_address(t) for _, t, _ in run.published]
+    assert ptrs == [_address(bufs[0]), _address(bufs[1]), _address(bufs[0])]
+    assert _address(run.engine.theta) == _address(bufs[1])  # theta_3
+
+
+def _address(a: np.ndarray) -> int:
+    return int(a.__array_interface__["data"][0])
+
+
+def test_engine_rejects_wrong_theta_buffers() -> None:
+    with pytest.raises(InvalidUpdateError, match="theta buffers"):
+        _run(
+            N3,
+            start=False,
+            theta_buffers=(np.empty(SIZE, np.float32), np.empty(SIZE, np.float64)),
+        )
 
 
 def test_engine_submit_arrays_helper() -> None:
