@@ -88,6 +88,14 @@ def _serve_parser(sub: Any) -> None:
         help="parties to wait for before round 0 (default: --min-parties)",
     )
     p.add_argument("--init-model", type=Path, help="start from these weights (.npz)")
+    p.add_argument(
+        "--validator",
+        choices=("process", "thread"),
+        default="process",
+        help="where the validation passes (v_t, loss after the step) run: a worker "
+        "process sharing the model through memory, which keeps torch and the "
+        "validation set out of the aggregator (default), or a thread of the aggregator",
+    )
     p.add_argument("--port-file", type=Path, help="write the bound port here")
     p.add_argument(
         "--keep-serving",
@@ -158,6 +166,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         keep_serving=a.keep_serving,
         init_model=a.init_model,
         resume=a.resume is not None,
+        validator=a.validator,
     )
     return serve(cfg)
 

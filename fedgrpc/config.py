@@ -6,14 +6,17 @@ or the environment.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fedgrpc.errors import ConfigError
 from fedgrpc.types import UpdateKind
 
 AGGREGATIONS = ("samples", "uniform", "digfl")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
+VALIDATORS = ("process", "thread")
 
 
 @dataclass(frozen=True)
@@ -157,8 +160,15 @@ class ServerConfig:
     init_model: Path | None = None
     """Start from these weights (.npz) instead of the seeded initialisation."""
     resume: bool = False
+    validator: str = "process"
+    """Where the validation passes run: ``process`` (a worker process sharing theta
+    and v_t through memory; keeps torch out of the aggregator) or ``thread``."""
 
     def __post_init__(self) -> None:
+        if self.validator not in VALIDATORS:
+            raise ConfigError(
+                f"validator must be one of {VALIDATORS}, got {self.validator!r}"
+            )
         if not self.insecure and self.tls.cert is None:
             raise ConfigError(
                 "no TLS certificate given: pass --tls-cert/--tls-key or run with "
@@ -194,3 +204,20 @@ class ClientConfig:
             )
         if self.rpc_timeout_s <= 0 or self.connect_timeout_s <= 0:
             raise ConfigError("timeouts must be positive")
+
+
+def round_config_to_json(cfg: RoundConfig) -> dict[str, Any]:
+    """RoundConfig as plain JSON values."""
+    out = dataclasses.asdict(cfg)
+    out["update_kind"] = cfg.update_kind.value
+    out["input_shape"] = list(cfg.input_shape)
+    return out
+
+
+def round_config_from_json(data: dict[str, Any]) -> RoundConfig:
+    """Inverse of :func:`round_config_to_json`."""
+    fields = {f.name for f in dataclasses.fields(RoundConfig)}
+    kw = {k: v for k, v in data.items() if k in fields}
+    kw["update_kind"] = UpdateKind(kw.get("update_kind", "gradient"))
+    kw["input_shape"] = tuple(kw.get("input_shape", (1, 8, 8)))
+    return RoundConfig(**kw)

@@ -19,7 +19,7 @@ from torch import nn
 from fedgrpc.checkpoint import load_arrays
 from fedgrpc.config import RoundConfig
 from fedgrpc.datasets.attacks import Attack, apply_update_attack
-from fedgrpc.datasets.sources import Dataset
+from fedgrpc.datasets.sources import Dataset, load_dataset, subset
 from fedgrpc.engine import RoundEngine, RunState, submit_arrays
 from fedgrpc.errors import ConfigError
 from fedgrpc.layout import FlatLayout
@@ -89,6 +89,42 @@ def setup_model(cfg: RoundConfig, init_model: Path | None = None) -> ModelSetup:
         )
         theta0 = layout.flatten(params)
     return ModelSetup(model, specs, layout, theta0)
+
+
+@dataclass
+class LocalValidation:
+    """The server's validation side, built in the process that runs the passes."""
+
+    validator: FlatValidator
+    round_cfg: RoundConfig  # input shape and class count taken from the data
+    specs: list[TensorSpec]
+    layout: FlatLayout
+    theta0: np.ndarray
+    val_digest: str
+
+
+def local_validation(
+    cfg: RoundConfig, val_spec: str, val_count: int, init_model: Path | None
+) -> LocalValidation:
+    """Load the validation set, build the model and theta_0, wrap the evaluator.
+
+    Used by the aggregator in-process (``--validator thread``) and by the validation
+    worker process (``--validator process``): one code path for both.
+    """
+    val = load_dataset(val_spec)
+    if val_count:
+        val = subset(val, np.arange(min(val_count, len(val))))
+    rcfg = config_for_data(cfg, val)
+    setup = setup_model(rcfg, init_model)
+    evaluator = Evaluator(setup.model, val.x, val.y)
+    return LocalValidation(
+        FlatValidator(evaluator, setup.layout),
+        rcfg,
+        setup.specs,
+        setup.layout,
+        setup.theta0,
+        evaluator.digest(),
+    )
 
 
 def train_round(

@@ -48,7 +48,9 @@ def make_server(tmp_path: Path) -> Iterator[MakeServer]:
             val_count=200,
             insecure=True,
             limits=limits or Limits(),
-            **(server or {}),
+            # In-process validation keeps each test's start-up short; the worker
+            # process (the serve default) has its own tests and runs in every e2e test.
+            **({"validator": "thread"} | (server or {})),
         )
         agg = Aggregator(cfg)
         agg.start()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import signal
@@ -21,19 +20,23 @@ from grpc_reflection.v1alpha import reflection
 import fedgrpc
 from fedgrpc import wire
 from fedgrpc.checkpoint import atomic_write, load_arrays, save_arrays
-from fedgrpc.config import RoundConfig, ServerConfig
-from fedgrpc.datasets.sources import load_dataset, subset
+from fedgrpc.config import (
+    RoundConfig,
+    ServerConfig,
+    round_config_from_json,
+    round_config_to_json,
+)
 from fedgrpc.engine import RoundEngine, RunState
-from fedgrpc.errors import ConfigError
+from fedgrpc.errors import ConfigError, FedGrpcError
+from fedgrpc.layout import FlatLayout
 from fedgrpc.ledger import LEDGER_FILE, Ledger
 from fedgrpc.proto import aggregator_pb2, tensor_pb2
-from fedgrpc.runtime import FlatValidator, config_for_data, setup_model
 from fedgrpc.security import PartyRegistry
 from fedgrpc.server.auth import server_credentials
 from fedgrpc.server.broadcast import ModelBroadcaster
 from fedgrpc.server.servicer import AggregatorServicer
-from fedgrpc.training import Evaluator
-from fedgrpc.types import RoundResult, UpdateKind
+from fedgrpc.server.validation import ValidationSetup, open_validation
+from fedgrpc.types import RoundResult
 
 log = logging.getLogger(__name__)
 
@@ -88,23 +91,6 @@ def build_handler(servicer: AggregatorServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
-def round_config_to_json(cfg: RoundConfig) -> dict[str, Any]:
-    """RoundConfig as plain JSON values."""
-    out = dataclasses.asdict(cfg)
-    out["update_kind"] = cfg.update_kind.value
-    out["input_shape"] = list(cfg.input_shape)
-    return out
-
-
-def round_config_from_json(data: dict[str, Any]) -> RoundConfig:
-    """Inverse of :func:`round_config_to_json`."""
-    fields = {f.name for f in dataclasses.fields(RoundConfig)}
-    kw = {k: v for k, v in data.items() if k in fields}
-    kw["update_kind"] = UpdateKind(kw.get("update_kind", "gradient"))
-    kw["input_shape"] = tuple(kw.get("input_shape", (1, 8, 8)))
-    return RoundConfig(**kw)
-
-
 class Aggregator:
     """One run of the aggregator: owns the engine, the ledger and the gRPC server."""
 
@@ -134,15 +120,28 @@ class Aggregator:
                 )
             self.run_id = uuid.uuid4().hex[:12]
             rcfg, val_spec, val_count = cfg.round, cfg.val_data, cfg.val_count
-        val = load_dataset(val_spec)
-        if val_count:
-            val = subset(val, np.arange(min(val_count, len(val))))
-        rcfg = config_for_data(rcfg, val)
+        init_model = None if cfg.resume else cfg.init_model
+        self.validation = open_validation(
+            cfg.validator, rcfg, val_spec, val_count, init_model
+        )
+        try:
+            self._setup(cfg, self.validation, start_round, val_spec, val_count)
+        except BaseException:
+            self.validation.close()
+            raise
+
+    def _setup(
+        self,
+        cfg: ServerConfig,
+        validation: ValidationSetup,
+        start_round: int,
+        val_spec: str,
+        val_count: int,
+    ) -> None:
+        rcfg = validation.round_cfg
         self.round_cfg = rcfg
-        setup = setup_model(rcfg, None if cfg.resume else cfg.init_model)
-        self.layout = setup.layout
-        evaluator = Evaluator(setup.model, val.x, val.y)
-        theta = setup.theta0
+        self.layout = FlatLayout.of(validation.specs)
+        theta = validation.theta0
         if cfg.resume:
             state = self.ledger.get_state("resume")
             if state is None:
@@ -160,15 +159,16 @@ class Aggregator:
                 "val_data": val_spec,
                 "val_count": val_count,
             }
-            self.ledger.start_run(self.run_id, config_json, evaluator.digest())
+            self.ledger.start_run(self.run_id, config_json, validation.val_digest)
             self._save_checkpoint(0, theta)
         self.broadcaster = ModelBroadcaster(self.layout, wire_dtype=rcfg.wire_dtype)
         self._executor = futures.ThreadPoolExecutor(1, thread_name_prefix="val-grad")
         self.engine = RoundEngine(
             rcfg,
-            setup.specs,
+            validation.specs,
             theta,
-            FlatValidator(evaluator, self.layout),
+            validation.validator,
+            theta_buffers=validation.theta_buffers,
             executor=self._executor,
             on_commit=self._commit,
             on_publish=self.broadcaster.publish,
@@ -185,7 +185,7 @@ class Aggregator:
         self.servicer = AggregatorServicer(
             self.engine,
             self.broadcaster,
-            self._join_reply(rcfg, setup.specs),
+            self._join_reply(rcfg, validation.specs),
             self.ledger.contributions,
             registry=registry,
             mtls=mtls,
@@ -322,6 +322,10 @@ class Aggregator:
         while not self._stopping.is_set() and not self.engine.finished:
             try:
                 self.engine.tick()
+            except FedGrpcError as err:  # e.g. the validation worker died
+                log.error("round engine stopped: %s", err)
+                self.engine.stop(f"failed: {err}")
+                break
             except Exception:
                 log.exception("round engine failed")
                 self.engine.stop("failed: internal error")
@@ -365,6 +369,7 @@ class Aggregator:
         self.server.stop(grace_s).wait()
         self._driver.join(timeout=5)
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self.validation.close()
         self.ledger.close()
 
     @property

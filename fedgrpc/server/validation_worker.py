@@ -1,0 +1,110 @@
+"""The validation worker process (``--validator process``; see ``validation.py``).
+
+Protocol: JSON lines on stdin/stdout. The first request carries the round config and
+the validation data spec; the worker loads data and model, creates the shared regions,
+writes theta_0 into ``theta_a`` and replies with the file's path, the tensor specs, the
+round config completed from the data and the validation set's digest. Then each
+``{"op": "grad"|"eval", "slot": i}`` runs one pass on region ``i`` (``grad`` writes
+v_t into the ``grad`` region) and replies with the loss and accuracy, or ``{"error"}``.
+EOF on stdin ends the worker. Logs go to stderr (the aggregator's).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+from fedgrpc.config import round_config_from_json, round_config_to_json
+from fedgrpc.errors import ConfigError
+from fedgrpc.server.validation import (
+    GRAD,
+    REGIONS,
+    THETA_A,
+    map_regions,
+    specs_to_json,
+)
+
+log = logging.getLogger("fedgrpc.validation_worker")
+
+
+def _reply(out: IO[bytes], msg: dict[str, Any]) -> None:
+    out.write(json.dumps(msg).encode() + b"\n")
+    out.flush()
+
+
+def main() -> int:
+    """Serve validation passes until stdin closes."""
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    sys.stdout = sys.stderr  # stray prints must not corrupt the protocol
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return 0
+    init = json.loads(line)
+    logging.basicConfig(
+        level=int(init.get("log_level", logging.INFO)),
+        format="%(asctime)s %(levelname)s validator: %(message)s",
+    )
+    from fedgrpc.runtime import local_validation  # torch is imported here, not above
+
+    try:
+        local = local_validation(
+            round_config_from_json(init["round"]),
+            str(init["val_data"]),
+            int(init["val_count"]),
+            None if init["init_model"] is None else Path(init["init_model"]),
+        )
+    except ConfigError as err:
+        _reply(out, {"error": str(err), "kind": "config"})
+        return 2
+    except Exception as err:  # reported to the aggregator, which fails with it
+        log.exception("validation setup failed")
+        _reply(out, {"error": f"{type(err).__name__}: {err}"})
+        return 1
+    size = local.layout.size
+    fd, path = tempfile.mkstemp(prefix="fedgrpc-val-", dir=str(init["shm_dir"]))
+    try:
+        os.ftruncate(fd, max(1, len(REGIONS) * size * 4))
+        mm, regions = map_regions(fd, size)
+    finally:
+        os.close(fd)
+    regions[THETA_A][:] = local.theta0
+    _reply(
+        out,
+        {
+            "shm": path,
+            "size": size,
+            "specs": specs_to_json(local.specs),
+            "round": round_config_to_json(local.round_cfg),
+            "val_digest": local.val_digest,
+        },
+    )
+    validator = local.validator
+    for raw in sys.stdin.buffer:
+        req = json.loads(raw)
+        try:
+            slot = int(req["slot"])
+            if not 0 <= slot < len(REGIONS) or slot == GRAD:
+                raise ValueError(f"bad region {slot}")
+            if req["op"] == "grad":
+                v, loss, acc = validator.gradient(regions[slot])
+                regions[GRAD][:] = v
+            elif req["op"] == "eval":
+                loss, acc = validator.evaluate(regions[slot])
+            else:
+                raise ValueError(f"unknown op {req['op']!r}")
+        except Exception as err:  # reported; the aggregator decides
+            log.exception("validation pass failed")
+            _reply(out, {"error": f"{type(err).__name__}: {err}"})
+            continue
+        _reply(out, {"loss": loss, "acc": acc})
+    del mm  # unmapped at exit
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
