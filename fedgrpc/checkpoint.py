@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -63,10 +64,13 @@ def save_arrays(
                 raise ConfigError(
                     f"cannot save object arrays {bad}: they would be pickled"
                 )
-            np.savez(f, allow_pickle=False, **payload)
+            # Hashed as it is written (no second pass over the file): the writer
+            # cannot seek, so zipfile streams and never rewrites earlier bytes.
+            out = _HashingWriter(f)
+            np.savez(out, allow_pickle=False, **payload)
             f.flush()
             os.fsync(f.fileno())
-        digest = _file_sha256(Path(tmp))
+        digest = out.hexdigest()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -114,3 +118,29 @@ def _file_sha256(path: Path) -> str:
         while block := f.read(1 << 22):
             h.update(block)
     return h.hexdigest()
+
+
+class _HashingWriter:
+    """A write-only, forward-only file that SHA-256s what passes through it."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self._h = hashlib.sha256()
+        self._pos = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._h.update(data)
+        self._pos += self._f.write(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, _n: int = -1) -> bytes:  # np.savez tells files from paths by this
+        raise io.UnsupportedOperation("write-only")
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
