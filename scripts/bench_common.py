@@ -400,6 +400,7 @@ def server_config(
     n_params: int,
     min_parties: int,
     rounds: int,
+    validator: str = "process",
 ) -> Any:
     """An insecure localhost ServerConfig for the flat model of ``n_params``."""
     from fedgrpc.config import RoundConfig, ServerConfig
@@ -419,6 +420,7 @@ def server_config(
         run_dir=run_dir,
         val_data=val_spec,
         insecure=True,
+        validator=validator,
     )
 
 

@@ -127,11 +127,12 @@ class Probes:
         with self.lock:
             self.events.append((what, rnd, t0, t1))
 
-    def install(self) -> None:
+    def install(self, validator: str) -> None:
         """Wrap the methods (class level, before the Aggregator is built)."""
         from fedgrpc import engine as eng
-        from fedgrpc import runtime
         from fedgrpc.server import app, broadcast
+
+        val_cls = _validator_class(validator)
 
         probes = self
 
@@ -164,13 +165,8 @@ class Probes:
             broadcast.ModelBroadcaster, "publish", lambda _o, r, *_a: int(r), "publish"
         )
         wrap(app.Aggregator, "_commit", lambda _o, res, *_a: int(res.round), "commit")
-        wrap(
-            runtime.FlatValidator,
-            "evaluate",
-            lambda *_a: probes.closing,
-            "val_eval",
-        )
-        grad = runtime.FlatValidator.gradient
+        wrap(val_cls, "evaluate", lambda *_a: probes.closing, "val_eval")
+        grad = val_cls.gradient
 
         def gradient(obj: Any, flat: np.ndarray) -> Any:
             t0 = time.monotonic()
@@ -180,7 +176,7 @@ class Probes:
                 with probes.lock:
                     probes.grad_calls.append((t0, time.monotonic()))
 
-        setattr(runtime.FlatValidator, "gradient", gradient)  # noqa: B010
+        setattr(val_cls, "gradient", gradient)  # noqa: B010
         add = eng.Submission.add
 
         def timed_add(obj: Any, *args: Any) -> None:
@@ -217,6 +213,7 @@ def _server_main(
     stub_val: bool,
     trace: bool,
     grpc_args: list[tuple[str, int | str]],
+    validator: str,
 ) -> None:
     """The aggregator process: serve one run, then report timings and peak RSS."""
     logging.basicConfig(level=logging.WARNING)
@@ -226,11 +223,13 @@ def _server_main(
         _add_server_options(grpc_args)
 
     if stub_val:
-        _stub_validator()
+        _stub_validator(validator)
     probes = Probes()
-    probes.install()
+    probes.install(validator)
     probes.start_rss_sampler(trace=trace)
-    agg = Aggregator(server_config(run_dir, val, n_params, n_parties, rounds))
+    agg = Aggregator(
+        server_config(run_dir, val, n_params, n_parties, rounds, validator=validator)
+    )
     port = agg.start()
     conn.send(
         {
@@ -263,6 +262,13 @@ def _server_main(
             "rss": list(probes.rss),
             "peak_rss_mib": proc_status_mib("VmHWM"),
             "rss_end_mib": proc_status_mib("VmRSS"),
+            # The validation worker (``--validator process``): torch, the model and
+            # the validation set live there; the shared regions count in both.
+            "worker_peak_rss_mib": (
+                proc_status_mib("VmHWM", agg.validation.pid)
+                if agg.validation.pid
+                else float("nan")
+            ),
             "traced_peak_mib": probes.traced_peak_mib,
             "traced_top": probes.traced_top,
         }
@@ -283,28 +289,52 @@ def _add_server_options(extra: list[tuple[str, int | str]]) -> None:
     setattr(grpc, "server", server)  # noqa: B010
 
 
-def _stub_validator() -> None:
+def _validator_class(validator: str) -> type:
+    """The class whose methods run the validation passes in the aggregator process.
+
+    ``thread``: ``runtime.FlatValidator`` (imports torch here); ``process``:
+    ``validation.RemoteValidator`` (the passes run in the worker; its methods include
+    the request round trip).
+    """
+    if validator == "thread":
+        from fedgrpc import runtime
+
+        return runtime.FlatValidator
+    from fedgrpc.server import validation
+
+    return validation.RemoteValidator
+
+
+def _stub_validator(validator: str) -> None:
     """Replace the validation passes by constants: the round without them.
 
     v_t becomes a fixed random vector (returned at once), the loss after the step 0.
-    What the real passes cost is measured by the ``real`` runs.
+    With the worker process, the vector is written into the shared v_t region, so
+    the aggregator's memory is what the real passes would leave. What the real
+    passes cost is measured by the ``real`` runs.
     """
-    from fedgrpc import runtime
-
+    cls = _validator_class(validator)
     cache: dict[int, np.ndarray] = {}
 
-    def gradient(_obj: Any, flat: np.ndarray) -> tuple[np.ndarray, float, float]:
-        v = cache.get(flat.size)
+    def fixed(obj: Any, size: int) -> np.ndarray:
+        v = cache.get(size)
         if v is None:
-            v = np.random.default_rng(3).standard_normal(flat.size, dtype=np.float32)
-            cache[flat.size] = v
-        return v, 0.0, 0.0
+            v = np.random.default_rng(3).standard_normal(size, dtype=np.float32)
+            regions = getattr(obj, "_regions", None)
+            if regions is not None:  # the worker's shared v_t region
+                regions[2][:] = v
+                v = obj._grad
+            cache[size] = v
+        return v
+
+    def gradient(obj: Any, flat: np.ndarray) -> tuple[np.ndarray, float, float]:
+        return fixed(obj, flat.size), 0.0, 0.0
 
     def evaluate(_obj: Any, _flat: np.ndarray) -> tuple[float, float]:
         return 0.0, 0.0
 
-    setattr(runtime.FlatValidator, "gradient", gradient)  # noqa: B010
-    setattr(runtime.FlatValidator, "evaluate", evaluate)  # noqa: B010
+    setattr(cls, "gradient", gradient)  # noqa: B010
+    setattr(cls, "evaluate", evaluate)  # noqa: B010
 
 
 # ------------------------------------------------------------ party task
@@ -501,6 +531,7 @@ def run_config(
     server_env: dict[str, str] | None = None,
     trace: bool = False,
     grpc_args: list[tuple[str, int | str]] | None = None,
+    validator: str = "process",
 ) -> dict[str, Any]:
     """One aggregator process, ``n_parties`` party workers, ``rounds`` rounds."""
     ctx = mp.get_context("spawn")
@@ -519,6 +550,7 @@ def run_config(
             stub_val,
             trace,
             grpc_args or [],
+            validator,
         ),
         daemon=True,
     )
@@ -572,6 +604,8 @@ def run_config(
         "rss_ready_mib": ready["rss_ready_mib"],
         "peak_rss_mib": server["peak_rss_mib"],
         "rss_limit_mib": 4 * model_mib + 300,
+        "validator": validator,
+        "worker_peak_rss_mib": server["worker_peak_rss_mib"],
         "traced_peak_mib": server["traced_peak_mib"],
         "traced_top": server["traced_top"],
         "wall_s": time.monotonic() - t_start,
@@ -717,6 +751,7 @@ def print_tables(
                 ("rss_close_mib", "max in close"),
                 ("peak_rss_mib", "peak (VmHWM)"),
                 ("rss_limit_mib", "4 x model + 300"),
+                ("worker_peak_rss_mib", "validation worker peak"),
             ],
         )
     )
@@ -767,6 +802,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="extra gRPC server channel argument (e.g. grpc.http2.bdp_probe=0)",
     )
+    p.add_argument(
+        "--validator",
+        choices=("process", "thread"),
+        default="process",
+        help="the aggregator's validator (fedgrpc serve --validator)",
+    )
     p.add_argument("--plot", type=Path, default=DOCS / "bench_round.png")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
@@ -815,6 +856,7 @@ def main(argv: list[str] | None = None) -> int:
                 server_env=server_env,
                 trace=a.trace_memory,
                 grpc_args=grpc_args,
+                validator=a.validator,
             )
             emit(row)
             rows.append(row)
