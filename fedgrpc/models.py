@@ -250,5 +250,8 @@ def set_params(model: nn.Module, params: Mapping[str, npt.NDArray[Any]]) -> None
             )
     with torch.no_grad():
         for name, p in named.items():
-            # torch.tensor copies, so read-only arrays (wire views) are safe here.
-            p.copy_(torch.tensor(np.asarray(params[name]), dtype=p.dtype))
+            a = np.asarray(params[name])
+            if a.flags.writeable and a.flags.c_contiguous and a.dtype.isnative:
+                p.copy_(torch.from_numpy(a))  # no temporary; copy_ casts
+            else:  # torch cannot wrap read-only memory (wire views): copy it
+                p.copy_(torch.tensor(a, dtype=p.dtype))

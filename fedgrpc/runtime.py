@@ -50,10 +50,15 @@ class FlatValidator:
         self._evaluator = evaluator
         self._layout = layout
 
-    def gradient(self, flat: np.ndarray) -> tuple[np.ndarray, float, float]:
-        """Mean validation gradient at ``flat`` (flat float32), loss, accuracy."""
+    def gradient(
+        self, flat: np.ndarray, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, float, float]:
+        """Mean validation gradient at ``flat``, loss and accuracy.
+
+        The gradient is a flat float32 vector, written into ``out`` if given.
+        """
         grads, loss, acc = self._evaluator.gradient(self._layout.views(flat))
-        return self._layout.flatten(grads), loss, acc
+        return self._layout.flatten(grads, out=out), loss, acc
 
     def evaluate(self, flat: np.ndarray) -> tuple[float, float]:
         """Validation loss and accuracy at ``flat``."""

@@ -401,9 +401,13 @@ def server_config(
     min_parties: int,
     rounds: int,
     validator: str = "process",
+    max_inflight_uploads: int = 0,
 ) -> Any:
-    """An insecure localhost ServerConfig for the flat model of ``n_params``."""
-    from fedgrpc.config import RoundConfig, ServerConfig
+    """An insecure localhost ServerConfig for the flat model of ``n_params``.
+
+    ``max_inflight_uploads`` 0 keeps fedgrpc's default.
+    """
+    from fedgrpc.config import Limits, RoundConfig, ServerConfig
     from fedgrpc.types import UpdateKind
 
     return ServerConfig(
@@ -421,6 +425,11 @@ def server_config(
         val_data=val_spec,
         insecure=True,
         validator=validator,
+        limits=(
+            Limits(max_inflight_uploads=max_inflight_uploads)
+            if max_inflight_uploads
+            else Limits()
+        ),
     )
 
 

@@ -91,8 +91,7 @@ def main() -> int:
             if not 0 <= slot < len(REGIONS) or slot == GRAD:
                 raise ValueError(f"bad region {slot}")
             if req["op"] == "grad":
-                v, loss, acc = validator.gradient(regions[slot])
-                regions[GRAD][:] = v
+                _, loss, acc = validator.gradient(regions[slot], out=regions[GRAD])
             elif req["op"] == "eval":
                 loss, acc = validator.evaluate(regions[slot])
             else:
