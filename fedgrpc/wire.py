@@ -9,6 +9,8 @@ evaluates anything.
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -99,6 +101,25 @@ def dtype_name_of(arr: np.ndarray) -> str:
     return name
 
 
+def _loaded_torch() -> Any:
+    """The torch module if this process already imported it (parties do), or None.
+
+    Its float16/bfloat16 casts are ~15x faster than NumPy's (2.5 vs 40 ms for 16 M
+    elements here), with the same IEEE round-to-nearest-even results. The aggregator
+    never imports torch for this: there NumPy does the casts.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or sys.byteorder != "little":
+        return None
+    return torch
+
+
+def _as_torch(torch: Any, a: np.ndarray) -> Any:
+    with warnings.catch_warnings():  # read-only wire views: torch only reads them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
 def to_wire_array(arr: np.ndarray, wire_dtype: str | None = None) -> np.ndarray:
     """The array as its little-endian, C-contiguous wire representation.
 
@@ -108,6 +129,16 @@ def to_wire_array(arr: np.ndarray, wire_dtype: str | None = None) -> np.ndarray:
     """
     src = dtype_name_of(arr)
     target = src if wire_dtype is None or src != "float32" else wire_dtype
+    if target in ("float16", "bfloat16") and (torch := _loaded_torch()) is not None:
+        t = _as_torch(torch, np.ascontiguousarray(arr, dtype="<f4"))
+        if target == "float16":
+            half: np.ndarray = t.to(torch.float16).numpy().view("<f2")
+            return half
+        bf = t.to(torch.bfloat16).view(torch.int16).numpy().view("<u2")
+        nan = np.isnan(arr)
+        if nan.any():  # keep NaN payloads as the NumPy path does (torch canonicalises)
+            bf[nan] = (arr[nan].view("<u4") >> 16).astype("<u2") | np.uint16(0x40)
+        return bf  # type: ignore[no-any-return]
     if target == "bfloat16":
         f32 = np.ascontiguousarray(arr, dtype="<f4")
         bits = f32.view("<u4")
@@ -121,14 +152,57 @@ def to_wire_array(arr: np.ndarray, wire_dtype: str | None = None) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=_STORAGE[target])
 
 
-def from_wire_array(raw: np.ndarray, wire_dtype: str, out_dtype: str) -> np.ndarray:
-    """Wire-format elements as ``out_dtype`` (a view when no conversion is needed)."""
+def from_wire_array(
+    raw: np.ndarray, wire_dtype: str, out_dtype: str, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Wire-format elements as ``out_dtype`` (a view when no conversion is needed).
+
+    With ``out`` (float32, same size) the values are written there, with no
+    temporary, and ``out`` is returned.
+    """
+    if out is not None:
+        if out_dtype != "float32" or out.dtype != np.float32 or out.size != raw.size:
+            raise ValueError("out must be a float32 array of the same size")
+        if wire_dtype == "bfloat16":
+            np.left_shift(raw, 16, out=out.view("<u4"), dtype="<u4")
+        elif wire_dtype == "float16":
+            if (torch := _loaded_torch()) is not None:
+                _as_torch(torch, out).copy_(_as_torch(torch, raw))
+            else:
+                _widen_float16(raw, out)
+        else:
+            np.copyto(out, raw, casting="same_kind")
+        return out
     if wire_dtype == "bfloat16":
         values = (raw.astype("<u4") << 16).view("<f4")
         return values if out_dtype == "float32" else values.astype(out_dtype)
     if wire_dtype == out_dtype:
         return raw
     return raw.astype(out_dtype)
+
+
+_F16_RESCALE = np.float32(2.0**112)  # 2^(127 - 15): half exponent bias -> float32
+
+
+def _widen_float16(raw: np.ndarray, out: np.ndarray) -> None:
+    """float16 -> float32 into ``out`` with integer ops: exact, 2x NumPy's cast here.
+
+    The 15 exponent+mantissa bits shifted into float32 position read as the value
+    times 2^-112 (normals and subnormals alike), so one multiply rescales them;
+    infinities and NaNs get the float32 all-ones exponent; the sign is ORed back.
+    """
+    bits = raw.view("<u2")
+    o = out.view("<u4")
+    sign = np.bitwise_and(bits, 0x8000, dtype="<u4")
+    np.bitwise_xor(bits, sign, out=o, dtype="<u4")
+    np.left_shift(o, 13, out=o)
+    np.multiply(out, _F16_RESCALE, out=out)
+    special = np.bitwise_and(bits, 0x7C00) == 0x7C00
+    if special.any():
+        mant = np.bitwise_and(bits[special], 0x3FF).astype("<u4")
+        o[special] = np.uint32(0x7F800000) | (mant << 13)
+    np.left_shift(sign, 16, out=sign)
+    np.bitwise_or(o, sign, out=o)
 
 
 def _chunk_heads(

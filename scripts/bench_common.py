@@ -402,6 +402,7 @@ def server_config(
     rounds: int,
     validator: str = "process",
     max_inflight_uploads: int = 0,
+    wire_dtype: str = "float32",
 ) -> Any:
     """An insecure localhost ServerConfig for the flat model of ``n_params``.
 
@@ -419,6 +420,7 @@ def server_config(
             model_hidden=n_params,
             round_timeout_s=600.0,
             join_timeout_s=300.0,
+            wire_dtype=wire_dtype,
         ),
         address="localhost:0",
         run_dir=run_dir,
@@ -497,3 +499,24 @@ def write_val_npz(path: Path, n: int = 64, features: int = 16, seed: int = 0) ->
     y = np.arange(n, dtype=np.int64) % 10
     np.savez(path, x=x, y=y)
     return f"npz:{path}"
+
+
+def round_quiet(agg: Any, r: int) -> bool:
+    """True once round ``r`` is open, published, and its v_t computed.
+
+    In a real run the parties train meanwhile; here nothing would hide that work, so
+    the timer starts only after it. Reads private attributes of the engine; if they
+    are renamed, only the public checks remain.
+    """
+    from fedgrpc.engine import RunState
+
+    eng = agg.engine
+    latest = agg.broadcaster.latest
+    if eng.state != RunState.TRAINING or eng.open_round != r:
+        return False
+    if latest is None or latest.round != r:
+        return False
+    if not hasattr(eng, "_round"):
+        return True
+    fut = getattr(eng._round, "val_grad", None)
+    return fut is not None and bool(fut.done())

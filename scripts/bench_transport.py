@@ -50,6 +50,7 @@ from bench_common import (
     parse_count,
     random_update,
     raw_throughput,
+    round_quiet,
     server_config,
     span_gbps,
     wait_until,
@@ -117,6 +118,8 @@ def task_submit(
 
     client = client_for(state, port, party)
     sid = f"{party}:{round_index}"
+    if client.wire_dtype != "float32":
+        import torch  # noqa: F401 - loaded in any party; its casts are the fast path
     if mode == "api":
         for old in [k for k in state if k.startswith("prebuilt:")]:
             del state[old]
@@ -187,27 +190,6 @@ def task_fetch(
 
 
 # ------------------------------------------------------------------ parent
-def _quiet(agg: Any, r: int) -> bool:
-    """True once round ``r`` is open, published, and its v_t computed.
-
-    In a real run the parties train meanwhile; here nothing would hide that work, so
-    the timer starts only after it. Reads private attributes of the engine; if they
-    are renamed, only the public checks remain.
-    """
-    from fedgrpc.engine import RunState
-
-    eng = agg.engine
-    latest = agg.broadcaster.latest
-    if eng.state != RunState.TRAINING or eng.open_round != r:
-        return False
-    if latest is None or latest.round != r:
-        return False
-    if not hasattr(eng, "_round"):
-        return True
-    fut = getattr(eng._round, "val_grad", None)
-    return fut is not None and bool(fut.done())
-
-
 def _wait_rounds_done(agg: Any, n: int) -> None:
     wait_until(f"{n} rounds closed", lambda: agg.engine.rounds_done >= n, 300)
 
@@ -220,12 +202,17 @@ def _ingest(
     k: int,
     modes: list[str],
     reps: int,
+    wire_dtype: str = "float32",
 ) -> dict[str, dict[str, Any]]:
     """Per rep: raw TCP, then one round per gRPC mode (interleaved: load drifts)."""
     from fedgrpc.server.app import Aggregator
 
     run_dir = tmp / f"ingest-{n_params}-{k}"
-    agg = Aggregator(server_config(run_dir, val, n_params, k, rounds=reps * len(modes)))
+    agg = Aggregator(
+        server_config(
+            run_dir, val, n_params, k, rounds=reps * len(modes), wire_dtype=wire_dtype
+        )
+    )
     port = agg.start()
     nbytes = k * n_params * 4
     gbps: dict[str, list[float]] = {m: [] for m in ["raw", *modes]}
@@ -241,7 +228,7 @@ def _ingest(
             for mode in modes:
 
                 def round_open(_infos: list[Any], r: int = r) -> None:
-                    wait_until(f"round {r} quiet", lambda: _quiet(agg, r), 300)
+                    wait_until(f"round {r} quiet", lambda: round_quiet(agg, r), 300)
                     cpu0[0] = time.process_time()
 
                 kwargs = [
@@ -301,7 +288,7 @@ def _fanout(
             raw.append(raw_throughput(pool, "fanout", n, n_params * 4))
 
             def published(_infos: list[Any]) -> None:
-                wait_until("round 0 quiet", lambda: _quiet(agg, 0), 300)
+                wait_until("round 0 quiet", lambda: round_quiet(agg, 0), 300)
                 cpu0[0] = time.process_time()
 
             res = pool.run(
@@ -337,8 +324,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="api,prebuilt", help="gRPC sender modes")
     p.add_argument("--reps", type=int, default=3, help="repetitions (median)")
     p.add_argument("--no-fanout", action="store_true")
+    p.add_argument(
+        "--wire-dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="ingest with this wire dtype (api mode; GB/s count float32 bytes)",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    from fedgrpc.server.app import limit_malloc_arenas
+
+    limit_malloc_arenas()  # the aggregator runs in this process; as fedgrpc serve
     sizes = [parse_count(s) for s in a.sizes.split(",")]
     if a.full and 100_000_000 not in sizes:
         sizes.append(100_000_000)
@@ -347,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in a.modes.split(",") if m]
     if not set(modes) <= {"api", "prebuilt"}:
         p.error("--modes: api and/or prebuilt")
+    if a.wire_dtype != "float32" and modes != ["api"]:
+        p.error("--wire-dtype other than float32 needs --modes api")
     import fedgrpc.server.app  # noqa: F401 - load the code under test once, now
 
     info = machine_info()
@@ -361,12 +359,15 @@ def main(argv: list[str] | None = None) -> int:
         for n_params in sizes:
             nbytes = n_params * 4
             for k in senders:
-                per_mode = _ingest(pool, tmp, val, n_params, k, modes, a.reps)
+                per_mode = _ingest(
+                    pool, tmp, val, n_params, k, modes, a.reps, a.wire_dtype
+                )
                 for mode, stats in per_mode.items():
                     row = {
                         "bench": "transport",
                         "kind": "ingest",
                         "mode": mode,
+                        "wire_dtype": a.wire_dtype,
                         "params": n_params,
                         "size": human(n_params),
                         "mib_per_sender": nbytes / (1 << 20),

@@ -212,8 +212,11 @@ class AggregatorClient:
                     else:
                         idx, off, view = dec.feed(fast)
                     start = layout.offsets[idx] + off
-                    flat[start : start + view.size] = wire.from_wire_array(
-                        view, dec.wire_dtype_of(self.specs[idx]), "float32"
+                    wire.from_wire_array(
+                        view,
+                        dec.wire_dtype_of(self.specs[idx]),
+                        "float32",
+                        out=flat[start : start + view.size],
                     )
                 elif kind == "end":
                     if dec is None or header is None:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
+import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from fedgrpc import wire
@@ -244,11 +245,19 @@ class AggregatorServicer:
             label=label,
         )
         wdt = self._wire_dtype
+        # float16/bfloat16 chunks are widened into one reused float32 buffer.
+        scratch = None if wdt == "float32" else np.empty(0, dtype=np.float32)
         try:
             for which, payload in it:
                 if which == "chunk":
                     idx, off, view = dec.feed(payload)
-                    sub.add(idx, off, wire.from_wire_array(view, wdt, "float32"))
+                    if scratch is not None:
+                        if scratch.size < view.size:
+                            scratch = np.empty(view.size, dtype=np.float32)
+                        view = wire.from_wire_array(
+                            view, wdt, "float32", out=scratch[: view.size]
+                        )
+                    sub.add(idx, off, view)
                 elif which == "trailer":
                     digest = dec.finish(payload.digest)
                     if next(it, None) is not None:

@@ -1074,3 +1074,80 @@ def test_wire_iter_tensor_chunks_is_lazy() -> None:
     assert count == 64
     assert total == 64 << 20
     assert peak < 8 << 20  # a few chunks at a time, never all 64 MiB of them
+
+
+def _special_float32() -> np.ndarray:
+    rng = np.random.default_rng(11)
+    edge = np.array(
+        [
+            0.0,
+            -0.0,
+            np.inf,
+            -np.inf,
+            np.nan,
+            -np.nan,
+            1e-45,
+            -1e-40,
+            6e-8,
+            65504.0,
+            65520.0,
+            7e4,
+            3.4e38,
+            1.00390625,
+            1.01171875,
+            -2.5e-5,
+        ],
+        dtype=np.float32,
+    )
+    bits = rng.integers(0, 2**32, 4096, dtype=np.uint64).astype(np.uint32)
+    normal = rng.standard_normal(4096, dtype=np.float32)
+    return np.concatenate([edge, bits.view(np.float32), normal])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+@pytest.mark.parametrize("wire_dtype", ["float16", "bfloat16"])
+def test_wire_torch_and_numpy_casts_agree_bit_for_bit(
+    wire_dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parties cast with torch (loaded there), the aggregator with NumPy: same bytes."""
+    import torch  # noqa: F401 - the parties' fast path needs it loaded
+
+    x = _special_float32()
+    assert wire._loaded_torch() is not None
+    fast = wire.to_wire_array(x, wire_dtype)
+    out_fast = wire.from_wire_array(fast, wire_dtype, "float32", out=np.empty_like(x))
+    monkeypatch.setattr(wire, "_loaded_torch", lambda: None)
+    slow = wire.to_wire_array(x, wire_dtype)
+    out_slow = wire.from_wire_array(slow, wire_dtype, "float32", out=np.empty_like(x))
+    assert fast.dtype == slow.dtype
+    nan = np.isnan(x)
+    assert nan.sum() > 10  # random bit patterns: some NaNs, signalling ones too
+    # Every non-NaN bit pattern is identical; NaNs stay NaN (torch quiets signalling
+    # NaNs, NumPy keeps their bits; the aggregator refuses NaN either way).
+    assert fast[~nan].tobytes() == slow[~nan].tobytes()
+    assert out_fast[~nan].tobytes() == out_slow[~nan].tobytes()
+    assert np.isnan(out_fast[nan]).all() and np.isnan(out_slow[nan]).all()
+    np.testing.assert_array_equal(
+        out_slow, wire.from_wire_array(slow, wire_dtype, "float32")
+    )
+
+
+def test_wire_from_wire_array_out_is_checked() -> None:
+    raw = np.zeros(4, dtype="<f2")
+    with pytest.raises(ValueError, match="same size"):
+        wire.from_wire_array(raw, "float16", "float32", out=np.empty(3, np.float32))
+    with pytest.raises(ValueError, match="float32"):
+        wire.from_wire_array(raw, "float16", "float32", out=np.empty(4, np.float64))
+
+
+def test_wire_float16_widening_without_torch_is_exact_for_every_bit_pattern(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    halves = np.arange(1 << 16, dtype=np.uint32).astype("<u2").view("<f2")
+    want = halves.astype(np.float32)
+    monkeypatch.setattr(wire, "_loaded_torch", lambda: None)  # the aggregator's path
+    got = wire.from_wire_array(halves, "float16", "float32", out=np.empty_like(want))
+    nan = np.isnan(want)
+    assert got[~nan].tobytes() == want[~nan].tobytes()  # +-0, subnormals, inf
+    assert np.isnan(got[nan]).all()
+    assert np.array_equal(np.signbit(got[nan]), np.signbit(want[nan]))
