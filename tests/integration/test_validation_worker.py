@@ -200,3 +200,45 @@ def test_aggregator_start_failure_stops_the_worker(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"missing\.npz"):
         Aggregator(cfg)
+
+
+def test_worker_exits_when_the_aggregator_is_killed(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from pathlib import Path
+        from fedgrpc.config import RoundConfig, ServerConfig
+        from fedgrpc.server.app import Aggregator
+        cfg = ServerConfig(
+            round=RoundConfig(rounds=1, model="logreg"),
+            run_dir=Path({str(tmp_path / "run")!r}),
+            insecure=True,
+        )
+        agg = Aggregator(cfg)
+        print(agg.validation.pid, flush=True)
+        time.sleep(600)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        worker = int(proc.stdout.readline())
+        assert Path(f"/proc/{worker}").exists()
+        proc.kill()  # SIGKILL: no clean-up code runs in the aggregator
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(worker), "validation worker outlived its aggregator"
+    finally:
+        proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited (its parent, gone, cannot reap it)
