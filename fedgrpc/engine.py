@@ -164,6 +164,17 @@ class Submission:
         self.last_activity = engine._clock()
         self._label = f"party {party_id}, round {rnd.index}"
 
+    def reserve(self) -> None:
+        """Take the upload slot and buffer now, before any piece is read.
+
+        The gRPC servicer calls this right after the header: an upload waiting for a
+        slot then holds nothing but its header, and HTTP/2 flow control keeps its
+        data on the sender, instead of a received 1 MiB chunk per waiting stream.
+        (A resend of an accepted submission needs no slot.)
+        """
+        if self._resend_of is None and self._buffer is None and not self._closed:
+            self._buffer = self._engine._acquire_upload(self, self._slot_timeout_s)
+
     def add(self, tensor_index: int, elem_offset: int, values: np.ndarray) -> None:
         """Take 1-D float32 ``values`` for a tensor, starting at ``elem_offset``."""
         if self._closed:

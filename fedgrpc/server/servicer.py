@@ -238,6 +238,11 @@ class AggregatorServicer:
             submission_id=hdr.submission_id,
             slot_timeout_s=60.0,
         )
+        try:
+            sub.reserve()  # before reading any chunk: waiting uploads pin no data
+        except BaseException:
+            sub.abort()
+            raise
         dec = wire.BundleDecoder(
             self._engine.specs,
             wire_dtype=self._wire_dtype,

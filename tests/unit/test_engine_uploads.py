@@ -10,7 +10,7 @@ import pytest
 
 from fedgrpc.engine import RoundEngine, RunState
 from fedgrpc.errors import LimitError
-from fedgrpc.layout import update_digest
+from fedgrpc.layout import digest_hex, update_digest
 from tests.unit.test_engine import (
     G3,
     N3,
@@ -107,3 +107,27 @@ def test_engine_upload_streams_before_v_t_is_ready_and_scores_at_finish() -> Non
     assert outcome.accepted
     entry = engine._round.accepted["b"]  # type: ignore[union-attr]
     assert entry.dot == pytest.approx(float(np.dot(V_0, g)), rel=1e-6)
+
+
+def test_engine_reserve_takes_the_slot_before_any_piece() -> None:
+    run = _run(N3, max_in_flight=1, round_timeout_s=1000.0)
+    first = run.engine.begin_submission("a", 0, 1, slot_timeout_s=0.01)
+    first.reserve()  # header only: the slot is taken
+    second = run.engine.begin_submission("b", 0, 3, slot_timeout_s=0.01)
+    with pytest.raises(LimitError, match="1 uploads in flight"):
+        second.reserve()
+    first.abort()  # releases it
+    assert _submit(run.engine, "b", 0, 3, G3["b"]).accepted
+
+
+def test_engine_reserve_for_a_resend_needs_no_slot() -> None:
+    run = _run(N3, max_in_flight=1, round_timeout_s=1000.0)
+    assert _submit(run.engine, "a", 0, 1, G3["a"], submission_id="s").accepted
+    holder = run.engine.begin_submission("b", 0, 3, slot_timeout_s=0.01)
+    holder.reserve()
+    resend = run.engine.begin_submission("a", 0, 1, submission_id="s")
+    resend.reserve()  # would time out if it needed the only slot
+    flat = G3["a"]
+    resend.add(0, 0, flat[:6])
+    resend.add(1, 0, flat[6:])
+    assert resend.finish(digest_hex(flat)).duplicate
