@@ -163,6 +163,15 @@ class Submission:
         self._slot_timeout_s = 60.0
         self.last_activity = engine._clock()
         self._label = f"party {party_id}, round {rnd.index}"
+        # With a fixed weight (not digfl) the buffer holds weight * update, scaled
+        # while copying: the fold at finish is then a single add. The products are
+        # the same float32 roundings as scaling at the fold.
+        self._weight = engine._fixed_weight(rnd, num_samples)
+        self._scale: np.float32 | None = (
+            None
+            if engine.cfg.aggregation == "digfl" or resend_of is not None
+            else np.float32(self._weight)
+        )
 
     def reserve(self) -> None:
         """Take the upload slot and buffer now, before any piece is read.
@@ -236,7 +245,10 @@ class Submission:
         # (fast), summed across chunks in float64. Different chunkings agree to ~1e-5
         # relative, far inside the scores' own first-order error.
         self._norm_sq += nsq
-        self._buffer[start:end] = values
+        if self._scale is None:
+            self._buffer[start:end] = values
+        else:
+            np.multiply(values, self._scale, out=self._buffer[start:end])
         if self._v is None:
             # v_t is still being computed: keep streaming, score this range later from
             # the buffer rather than stall the upload (and its sender) on v_t.
@@ -247,8 +259,10 @@ class Submission:
 
     def _score_pending(self) -> None:
         assert self._v is not None and self._buffer is not None
+        dot = 0.0
         for s, e in self._unscored:
-            self._dot += float(np.dot(self._v[s:e], self._buffer[s:e]))
+            dot += float(np.dot(self._v[s:e], self._buffer[s:e]))
+        self._dot += dot if self._scale is None else dot / float(self._scale)
         self._unscored.clear()
 
     def finish(self, digest: str) -> SubmitOutcome:
@@ -637,9 +651,9 @@ class RoundEngine:
                 entry.buffer = sub._buffer
                 sub._kept = True
             else:
-                w = self._fixed_weight(rnd, sub._num_samples)
-                self._fold(rnd, sub._buffer, w)
-                rnd.weight_sum += w
+                assert sub._scale is not None  # the buffer holds w * update
+                self._fold(rnd, sub._buffer, None)
+                rnd.weight_sum += sub._weight
             rnd.accepted[sub.party_id] = entry
             self._history[(rnd.index, sub.party_id)] = entry
             log.debug("%s: accepted (%d samples)", label, sub._num_samples)
@@ -655,13 +669,20 @@ class RoundEngine:
             return 1.0
         return num_samples / rnd.weight_ref
 
-    def _fold(self, rnd: _Round, update: np.ndarray, weight: float) -> None:
-        w = np.float32(weight)
+    def _fold(self, rnd: _Round, update: np.ndarray, weight: float | None) -> None:
+        """Add weight * update to the accumulator (``None``: already weighted)."""
         if rnd.acc is None:  # the first update of the round: write, don't add
             rnd.acc = self._spare
-            np.multiply(update, w, out=rnd.acc)
+            if weight is None:
+                np.copyto(rnd.acc, update)
+            else:
+                np.multiply(update, np.float32(weight), out=rnd.acc)
             return
         acc = rnd.acc
+        if weight is None:
+            np.add(acc, update, out=acc)
+            return
+        w = np.float32(weight)
         tmp = np.empty(min(_FOLD_BLOCK, acc.size), dtype=np.float32)
         for s in range(0, acc.size, _FOLD_BLOCK):
             e = min(acc.size, s + _FOLD_BLOCK)
