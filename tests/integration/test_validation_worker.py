@@ -157,23 +157,33 @@ def test_killed_worker_stops_the_run_with_its_reason(
     assert "exited with code -9" in agg.engine.reason
 
 
-def test_aggregator_process_does_not_import_torch(tmp_path: Path) -> None:
-    script = textwrap.dedent(
+def _aggregator_script(run_dir: Path, then: str) -> str:
+    """A Python program that builds an insecure Aggregator (worker validator), then
+    runs ``then``."""
+    return textwrap.dedent(
         f"""
-        import sys
+        import sys, time
         from pathlib import Path
         from fedgrpc.config import RoundConfig, ServerConfig
         from fedgrpc.server.app import Aggregator
         cfg = ServerConfig(
-            round=RoundConfig(rounds=1, model="mlp"),
-            run_dir=Path({str(tmp_path / "run")!r}),
+            round=RoundConfig(rounds=1, model="logreg"),
+            run_dir=Path({str(run_dir)!r}),
             insecure=True,
         )
         agg = Aggregator(cfg)
+        """
+    ) + textwrap.dedent(then)
+
+
+def test_aggregator_process_does_not_import_torch(tmp_path: Path) -> None:
+    script = _aggregator_script(
+        tmp_path / "run",
+        """
         agg.start()
         print("torch" in sys.modules, "sklearn" in sys.modules, agg.validation.pid)
         agg.shutdown(grace_s=0.1, save_open_round=False)
-        """
+        """,
     )
     out = subprocess.run(
         [sys.executable, "-c", script],
@@ -192,32 +202,45 @@ def test_server_config_rejects_unknown_validator() -> None:
 
 
 def test_aggregator_start_failure_stops_the_worker(tmp_path: Path) -> None:
+    """A failure after the worker started (here: a missing parties file) stops it."""
     cfg = ServerConfig(
         round=RoundConfig(rounds=1, model="mlp"),
         run_dir=tmp_path / "run",
         insecure=True,
-        init_model=tmp_path / "missing.npz",
+        parties_file=tmp_path / "missing.toml",
     )
-    with pytest.raises(ConfigError, match=r"missing\.npz"):
+    with pytest.raises(ConfigError, match=r"missing\.toml"):
         Aggregator(cfg)
+    deadline = time.monotonic() + 10
+    while _my_workers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _my_workers() == []
+
+
+def _my_workers() -> list[int]:
+    """Live validation-worker children of this test process."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, ppid = stat[0], int(stat[1])
+        if b"validation_worker" in cmd and ppid == os.getpid() and state != "Z":
+            found.append(int(entry.name))
+    return found
 
 
 def test_worker_exits_when_the_aggregator_is_killed(tmp_path: Path) -> None:
-    script = textwrap.dedent(
-        f"""
-        import sys, time
-        from pathlib import Path
-        from fedgrpc.config import RoundConfig, ServerConfig
-        from fedgrpc.server.app import Aggregator
-        cfg = ServerConfig(
-            round=RoundConfig(rounds=1, model="logreg"),
-            run_dir=Path({str(tmp_path / "run")!r}),
-            insecure=True,
-        )
-        agg = Aggregator(cfg)
+    script = _aggregator_script(
+        tmp_path / "run",
+        """
         print(agg.validation.pid, flush=True)
         time.sleep(600)
-        """
+        """,
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
