@@ -11,8 +11,10 @@ them, and the two share four model-sized float32 regions of one memory-mapped fi
     scratch            a copy of any other vector the engine asks about
 
 so a pass costs a JSON line each way, not a copy of the model. The file lives in
-``/dev/shm`` (tmpfs) where there is one and is unlinked as soon as both sides mapped it:
-nothing is left behind, whichever process dies first. Requests are serialised (one at a
+``/dev/shm`` (tmpfs) where there is room (its pages are reserved up front, so a small
+tmpfs such as Docker's 64 MiB default makes the worker use the temp directory instead
+of crashing later), and is unlinked as soon as both sides mapped it: nothing is left
+behind, whichever process dies first. Requests are serialised (one at a
 time); a worker that dies makes the next request raise :class:`ValidationWorkerError`,
 which fails the round with that message (the run resumes with ``--resume``).
 
@@ -97,13 +99,18 @@ def open_validation(
     )
 
 
-def shm_dir() -> str:
-    """Where the shared regions live: tmpfs if there is one (no disk), else tempdir."""
-    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        return "/dev/shm"
+def shm_dirs() -> list[str]:
+    """Where the shared regions may live, in order of preference.
+
+    tmpfs if there is one (no disk writes), then the temp directory (page cache; used
+    when /dev/shm is too small).
+    """
     import tempfile
 
-    return tempfile.gettempdir()
+    dirs = [tempfile.gettempdir()]
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        dirs.insert(0, "/dev/shm")
+    return dirs
 
 
 def map_regions(fd: int, size: int) -> tuple[mmap.mmap, np.ndarray]:
@@ -166,8 +173,14 @@ class RemoteValidator:
         val_spec: str,
         val_count: int,
         init_model: Path | None,
+        *,
+        dirs: list[str] | None = None,
     ) -> RemoteValidator:
-        """Start the worker, wait until it loaded data and model, map the regions."""
+        """Start the worker, wait until it loaded data and model, map the regions.
+
+        ``dirs``: where the shared file may go, first with room wins (default
+        :func:`shm_dirs`).
+        """
         # The worker imports what this process can (``module:factory`` models and
         # datasets): same interpreter, same import path.
         path = [os.getcwd() if p == "" else p for p in sys.path]
@@ -185,7 +198,7 @@ class RemoteValidator:
                 "val_data": val_spec,
                 "val_count": val_count,
                 "init_model": None if init_model is None else str(init_model),
-                "shm_dir": shm_dir(),
+                "shm_dirs": shm_dirs() if dirs is None else dirs,
                 "log_level": logging.getLogger().getEffectiveLevel(),
             }
             reply = _exchange(proc, proc.stdin, proc.stdout, init, START_TIMEOUT_S)

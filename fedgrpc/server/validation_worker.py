@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -37,8 +38,52 @@ def _reply(out: IO[bytes], msg: dict[str, Any]) -> None:
     out.flush()
 
 
+def _shared_file(
+    dirs: list[str], nbytes: int, reserved_regions: int
+) -> tuple[int, str]:
+    """Create the shared file in the first directory with room for it.
+
+    The regions the engine always touches (theta_a, theta_b, grad) are reserved with
+    ``posix_fallocate``: on a small tmpfs (Docker's /dev/shm is 64 MiB) that fails
+    here with ENOSPC and the next directory is tried, instead of a SIGBUS later when
+    a page cannot be backed. The scratch region stays sparse (rarely used).
+    """
+    reserve = nbytes // len(REGIONS) * reserved_regions
+    errors = []
+    for d in dirs:
+        try:
+            fd, path = tempfile.mkstemp(prefix="fedgrpc-val-", dir=d)
+        except OSError as err:
+            errors.append(f"{d}: {err.strerror or err}")
+            continue
+        try:
+            os.ftruncate(fd, max(1, nbytes))
+            if reserve:
+                os.posix_fallocate(fd, 0, reserve)
+        except OSError as err:
+            os.close(fd)
+            os.unlink(path)
+            errors.append(f"{d}: {err.strerror or err}")
+            log.warning(
+                "no room for %.1f MiB of shared buffers in %s (%s); trying the next "
+                "directory",
+                reserve / 2**20,
+                d,
+                err.strerror or err,
+            )
+            continue
+        return fd, path
+    raise OSError(
+        f"cannot reserve {reserve / 2**20:.1f} MiB for the validation worker's shared "
+        f"buffers: {'; '.join(errors)}"
+    )
+
+
 def main() -> int:
     """Serve validation passes until stdin closes."""
+    # Ctrl-C reaches the whole process group: the aggregator shuts down gracefully
+    # and then closes our input, which is how this process ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     sys.stdout = sys.stderr  # stray prints must not corrupt the protocol
     line = sys.stdin.buffer.readline()
@@ -66,9 +111,14 @@ def main() -> int:
         _reply(out, {"error": f"{type(err).__name__}: {err}"})
         return 1
     size = local.layout.size
-    fd, path = tempfile.mkstemp(prefix="fedgrpc-val-", dir=str(init["shm_dir"]))
     try:
-        os.ftruncate(fd, max(1, len(REGIONS) * size * 4))
+        fd, path = _shared_file(
+            [str(d) for d in init["shm_dirs"]], len(REGIONS) * size * 4, GRAD + 1
+        )
+    except OSError as err:
+        _reply(out, {"error": str(err), "kind": "config"})
+        return 2
+    try:
         mm, regions = map_regions(fd, size)
     finally:
         os.close(fd)

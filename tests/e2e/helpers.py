@@ -97,6 +97,39 @@ def wait_exit(p: subprocess.Popen[bytes], timeout_s: float, log: Path) -> int:
         ) from exc
 
 
+def _proc_stat(pid: int | str) -> tuple[str, int] | None:
+    """(state, parent pid) of a process from /proc, or None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def running(pid: int) -> bool:
+    """True while ``pid`` exists and has not exited (a zombie has)."""
+    st = _proc_stat(pid)
+    return st is not None and st[0] != "Z"
+
+
+def child_pids(parent: int, cmd_contains: bytes = b"") -> list[int]:
+    """Running children of ``parent`` whose command line contains ``cmd_contains``."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        st = _proc_stat(entry.name)
+        if st is None or st[0] == "Z" or st[1] != parent:
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmd_contains in cmd:
+            out.append(int(entry.name))
+    return out
+
+
 def read_port(port_file: Path, proc: subprocess.Popen[bytes], log: Path) -> int:
     """The port a server wrote to its port file."""
 

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from fedgrpc.security import hash_token
-from tests.e2e.helpers import processes, read_port, run_cli, wait_exit, wait_for
+from tests.e2e.helpers import (
+    child_pids,
+    processes,
+    read_port,
+    run_cli,
+    running,
+    wait_exit,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -296,9 +304,13 @@ def test_sigterm_shuts_down_gracefully_and_saves_open_round(tmp_path: Path) -> N
         read_port(port_file, server, log)
         wait_for(lambda: "listening" in log.read_text(), 30, "the server to listen")
 
+        workers = child_pids(server.pid, b"validation_worker")
+        assert len(workers) == 1
+
         server.send_signal(signal.SIGTERM)
 
         assert wait_exit(server, 30, log) == 128 + signal.SIGTERM
+        wait_for(lambda: not running(workers[0]), 15, "the validation worker to exit")
     text = log.read_text()
     assert "shutting down gracefully" in text
     assert f"--resume {run_dir}" in text

@@ -26,9 +26,10 @@ from fedgrpc.server.validation import (
     RemoteValidator,
     ValidationWorkerError,
     open_validation,
-    shm_dir,
+    shm_dirs,
 )
 from tests.conftest import MakeServer, client_config
+from tests.e2e.helpers import child_pids, running
 
 CFG = RoundConfig(rounds=2, min_parties=1, model="mlp", model_hidden=16, seed=7)
 
@@ -41,7 +42,7 @@ def remote() -> Iterator[RemoteValidator]:
 
 
 def _shm_files() -> set[str]:
-    return {f for f in os.listdir(shm_dir()) if f.startswith("fedgrpc-val-")}
+    return {f for f in os.listdir(shm_dirs()[0]) if f.startswith("fedgrpc-val-")}
 
 
 def test_worker_matches_in_process_validation(remote: RemoteValidator) -> None:
@@ -212,26 +213,9 @@ def test_aggregator_start_failure_stops_the_worker(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"missing\.toml"):
         Aggregator(cfg)
     deadline = time.monotonic() + 10
-    while _my_workers() and time.monotonic() < deadline:
+    while child_pids(os.getpid(), b"validation_worker") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _my_workers() == []
-
-
-def _my_workers() -> list[int]:
-    """Live validation-worker children of this test process."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes()
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        state, ppid = stat[0], int(stat[1])
-        if b"validation_worker" in cmd and ppid == os.getpid() and state != "Z":
-            found.append(int(entry.name))
-    return found
+    assert child_pids(os.getpid(), b"validation_worker") == []
 
 
 def test_worker_exits_when_the_aggregator_is_killed(tmp_path: Path) -> None:
@@ -252,16 +236,53 @@ def test_worker_exits_when_the_aggregator_is_killed(tmp_path: Path) -> None:
         proc.kill()  # SIGKILL: no clean-up code runs in the aggregator
         proc.wait(timeout=10)
         deadline = time.monotonic() + 15
-        while _alive(worker) and time.monotonic() < deadline:
+        while running(worker) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(worker), "validation worker outlived its aggregator"
+        assert not running(worker), "validation worker outlived its aggregator"
     finally:
         proc.kill()
 
 
-def _alive(pid: int) -> bool:
+def test_shared_file_falls_back_to_the_next_directory(tmp_path: Path) -> None:
+    rv = RemoteValidator.start(
+        CFG, "digits", 100, None, dirs=[str(tmp_path / "missing"), str(tmp_path)]
+    )
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
-    except OSError:
-        return False
-    return state != "Z"  # a zombie has exited (its parent, gone, cannot reap it)
+        theta = rv.setup.theta0
+        assert np.isfinite(rv.gradient(theta)[1])
+        assert list(tmp_path.iterdir()) == []  # unlinked once mapped
+    finally:
+        rv.close()
+
+
+def test_no_room_for_the_shared_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot reserve .* shared buffers"):
+        RemoteValidator.start(CFG, "digits", 100, None, dirs=[str(tmp_path / "no")])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_too_small_tmpfs_falls_back_instead_of_crashing(tmp_path: Path) -> None:
+    """Docker's /dev/shm is 64 MiB: a model that does not fit must not SIGBUS."""
+    tiny, disk = tmp_path / "tiny", tmp_path / "disk"
+    tiny.mkdir()
+    disk.mkdir()
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tiny)],
+        capture_output=True,
+        text=True,
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        big = RoundConfig(rounds=1, model="mlp", model_hidden=2048)  # 0.6 MB/region
+        rv = RemoteValidator.start(
+            big, "digits", 100, None, dirs=[str(tiny), str(disk)]
+        )
+        try:
+            v, loss, _ = rv.gradient(rv.setup.theta0)
+            assert np.isfinite(loss) and np.isfinite(v).all()
+            assert list(tiny.iterdir()) == [] and list(disk.iterdir()) == []
+        finally:
+            rv.close()
+    finally:
+        subprocess.run(["umount", str(tiny)], check=False)
