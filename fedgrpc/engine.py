@@ -328,8 +328,8 @@ class RoundEngine:
         theta_buffers: two model-sized float32 vectors the engine alternates between:
             one holds theta_t, the other accumulates the round's weighted sum and
             becomes theta_{t+1} at the close (allocated here when ``None``). So
-            ``engine.theta`` stays intact until the round after next opens; copy it
-            to keep it longer.
+            ``engine.theta`` (theta_t) stays intact through round t, until round t+1
+            folds its first update; copy it to keep it longer.
         upload_idle_s: an upload that sends nothing for this long is discarded and its
             slot released, so stalled or hostile streams cannot starve the others.
     """
