@@ -134,22 +134,23 @@ def to_wire_array(arr: np.ndarray, wire_dtype: str | None = None) -> np.ndarray:
         if target == "float16":
             half: np.ndarray = t.to(torch.float16).numpy().view("<f2")
             return half
-        bf = t.to(torch.bfloat16).view(torch.int16).numpy().view("<u2")
-        nan = np.isnan(arr)
-        if nan.any():  # keep NaN payloads as the NumPy path does (torch canonicalises)
-            bf[nan] = (arr[nan].view("<u4") >> 16).astype("<u2") | np.uint16(0x40)
-        return bf  # type: ignore[no-any-return]
+        bf: np.ndarray = t.to(torch.bfloat16).view(torch.int16).numpy().view("<u2")
+        return _keep_bfloat16_nans(t.numpy(), bf)  # torch canonicalises NaNs
     if target == "bfloat16":
         f32 = np.ascontiguousarray(arr, dtype="<f4")
         bits = f32.view("<u4")
-        # Round to nearest even on the dropped 16 bits; NaNs stay NaN (quiet bit kept).
+        # Round to nearest even on the dropped 16 bits.
         rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
-        out: np.ndarray = ((bits + rounding) >> 16).astype("<u2")
-        nan = np.isnan(f32)
-        if nan.any():
-            out[nan] = (bits[nan] >> 16).astype("<u2") | np.uint16(0x40)
-        return out
+        return _keep_bfloat16_nans(f32, ((bits + rounding) >> 16).astype("<u2"))
     return np.ascontiguousarray(arr, dtype=_STORAGE[target])
+
+
+def _keep_bfloat16_nans(f32: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """NaNs stay NaN in bfloat16 ``out``: their upper bits, quiet bit set."""
+    nan = np.isnan(f32)
+    if nan.any():
+        out[nan] = (f32.view("<u4")[nan] >> 16).astype("<u2") | np.uint16(0x40)
+    return out
 
 
 def from_wire_array(

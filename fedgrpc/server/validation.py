@@ -49,7 +49,6 @@ from fedgrpc.config import (
 )
 from fedgrpc.engine import Validator
 from fedgrpc.errors import ConfigError, FedGrpcError
-from fedgrpc.layout import FlatLayout
 from fedgrpc.types import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -113,12 +112,15 @@ def shm_dirs() -> list[str]:
     return dirs
 
 
-def map_regions(fd: int, size: int) -> tuple[mmap.mmap, np.ndarray]:
-    """Map ``len(REGIONS)`` float32 vectors of ``size`` elements from ``fd``."""
+def map_regions(fd: int, size: int) -> np.ndarray:
+    """Map ``len(REGIONS)`` float32 vectors of ``size`` elements from ``fd``.
+
+    The array keeps the mapping alive (it is the array's base).
+    """
     nbytes = max(1, len(REGIONS) * size * 4)
     mm = mmap.mmap(fd, nbytes)
     regions = np.frombuffer(mm, dtype=np.float32, count=len(REGIONS) * size)
-    return mm, regions.reshape(len(REGIONS), size)
+    return regions.reshape(len(REGIONS), size)
 
 
 def specs_to_json(specs: list[TensorSpec]) -> list[dict[str, Any]]:
@@ -140,18 +142,15 @@ class RemoteValidator:
     def __init__(
         self,
         proc: subprocess.Popen[bytes],
-        mm: mmap.mmap,
         regions: np.ndarray,
         setup_reply: dict[str, Any],
     ) -> None:
         self._proc = proc
-        self._mm = mm
         self._regions = regions
         self._lock = threading.Lock()
         self._closed = False
         self.pid = proc.pid
         specs = specs_from_json(setup_reply["specs"])
-        self.layout = FlatLayout.of(specs)
         grad = regions[GRAD]
         grad.flags.writeable = False  # the worker's output: read-only here
         self._grad = grad
@@ -212,7 +211,7 @@ class RemoteValidator:
             size = int(reply["size"])
             fd = os.open(shm, os.O_RDWR)
             try:
-                mm, regions = map_regions(fd, size)
+                regions = map_regions(fd, size)
             finally:
                 os.close(fd)
                 os.unlink(shm)  # both sides have it mapped: nothing to clean up later
@@ -225,7 +224,7 @@ class RemoteValidator:
             size,
             str(reply["val_digest"])[:12],
         )
-        return cls(proc, mm, regions, reply)
+        return cls(proc, regions, reply)
 
     # ------------------------------------------------------------ Validator
     def gradient(self, flat: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -240,10 +239,10 @@ class RemoteValidator:
 
     def _slot_of(self, flat: np.ndarray) -> int:
         """The region holding ``flat``; other vectors are copied into scratch first."""
-        if flat.shape != (self.layout.size,):
+        size = self._regions.shape[1]
+        if flat.shape != (size,):
             raise ValueError(
-                f"expected a flat vector of {self.layout.size} elements, "
-                f"got shape {flat.shape}"
+                f"expected a flat vector of {size} elements, got shape {flat.shape}"
             )
         ptr = flat.__array_interface__["data"][0]
         for slot in (THETA_A, THETA_B):

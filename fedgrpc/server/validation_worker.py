@@ -119,7 +119,7 @@ def main() -> int:
         _reply(out, {"error": str(err), "kind": "config"})
         return 2
     try:
-        mm, regions = map_regions(fd, size)
+        regions = map_regions(fd, size)
     finally:
         os.close(fd)
     regions[THETA_A][:] = local.theta0
@@ -151,7 +151,6 @@ def main() -> int:
             _reply(out, {"error": f"{type(err).__name__}: {err}"})
             continue
         _reply(out, {"loss": loss, "acc": acc})
-    del mm  # unmapped at exit
     return 0
 
 
