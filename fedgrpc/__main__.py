@@ -1,5 +1,5 @@
 """``python -m fedgrpc``."""
 
-from fedgrpc.cli import main
+from fedgrpc.cli.main import main
 
 raise SystemExit(main())

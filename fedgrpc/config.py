@@ -1,6 +1,7 @@
 """Typed configuration: frozen dataclasses checked in ``__post_init__``.
 
-``cli.py`` builds these from argv once and passes them down; no other module reads argv
+Every default lives here, once: ``fedgrpc.cli`` builds these from argv (its option
+defaults are read from these classes) and passes them down; no other module reads argv
 or the environment.
 """
 
@@ -143,7 +144,8 @@ class ServerConfig:
     """The aggregator process: address, run directory, data, security, limits."""
 
     round: RoundConfig = field(default_factory=RoundConfig)
-    address: str = "localhost:0"
+    address: str = "localhost:50051"
+    """host:port to listen on (port 0 = any free port)."""
     run_dir: Path = Path("runs/latest")
     val_data: str = "digits"
     """Validation data (``digits``, ``mnist:DIR``, ``npz:FILE``, ``module:factory``)."""
@@ -186,7 +188,7 @@ class ClientConfig:
     insecure: bool = False
     tls: TlsConfig = field(default_factory=TlsConfig)
     token: str | None = None
-    rpc_timeout_s: float = 30.0
+    rpc_timeout_s: float = 60.0
     """Deadline of each unary call and of each upload (seconds)."""
     connect_timeout_s: float = 300.0
     """Give up after this long without reaching the aggregator (seconds)."""
@@ -204,6 +206,80 @@ class ClientConfig:
             )
         if self.rpc_timeout_s <= 0 or self.connect_timeout_s <= 0:
             raise ConfigError("timeouts must be positive")
+
+
+@dataclass(frozen=True)
+class ObserverConfig(ClientConfig):
+    """An operator or payer reading a run (``contributions``, ``status``): impatient."""
+
+    party_id: str = "observer"
+    data: str = ""
+    rpc_timeout_s: float = 30.0
+    connect_timeout_s: float = 60.0
+
+
+SIMULATE_ROUND = RoundConfig(
+    rounds=15,
+    update_kind=UpdateKind.DELTA,
+    lr=0.1,
+    batch_size=16,
+    round_timeout_s=60.0,
+    join_timeout_s=60.0,
+)
+"""``fedgrpc simulate``'s training defaults (digits, MLP, local SGD)."""
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How a data set is cut into a validation set and attacked party data sets."""
+
+    data: str = "digits"
+    """``digits``, ``mnist:DIR``, ``npz:FILE`` or ``package.module:factory``."""
+    parties: int = 5
+    partition: str = "iid"
+    """``iid``, ``dirichlet:ALPHA``, ``quantity:ALPHA`` or ``shards:K``."""
+    val_holdout: int = 0
+    """Samples held out for validation (0 = the command's default)."""
+    train_count: int = 0
+    """Use only N training samples (0 = all)."""
+    attacks: tuple[str, ...] = ()
+    """``IDX=SPEC`` assignments, e.g. ``3=label-flip:0.6``."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.parties < 1:
+            raise ConfigError(f"need at least one party, got {self.parties}")
+        if self.val_holdout < 0 or self.train_count < 0:
+            raise ConfigError("val_holdout and train_count must be >= 0")
+        object.__setattr__(self, "attacks", tuple(self.attacks))
+
+    def holdout_for(self, n_samples: int) -> int:
+        """The validation hold-out: ``val_holdout``, or 20 % of the data."""
+        return self.val_holdout or max(1, n_samples // 5)
+
+
+SHAPLEY_METHODS = ("auto", "exact", "permutation")
+
+
+@dataclass(frozen=True)
+class ShapleyConfig:
+    """``fedgrpc shapley``: which estimator, and its data defaults."""
+
+    method: str = "auto"
+    """``exact`` (all coalitions), ``permutation`` (Monte Carlo) or ``auto``."""
+    permutations: int = 200
+    """Random orders for ``permutation``."""
+    threads: int = 1
+    """torch intra-op threads per training."""
+    parties: int = 4
+    digits_val_holdout: int = 360
+    """Default hold-out for ``digits`` (20 % of 1797)."""
+    val_holdout: int = 2000
+    """Default hold-out for every other data set (e.g. MNIST)."""
+
+    def holdout_for(self, data: str) -> int:
+        """The default validation hold-out of a data set."""
+        return self.digits_val_holdout if data == "digits" else self.val_holdout
 
 
 def round_config_to_json(cfg: RoundConfig) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -78,8 +77,3 @@ def update_digest(flat: np.ndarray) -> str:
     h = stream_digest()
     h.update(np.ascontiguousarray(flat, dtype="<f4").data.cast("B"))
     return h.hexdigest()
-
-
-def digest_hex(flat: np.ndarray) -> str:
-    """SHA-256 of an array's raw bytes (hex)."""
-    return hashlib.sha256(np.ascontiguousarray(flat).data.cast("B")).hexdigest()

@@ -1,17 +1,16 @@
-"""Domain types shared by the pure modules (no grpc, no torch)."""
+"""Domain types shared by every part (no grpc, no torch)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, NewType
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.floating[Any]]
-PartyId = NewType("PartyId", str)
 
 
 class UpdateKind(StrEnum):
@@ -19,6 +18,44 @@ class UpdateKind(StrEnum):
 
     GRADIENT = "gradient"  # mean loss gradient at theta_t; step -server_lr*sum p_i g_i
     DELTA = "delta"  # theta_t - theta_local; server steps -sum p_i delta_i
+
+
+class RunState(StrEnum):
+    """Life cycle of a run (``StatusReply.state`` carries the value)."""
+
+    STARTING = "starting"  # listening; validation data and model still loading
+    WAITING = "waiting"  # for the first quorum of joins
+    TRAINING = "training"
+    DONE = "done"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        """True for DONE and FAILED."""
+        return self in (RunState.DONE, RunState.FAILED)
+
+
+class RoundOutcome(StrEnum):
+    """How a round ended."""
+
+    OK = "ok"
+    FAILED = "failed"
+
+
+def round_status_text(outcome: RoundOutcome, reason: str = "") -> str:
+    """The status string of the ledger and the wire: ``ok`` or ``failed: <reason>``."""
+    if outcome is RoundOutcome.OK:
+        return "ok"
+    return f"failed: {reason}" if reason else "failed"
+
+
+def round_status_parse(text: str) -> tuple[RoundOutcome, str]:
+    """Inverse of :func:`round_status_text`."""
+    if text == "ok":
+        return RoundOutcome.OK, ""
+    if text.startswith("failed"):
+        return RoundOutcome.FAILED, text.removeprefix("failed").removeprefix(": ")
+    raise ValueError(f"unknown round status {text!r}")
 
 
 @dataclass(frozen=True)
@@ -47,7 +84,7 @@ class PartyRound:
     update_norm: float  # L2 norm of the update
     train_loss: float
     submission_id: str = ""
-    digest: str = ""  # hex SHA-256 of the update's bytes as sent
+    digest: str = ""  # hex XXH3-128 of the update's bytes as sent
 
 
 @dataclass(frozen=True)
@@ -55,7 +92,7 @@ class RoundResult:
     """Everything the ledger records about one closed (or failed) round."""
 
     round: int
-    status: str  # "ok" or "failed: <reason>"
+    outcome: RoundOutcome
     parties: tuple[PartyRound, ...]
     late: tuple[str, ...]
     val_loss_before: float
@@ -63,10 +100,21 @@ class RoundResult:
     val_loss_after: float
     val_acc_after: float
     model_digest: str  # hex digest of theta_t, the model the parties trained on
+    reason: str = ""  # why a failed round failed ("" when ok)
     duration_s: float = 0.0
     val_grad_s: float = 0.0
     aggregate_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the round closed and its step was applied."""
+        return self.outcome is RoundOutcome.OK
+
+    @property
+    def status(self) -> str:
+        """``ok`` or ``failed: <reason>``, as the ledger and the wire spell it."""
+        return round_status_text(self.outcome, self.reason)
 
     @property
     def predicted_drop(self) -> float:
@@ -87,9 +135,7 @@ class PartyContribution:
     total: float  # sum_t phi_{t,i}, signed
     share: float  # total / sum of all parties' totals
     reference_share: float  # mean over rounds of max(0, phi) normalised per round
-    rounds: tuple[
-        PartyRound, ...
-    ]  # PartyRound.round_index via ContributionReport.rounds order
+    rounds: tuple[PartyRound, ...]  # the party's scored rounds, in round order
     round_indices: tuple[int, ...]  # round number of each entry of ``rounds``
     attack: str = ""
 
@@ -103,3 +149,64 @@ class ContributionReport:
     parties: tuple[PartyContribution, ...]  # ranked by total, descending
     rounds: tuple[RoundResult, ...]
     rounds_done: int
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """A snapshot of a run's progress (what GetStatus returns)."""
+
+    state: RunState
+    open_round: int
+    rounds_total: int
+    rounds_done: int
+    joined: tuple[str, ...] = ()
+    submitted: tuple[str, ...] = ()
+    late: tuple[str, ...] = ()
+    elapsed_s: float = 0.0
+    last_round_s: float = 0.0
+    val_loss: float = math.nan
+    val_acc: float = math.nan
+    reason: str = ""
+    run_id: str = ""
+
+
+@dataclass(frozen=True)
+class SubmitHeader:
+    """The first message of an upload: who sends what, for which round."""
+
+    party_id: str
+    round: int
+    num_samples: int
+    train_loss: float
+    update_kind: UpdateKind
+    submission_id: str = ""
+    model_digest: bytes = b""  # digest of the model the update was computed from
+
+
+@dataclass(frozen=True)
+class SubmitOutcome:
+    """Result of a finished submission."""
+
+    accepted: bool
+    round: int
+    message: str
+    submission_id: str
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class ModelHeader:
+    """The header of one model version on the GetModel stream."""
+
+    round: int
+    digest: bytes  # XXH3-128 of the tensors' wire bytes, in spec order
+    total_bytes: int
+    wire_dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class TrainingDone:
+    """The GetModel stream's final message."""
+
+    rounds_completed: int
+    reason: str

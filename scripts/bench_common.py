@@ -508,7 +508,7 @@ def round_quiet(agg: Any, r: int) -> bool:
     the timer starts only after it. Reads private attributes of the engine; if they
     are renamed, only the public checks remain.
     """
-    from fedgrpc.engine import RunState
+    from fedgrpc.types import RunState
 
     eng = agg.engine
     latest = agg.broadcaster.latest

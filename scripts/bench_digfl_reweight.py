@@ -18,8 +18,9 @@ from pathlib import Path
 
 from fedgrpc.config import RoundConfig
 from fedgrpc.datasets.attacks import parse_assignments
-from fedgrpc.evaluation import prepare_parties
-from fedgrpc.runtime import config_for_data, run_in_process
+from fedgrpc.datasets.split import prepare_parties
+from fedgrpc.learning.inprocess import run_in_process
+from fedgrpc.learning.validation import config_for_data
 from fedgrpc.types import UpdateKind
 
 ROOT = Path(__file__).resolve().parents[1]

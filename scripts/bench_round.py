@@ -349,8 +349,8 @@ def task_party(
     timeout_s: float,
 ) -> dict[str, Any]:
     """Follow the model stream; answer every version with the precomputed update."""
-    from fedgrpc.client.stub import ModelVersion, TrainingOver
-    from fedgrpc.types import UpdateKind
+    from fedgrpc.client.stub import ModelVersion
+    from fedgrpc.types import TrainingDone, UpdateKind
 
     client = client_for(state, port, party)
     update = {"w": random_update(state, n_params, seed)}
@@ -359,7 +359,7 @@ def task_party(
     sub: dict[int, tuple[float, float]] = {}
     end = time.monotonic() + timeout_s
     for item in client.models(0, timeout_s=timeout_s):
-        if isinstance(item, TrainingOver):
+        if isinstance(item, TrainingDone):
             break
         assert isinstance(item, ModelVersion)
         t = item.round

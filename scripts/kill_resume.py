@@ -29,10 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from fedgrpc.checkpoint import load_arrays
 from fedgrpc.config import RoundConfig
 from fedgrpc.datasets.sources import load_dataset
-from fedgrpc.runtime import config_for_data, run_in_process
+from fedgrpc.learning.inprocess import run_in_process
+from fedgrpc.learning.validation import config_for_data
+from fedgrpc.store.checkpoint import load_arrays
 from fedgrpc.types import RoundResult, UpdateKind
 
 RTOL, ATOL = 1e-4, 1e-5

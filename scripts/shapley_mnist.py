@@ -28,10 +28,11 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from fedgrpc.cli.shapley import format_table, progress_bar, write_json
 from fedgrpc.config import RoundConfig
 from fedgrpc.datasets.attacks import parse_assignments
-from fedgrpc.evaluation import evaluate, format_table, prepare_parties, progress_bar
-from fedgrpc.evaluation_cli import write_json
+from fedgrpc.datasets.split import prepare_parties
+from fedgrpc.learning.ground_truth import evaluate
 from fedgrpc.types import UpdateKind
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,22 +9,28 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedgrpc import wire
-from fedgrpc.client.stub import AggregatorClient, ModelVersion, TrainingOver
+from fedgrpc.client.stub import AggregatorClient, ModelVersion
 from fedgrpc.config import ClientConfig, RoundConfig
 from fedgrpc.datasets.attacks import Attack, parse_attack
 from fedgrpc.datasets.sources import Dataset, load_dataset
-from fedgrpc.errors import ConfigError, RemoteError
-from fedgrpc.models import build_model, model_specs
-from fedgrpc.runtime import train_round
-from fedgrpc.wire import FlatLayout
+from fedgrpc.errors import ConfigError, ErrorCode, RemoteError
+from fedgrpc.layout import FlatLayout
+from fedgrpc.learning.inprocess import train_round
+from fedgrpc.learning.models import build_model, model_specs
+from fedgrpc.types import TrainingDone
 
 log = logging.getLogger(__name__)
 
 # Status codes after which the party gives the round up and follows the stream.
-_SKIP_ROUND = {"FAILED_PRECONDITION", "ALREADY_EXISTS"}
+_SKIP_ROUND = {ErrorCode.FAILED_PRECONDITION, ErrorCode.ALREADY_EXISTS}
 # Status codes after which the party reconnects (stream broken or expired).
-_RECONNECT = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "INTERNAL", "UNKNOWN"}
+_RECONNECT = {
+    ErrorCode.UNAVAILABLE,
+    ErrorCode.DEADLINE_EXCEEDED,
+    ErrorCode.CANCELLED,
+    ErrorCode.INTERNAL,
+    ErrorCode.UNKNOWN,
+}
 
 
 @dataclass(frozen=True)
@@ -43,8 +49,8 @@ def run_party(cfg: ClientConfig, data: Dataset | None = None) -> PartyResult:
     data = data if data is not None else load_dataset(cfg.data)
     attack = parse_attack(cfg.attack)
     with AggregatorClient(cfg) as client:
-        reply = client.join(len(data))
-        rcfg = wire.training_config_from_proto(reply.config)
+        joined = client.join(len(data))
+        rcfg = joined.config
         if tuple(data.x.shape[1:]) != rcfg.input_shape:
             raise ConfigError(
                 f"party {cfg.party_id}: local samples have shape "
@@ -54,7 +60,7 @@ def run_party(cfg: ClientConfig, data: Dataset | None = None) -> PartyResult:
         model = build_model(
             rcfg.model, rcfg.input_shape, rcfg.num_classes, rcfg.model_hidden
         )
-        if model_specs(model) != client.specs:
+        if tuple(model_specs(model)) != client.specs:
             raise ConfigError(
                 f"party {cfg.party_id}: local model {rcfg.model!r} does not match "
                 "the aggregator's model spec"
@@ -63,18 +69,18 @@ def run_party(cfg: ClientConfig, data: Dataset | None = None) -> PartyResult:
         log.info(
             "party %s joined run %s at round %d (%d samples)",
             cfg.party_id,
-            reply.run_id,
-            reply.open_round,
+            joined.run_id,
+            joined.open_round,
             len(data),
         )
         stream_timeout = 2 * rcfg.round_timeout_s + 60.0
-        next_round = int(reply.open_round)
+        next_round = joined.open_round
         submitted = 0
         last_loss = float("nan")
         while True:
             try:
                 for item in client.models(next_round, stream_timeout):
-                    if isinstance(item, TrainingOver):
+                    if isinstance(item, TrainingDone):
                         log.info(
                             "party %s: training over after %d rounds (%s)",
                             cfg.party_id,
@@ -120,7 +126,7 @@ def _train_and_submit(
     )
     train_s = time.perf_counter() - t0
     try:
-        reply = client.submit(
+        outcome = client.submit(
             item.round,
             update,
             len(data),
@@ -141,6 +147,6 @@ def _train_and_submit(
         item.round,
         loss,
         train_s,
-        reply.message,
+        outcome.message,
     )
     return float(loss) if np.isfinite(loss) else None

@@ -1,28 +1,41 @@
-"""AggregatorClient: channel, deadlines, retries; ndarrays in/out, fedgrpc errors."""
+"""AggregatorClient: channel, deadlines, retries; domain types in and out.
+
+Callers never see grpc or protobuf: replies come back as domain types
+(:class:`~fedgrpc.wire.JoinInfo`, :class:`~fedgrpc.types.RunStatus`, ...), and a failed
+call as a :class:`~fedgrpc.errors.RemoteError` carrying its :class:`ErrorCode`.
+"""
 
 from __future__ import annotations
 
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 import numpy as np
 
 import fedgrpc
 from fedgrpc import wire
-from fedgrpc.config import ClientConfig
-from fedgrpc.errors import InvalidUpdateError, RemoteError
-from fedgrpc.proto import aggregator_pb2, aggregator_pb2_grpc
-from fedgrpc.server.auth import (
+from fedgrpc.client.credentials import (
     channel_credentials,
     token_call_credentials,
     token_metadata,
 )
-from fedgrpc.types import TensorSpec, UpdateKind
+from fedgrpc.config import ClientConfig
+from fedgrpc.errors import ErrorCode, InvalidUpdateError, RemoteError
+from fedgrpc.proto import aggregator_pb2, aggregator_pb2_grpc
+from fedgrpc.types import (
+    ContributionReport,
+    RunStatus,
+    SubmitHeader,
+    SubmitOutcome,
+    TensorSpec,
+    TrainingDone,
+    UpdateKind,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,26 +60,18 @@ class ModelVersion:
     digest: bytes
 
 
-@dataclass(frozen=True)
-class TrainingOver:
-    """GetModel's final message."""
-
-    rounds_completed: int
-    reason: str
-
-
-def _remote(err: grpc.RpcError) -> RemoteError:
+def remote_error(err: grpc.RpcError) -> RemoteError:
+    """A failed call as a RemoteError with the call's status code."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
-    return RemoteError(f"{code.name}: {details}", code=code.name)
+    return RemoteError(f"{code.name}: {details}", code=ErrorCode.of(code.name))
 
 
 class AggregatorClient:
     """A party's (or an observer's) connection to the aggregator.
 
     Every call has a deadline; only UNAVAILABLE is retried, with capped exponential
-    backoff and jitter, until ``connect_timeout_s`` has passed without success. Errors
-    leave as :class:`~fedgrpc.errors.RemoteError` carrying the status name.
+    backoff and jitter, until ``connect_timeout_s`` has passed without success.
     """
 
     def __init__(self, cfg: ClientConfig) -> None:
@@ -87,8 +92,8 @@ class AggregatorClient:
                 cfg.server, creds, options=CHANNEL_OPTIONS
             )
         self._stub = aggregator_pb2_grpc.AggregatorStub(self._channel)
-        # Uploads send pre-serialized messages: chunks are framed by hand straight from
-        # the array buffer (wire.WireBundle.messages), so no serializer runs on them.
+        # Model streams and uploads move pre-serialized messages: chunks are framed by
+        # hand straight from the array buffer, and parsed without copying their data.
         self._get_model_raw: grpc.UnaryStreamMultiCallable[
             aggregator_pb2.GetModelRequest, bytes
         ] = self._channel.unary_stream(
@@ -104,7 +109,7 @@ class AggregatorClient:
             response_deserializer=aggregator_pb2.SubmitReply.FromString,
         )
         self._jitter = random.Random()
-        self.specs: list[TensorSpec] = []
+        self.specs: tuple[TensorSpec, ...] = ()
         self.wire_dtype = "float32"
 
     def close(self) -> None:
@@ -128,7 +133,7 @@ class AggregatorClient:
             except grpc.RpcError as err:
                 code = err.code() if hasattr(err, "code") else None
                 if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= give_up:
-                    raise _remote(err) from None
+                    raise remote_error(err) from None
                 wait = min(delay, self.cfg.backoff_max_s) * (
                     0.5 + self._jitter.random()
                 )
@@ -142,12 +147,10 @@ class AggregatorClient:
                 delay = min(delay * 2, self.cfg.backoff_max_s)
 
     # ------------------------------------------------------------------ RPCs
-    def join(self, num_samples: int) -> aggregator_pb2.JoinReply:
+    def join(self, num_samples: int) -> wire.JoinInfo:
         """Join (retried while the aggregator is unreachable); learn spec and config."""
-        req = aggregator_pb2.JoinRequest(
-            party_id=self.cfg.party_id,
-            num_samples=num_samples,
-            client_version=fedgrpc.__version__,
+        req = wire.join_request_to_proto(
+            self.cfg.party_id, num_samples, fedgrpc.__version__
         )
         reply: aggregator_pb2.JoinReply = self.retry(
             lambda: self._stub.Join(
@@ -155,17 +158,14 @@ class AggregatorClient:
             ),
             "Join",
         )
-        self.specs = [wire.spec_from_proto(s) for s in reply.model_spec.tensors]
-        self.wire_dtype = (
-            wire.dtype_from_proto(reply.config.wire_dtype)
-            if reply.config.wire_dtype
-            else "float32"
-        )
-        return reply
+        info = wire.join_reply_from_proto(reply)
+        self.specs = info.specs
+        self.wire_dtype = info.config.wire_dtype
+        return info
 
     def models(
         self, from_round: int, timeout_s: float
-    ) -> Iterator[ModelVersion | TrainingOver]:
+    ) -> Iterator[ModelVersion | TrainingDone]:
         """One GetModel stream: each model version from ``from_round`` on, then the end.
 
         The stream's deadline is ``timeout_s``; the caller reopens it when it expires.
@@ -173,101 +173,76 @@ class AggregatorClient:
         req = aggregator_pb2.GetModelRequest(
             party_id=self.cfg.party_id, from_round=from_round
         )
-        layout = wire.FlatLayout.of(self.specs)
         try:
             stream = self._get_model_raw(
                 req, timeout=timeout_s, metadata=self._metadata
             )
-            header: aggregator_pb2.ModelHeader | None = None
-            flat = np.empty(0, dtype=np.float32)
-            dec: wire.BundleDecoder | None = None
-            for raw in stream:
-                fast = wire.parse_chunk_message(raw)  # zero-copy view of the chunk
-                msg = (
-                    None
-                    if fast is not None
-                    else aggregator_pb2.ModelMessage.FromString(raw)
-                )
-                kind = "chunk" if msg is None else msg.WhichOneof("kind")
-                if kind == "header":
-                    assert msg is not None
-                    header = msg.header
-                    wdt = (
-                        wire.dtype_from_proto(header.wire_dtype)
-                        if header.wire_dtype
-                        else self.wire_dtype
-                    )
-                    dec = wire.BundleDecoder(
-                        self.specs,
-                        wire_dtype=wdt,
-                        label=f"model of round {header.round}",
-                    )
-                    flat = np.empty(layout.size, dtype=np.float32)
-                elif kind == "chunk":
-                    if dec is None or header is None:
-                        raise InvalidUpdateError("model chunk before its header")
-                    if fast is None:
-                        assert msg is not None
-                        idx, off, view = dec.feed(msg.chunk)
-                    else:
-                        idx, off, view = dec.feed(fast)
-                    start = layout.offsets[idx] + off
-                    wire.from_wire_array(
-                        view,
-                        dec.wire_dtype_of(self.specs[idx]),
-                        "float32",
-                        out=flat[start : start + view.size],
-                    )
-                elif kind == "end":
-                    if dec is None or header is None:
-                        raise InvalidUpdateError("model end before its header")
-                    dec.finish(header.digest)
-                    yield ModelVersion(int(header.round), flat, bytes(header.digest))
-                    header, dec = None, None
-                elif kind == "done":
-                    assert msg is not None
-                    yield TrainingOver(int(msg.done.rounds_completed), msg.done.reason)
-                    return
+            yield from self._read_models(stream)
         except grpc.RpcError as err:
-            raise _remote(err) from None
+            raise remote_error(err) from None
+
+    def _read_models(
+        self, stream: Iterator[bytes]
+    ) -> Iterator[ModelVersion | TrainingDone]:
+        layout = wire.FlatLayout.of(self.specs)
+        header = None
+        dec: wire.BundleDecoder | None = None
+        flat = np.empty(0, dtype=np.float32)
+        for kind, part in wire.read_messages(stream, aggregator_pb2.ModelMessage):
+            if kind == "header":
+                header = wire.model_header_from_proto(part)
+                dec = wire.BundleDecoder(
+                    self.specs,
+                    wire_dtype=header.wire_dtype,
+                    label=f"model of round {header.round}",
+                )
+                flat = np.empty(layout.size, dtype=np.float32)
+            elif kind == "chunk":
+                if dec is None:
+                    raise InvalidUpdateError("model chunk before its header")
+                idx, off, raw = dec.feed(part)
+                start = layout.offsets[idx] + off
+                dec.widen(idx, raw, out=flat[start : start + raw.size])
+            elif kind == "end":
+                if dec is None or header is None:
+                    raise InvalidUpdateError("model end before its header")
+                dec.finish(header.digest)
+                yield ModelVersion(header.round, flat, header.digest)
+                header, dec = None, None
+            elif kind == "done":
+                yield wire.training_done_from_proto(part)
+                return
 
     def submit(
         self,
         round_index: int,
-        update: dict[str, np.ndarray],
+        update: Mapping[str, np.ndarray],
         num_samples: int,
         *,
         train_loss: float,
         kind: UpdateKind,
         submission_id: str = "",
         model_digest: bytes = b"",
-    ) -> aggregator_pb2.SubmitReply:
+    ) -> SubmitOutcome:
         """Stream an update: header, chunks, trailer; resend on UNAVAILABLE, same id."""
         bundle = wire.prepare_bundle(
             ((s.name, update[s.name]) for s in self.specs), self.wire_dtype
         )
-        trailer_digest = bundle.digest
-        sid = (
-            submission_id
-            or f"{self.cfg.party_id}:{round_index}:{trailer_digest.hex()[:16]}"
+        header = SubmitHeader(
+            party_id=self.cfg.party_id,
+            round=round_index,
+            num_samples=num_samples,
+            train_loss=train_loss,
+            update_kind=kind,
+            submission_id=submission_id
+            or f"{self.cfg.party_id}:{round_index}:{bundle.digest.hex()[:16]}",
+            model_digest=model_digest,
         )
 
         def messages() -> Iterator[bytes]:
-            yield aggregator_pb2.SubmitMessage(
-                header=aggregator_pb2.SubmitHeader(
-                    party_id=self.cfg.party_id,
-                    round=round_index,
-                    num_samples=num_samples,
-                    train_loss=train_loss,
-                    update_kind=wire.update_kind_to_proto(kind),
-                    submission_id=sid,
-                    model_digest=model_digest,
-                )
-            ).SerializeToString()
+            yield wire.submit_header_to_proto(header).SerializeToString()
             yield from bundle.messages()
-            yield aggregator_pb2.SubmitMessage(
-                trailer=aggregator_pb2.SubmitTrailer(digest=trailer_digest)
-            ).SerializeToString()
+            yield wire.submit_trailer_to_proto(bundle.digest).SerializeToString()
 
         def call() -> aggregator_pb2.SubmitReply:
             reply: aggregator_pb2.SubmitReply = self._submit_raw(
@@ -275,9 +250,10 @@ class AggregatorClient:
             )
             return reply
 
-        return self.retry(call, f"SubmitGradient round {round_index}")
+        reply = self.retry(call, f"SubmitGradient round {round_index}")
+        return wire.submit_reply_from_proto(reply)[0]
 
-    def status(self) -> aggregator_pb2.StatusReply:
+    def status(self) -> RunStatus:
         """GetStatus."""
         reply: aggregator_pb2.StatusReply = self.retry(
             lambda: self._stub.GetStatus(
@@ -287,30 +263,20 @@ class AggregatorClient:
             ),
             "GetStatus",
         )
-        return reply
+        return wire.status_from_proto(reply)
 
     def contributions(
         self,
         party_ids: list[str] | None = None,
         from_round: int = 0,
         to_round: int | None = None,
-    ) -> aggregator_pb2.ContributionsReply:
+    ) -> ContributionReport:
         """GetContributions."""
-        req = aggregator_pb2.ContributionsRequest(
-            party_ids=party_ids or [],
-            from_round=from_round,
-            to_round=to_round or 0,
-            has_to_round=to_round is not None,
-        )
+        req = wire.contributions_request_to_proto(party_ids, from_round, to_round)
         reply: aggregator_pb2.ContributionsReply = self.retry(
             lambda: self._stub.GetContributions(
                 req, timeout=self.cfg.rpc_timeout_s, metadata=self._metadata
             ),
             "GetContributions",
         )
-        return reply
-
-    @property
-    def channel(self) -> Any:
-        """The underlying grpc channel (tests)."""
-        return self._channel
+        return wire.report_from_proto(reply)

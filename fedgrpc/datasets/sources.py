@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,8 @@ import numpy as np
 import numpy.typing as npt
 
 from fedgrpc.errors import ConfigError
-from fedgrpc.models import load_factory
+from fedgrpc.factories import load_factory
+from fedgrpc.store.files import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -303,18 +302,6 @@ def split_holdout(
 
 
 def save_npz(path: Path | str, ds: Dataset) -> None:
-    """Write ``x``, ``y`` and ``num_classes`` to ``path`` atomically (temp + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, x=ds.x, y=ds.y, num_classes=np.int64(ds.num_classes))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    """Write ``x``, ``y`` and ``num_classes`` to ``path`` atomically."""
+    with atomic_file(Path(path)) as fh:
+        np.savez(fh, x=ds.x, y=ds.y, num_classes=np.int64(ds.num_classes))

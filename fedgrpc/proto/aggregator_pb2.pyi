@@ -715,9 +715,10 @@ class StatusReply(_message.Message):
     LAST_ROUND_S_FIELD_NUMBER: _builtins.int
     VAL_LOSS_FIELD_NUMBER: _builtins.int
     VAL_ACC_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     state: _builtins.str
-    """"waiting", "training", "done", "failed" """
+    """"starting", "waiting", "training", "done", "failed" """
     open_round: _builtins.int
     rounds_total: _builtins.int
     rounds_done: _builtins.int
@@ -729,6 +730,8 @@ class StatusReply(_message.Message):
     """validation loss of the current model"""
     val_acc: _builtins.float
     """validation accuracy of the current model"""
+    reason: _builtins.str
+    """why the run ended ("completed", "failed: ..."); "" while running"""
     @_builtins.property
     def joined(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -754,10 +757,11 @@ class StatusReply(_message.Message):
         last_round_s: _builtins.float = ...,
         val_loss: _builtins.float = ...,
         val_acc: _builtins.float = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["elapsed_s", b"elapsed_s", "joined", b"joined", "last_round_s", b"last_round_s", "late", b"late", "open_round", b"open_round", "rounds_done", b"rounds_done", "rounds_total", b"rounds_total", "run_id", b"run_id", "state", b"state", "submitted", b"submitted", "val_acc", b"val_acc", "val_loss", b"val_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["elapsed_s", b"elapsed_s", "joined", b"joined", "last_round_s", b"last_round_s", "late", b"late", "open_round", b"open_round", "reason", b"reason", "rounds_done", b"rounds_done", "rounds_total", b"rounds_total", "run_id", b"run_id", "state", b"state", "submitted", b"submitted", "val_acc", b"val_acc", "val_loss", b"val_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

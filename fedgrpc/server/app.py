@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import platform
@@ -22,30 +21,24 @@ from grpc_reflection.v1alpha import reflection
 
 import fedgrpc
 from fedgrpc import wire
-from fedgrpc.checkpoint import atomic_write, load_arrays, save_arrays
-from fedgrpc.config import (
-    RoundConfig,
-    ServerConfig,
-    round_config_from_json,
-    round_config_to_json,
-)
-from fedgrpc.engine import RoundEngine, RunState
+from fedgrpc.config import ServerConfig, round_config_from_json, round_config_to_json
+from fedgrpc.engine import RoundEngine
 from fedgrpc.errors import ConfigError, FedGrpcError
 from fedgrpc.layout import FlatLayout
-from fedgrpc.ledger import LEDGER_FILE, Ledger
-from fedgrpc.proto import aggregator_pb2, tensor_pb2
-from fedgrpc.security import PartyRegistry
+from fedgrpc.proto import aggregator_pb2
+from fedgrpc.security.registry import PartyRegistry
 from fedgrpc.server.auth import server_credentials
 from fedgrpc.server.broadcast import ModelBroadcaster
-from fedgrpc.server.servicer import AggregatorServicer
+from fedgrpc.server.servicer import AggregatorServicer, Run
 from fedgrpc.server.validation import ValidationSetup, open_validation
-from fedgrpc.types import RoundResult
+from fedgrpc.store.files import atomic_write
+from fedgrpc.store.ledger import Ledger
+from fedgrpc.store.run_dir import RESUME_KEY, RunDir
+from fedgrpc.types import RoundResult, RunState
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"].full_name
-CHECKPOINTS = "checkpoints"
-KEEP_CHECKPOINTS = 2
 
 
 def _identity(b: bytes) -> bytes:
@@ -95,75 +88,91 @@ def build_handler(servicer: AggregatorServicer) -> grpc.GenericRpcHandler:
 
 
 class Aggregator:
-    """One run of the aggregator: owns the engine, the ledger and the gRPC server."""
+    """One run of the aggregator: owns the engine, the ledger and the gRPC server.
+
+    ``Aggregator(cfg)`` opens the ledger and checks the run directory; :meth:`start`
+    binds the port first and only then sets the run up (the validation worker loads
+    torch, the data and the model), so the port answers within a second of launch
+    while parties that connect early wait for the run (GetStatus says ``starting``).
+    """
 
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
-        self.run_dir = cfg.run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(self.run_dir / LEDGER_FILE)
+        self.run_dir = RunDir(cfg.run_dir)
+        self.run_dir.path.mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(self.run_dir.ledger_path)
         self._stopping = threading.Event()
         self._done = threading.Event()
         self._closed = False
         self.port = 0
-        start_round = 0
+        self.validation: ValidationSetup | None = None
+        self._executor: futures.ThreadPoolExecutor | None = None
+        try:
+            self._open(cfg)
+        except BaseException:
+            self.ledger.close()
+            raise
+
+    def _open(self, cfg: ServerConfig) -> None:
         if cfg.resume:
             info = self.ledger.run_info()
             if info is None:
-                raise ConfigError(f"--resume {self.run_dir}: no run recorded there")
+                raise ConfigError(
+                    f"--resume {self.run_dir.path}: no run recorded there"
+                )
             self.run_id = str(info["run_id"])
             stored = info["config"]
-            rcfg = round_config_from_json(stored["round"])
-            val_spec, val_count = stored["val_data"], int(stored["val_count"])
+            self._round_cfg = round_config_from_json(stored["round"])
+            self._val = (str(stored["val_data"]), int(stored["val_count"]))
         else:
             if self.ledger.run_info() is not None:
                 raise ConfigError(
-                    f"{self.run_dir} already holds a run; use --resume {self.run_dir} "
-                    "or a new --run-dir"
+                    f"{self.run_dir.path} already holds a run; use --resume "
+                    f"{self.run_dir.path} or a new --run-dir"
                 )
             self.run_id = uuid.uuid4().hex[:12]
-            rcfg, val_spec, val_count = cfg.round, cfg.val_data, cfg.val_count
-        init_model = None if cfg.resume else cfg.init_model
-        self.validation = open_validation(
-            cfg.validator, rcfg, val_spec, val_count, init_model
+            self._round_cfg = cfg.round
+            self._val = (cfg.val_data, cfg.val_count)
+        registry = PartyRegistry.load(cfg.parties_file) if cfg.parties_file else None
+        self.servicer = AggregatorServicer(
+            self.run_id,
+            self._round_cfg.rounds,
+            registry=registry,
+            mtls=cfg.tls.require_client_cert,
+            limits=cfg.limits,
+            stopping=self._stopping,
         )
-        try:
-            self._setup(cfg, self.validation, start_round, val_spec, val_count)
-        except BaseException:
-            self.validation.close()
-            raise
+        self.health = health.HealthServicer()
+        self.server = _grpc_server(self.servicer, self.health, cfg.limits.max_parties)
+        self._driver = threading.Thread(
+            target=self._drive, name="round-driver", daemon=True
+        )
 
-    def _setup(
-        self,
-        cfg: ServerConfig,
-        validation: ValidationSetup,
-        start_round: int,
-        val_spec: str,
-        val_count: int,
-    ) -> None:
+    def _setup(self) -> None:
+        """Load validation, model and theta; build the engine (after binding)."""
+        cfg = self.cfg
+        self.validation = validation = open_validation(
+            cfg.validator,
+            self._round_cfg,
+            *self._val,
+            None if cfg.resume else cfg.init_model,
+        )
         rcfg = validation.round_cfg
         self.round_cfg = rcfg
         self.layout = FlatLayout.of(validation.specs)
-        theta = validation.theta0
+        theta, start_round = validation.theta0, 0
         if cfg.resume:
-            state = self.ledger.get_state("resume")
-            if state is None:
-                raise ConfigError(f"--resume {self.run_dir}: no committed checkpoint")
-            arrays, _ = load_arrays(
-                self.run_dir / CHECKPOINTS / state["checkpoint"],
-                expected_sha256=state["checkpoint_sha256"],
-            )
-            theta = self.layout.flatten(arrays)
-            start_round = int(state["next_round"])
+            theta, start_round = self.run_dir.load_resume(self.ledger, self.layout)
             log.info("resuming run %s at round %d", self.run_id, start_round)
         else:
             config_json = {
                 "round": round_config_to_json(rcfg),
-                "val_data": val_spec,
-                "val_count": val_count,
+                "val_data": self._val[0],
+                "val_count": self._val[1],
             }
             self.ledger.start_run(self.run_id, config_json, validation.val_digest)
-            self._save_checkpoint(0, theta)
+            state = self.run_dir.save_checkpoint(self.layout, theta, self.run_id, 0)
+            self.ledger.set_state(RESUME_KEY, state)
         self.broadcaster = ModelBroadcaster(self.layout, wire_dtype=rcfg.wire_dtype)
         self._executor = futures.ThreadPoolExecutor(1, thread_name_prefix="val-grad")
         self.engine = RoundEngine(
@@ -183,118 +192,43 @@ class Aggregator:
         )
         for p in self.ledger.parties():
             self.engine.join(str(p["party_id"]), max(1, int(p["num_samples"])))
-        registry = PartyRegistry.load(cfg.parties_file) if cfg.parties_file else None
-        mtls = cfg.tls.require_client_cert
-        self.servicer = AggregatorServicer(
-            self.engine,
-            self.broadcaster,
-            self._join_reply(rcfg, validation.specs),
-            self.ledger.contributions,
-            registry=registry,
-            mtls=mtls,
-            limits=wire.DecodeLimits(
-                cfg.limits.max_chunk_bytes,
-                cfg.limits.max_tensor_bytes,
-                cfg.limits.max_submission_bytes,
-            ),
-            max_streams_per_party=cfg.limits.max_streams_per_party,
-            run_id=self.run_id,
-            stopping=self._stopping,
+        join_info = wire.JoinInfo(
+            self.run_id, tuple(validation.specs), rcfg, start_round, ""
         )
-        self.health = health.HealthServicer()
-        self.server = grpc.server(
-            # Each GetModel stream and each upload holds a worker thread while it lasts;
-            # threads start lazily, so the bound costs nothing until used.
-            futures.ThreadPoolExecutor(
-                max_workers=2 * cfg.limits.max_parties + 16, thread_name_prefix="rpc"
-            ),
-            options=[
-                ("grpc.so_reuseport", 0),
-                # Without BDP probing each stream's HTTP/2 window stays at its default
-                # instead of growing per connection: peak RSS with 32 parties x 10 M
-                # parameters fell from 1365 to 843 MiB at the same round time.
-                ("grpc.http2.bdp_probe", 0),
-                # Clients ping every 10 s to detect dead links; allow it.
-                ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-            ],
-        )
-        self.server.add_generic_rpc_handlers((build_handler(self.servicer),))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            self.server,
-        )
-        self._driver = threading.Thread(
-            target=self._drive, name="round-driver", daemon=True
-        )
-
-    def _join_reply(
-        self, rcfg: RoundConfig, specs: list[Any]
-    ) -> aggregator_pb2.JoinReply:
-        tc = wire.training_config_to_proto(rcfg)
-        return aggregator_pb2.JoinReply(
-            run_id=self.run_id,
-            config=tc,
-            model_spec=tensor_pb2.TensorBundleSpec(
-                tensors=[wire.spec_to_proto(s) for s in specs]
-            ),
+        self.servicer.attach(
+            Run(self.engine, self.broadcaster, join_info, self.ledger.contributions)
         )
 
     # ------------------------------------------------------------ durability
-    def _save_checkpoint(self, next_round: int, theta: np.ndarray) -> dict[str, Any]:
-        name = f"round-{next_round:06d}.npz"
-        digest = save_arrays(
-            self.run_dir / CHECKPOINTS / name,
-            dict(self.layout.iter_arrays(theta)),
-            {"run_id": self.run_id, "next_round": next_round},
-        )
-        state = {
-            "next_round": next_round,
-            "checkpoint": name,
-            "checkpoint_sha256": digest,
-        }
-        if next_round == 0:
-            self.ledger.set_state("resume", state)
-        return state
-
     def _commit(self, result: RoundResult, theta_next: np.ndarray) -> None:
         """Checkpoint theta_{t+1}; then commit the round and resume pointer at once."""
-        if result.status == "ok":
-            state = self._save_checkpoint(result.round + 1, theta_next)
-            self.ledger.record_round(result, state={"resume": state})
-            self._prune_checkpoints(result.round + 1)
+        if result.ok:
+            state = self.run_dir.save_checkpoint(
+                self.layout, theta_next, self.run_id, result.round + 1
+            )
+            self.ledger.record_round(result, state={RESUME_KEY: state})
+            self.run_dir.prune_checkpoints(result.round + 1)
         else:
             self.ledger.record_round(result)
 
-    def _prune_checkpoints(self, newest: int) -> None:
-        for path in (self.run_dir / CHECKPOINTS).glob("round-*.npz"):
-            idx = int(path.stem.split("-")[1])
-            if idx <= newest - KEEP_CHECKPOINTS:
-                path.unlink(missing_ok=True)
-                path.with_name(path.name + ".sha256").unlink(missing_ok=True)
-
     def _on_finish(self, state: RunState, reason: str) -> None:
-        save_arrays(
-            self.run_dir / "final_model.npz",
-            dict(self.layout.iter_arrays(self.engine.theta)),
-            {
-                "run_id": self.run_id,
-                "rounds_done": self.engine.rounds_done,
-                "state": state.value,
-                "reason": reason,
-            },
-        )
+        meta = {
+            "run_id": self.run_id,
+            "rounds_done": self.engine.rounds_done,
+            "state": state.value,
+            "reason": reason,
+        }
+        self.run_dir.save_final(self.layout, self.engine.theta, meta)
         self.broadcaster.finish(self.engine.rounds_done, reason)
         self._done.set()
 
     # -------------------------------------------------------------- running
     def start(self) -> int:
-        """Bind, start serving and driving rounds; return the bound port."""
+        """Bind and serve, then set the run up and drive rounds; return the port.
+
+        The port (and ``port_file``) is live before the run is set up; a set-up
+        failure is raised here, after which RPCs answer UNAVAILABLE naming it.
+        """
         if self.cfg.insecure:
             port = self.server.add_insecure_port(self.cfg.address)
         else:
@@ -305,17 +239,25 @@ class Aggregator:
             raise ConfigError(f"cannot listen on {self.cfg.address}")
         self.port = port
         self.server.start()
-        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.cfg.port_file is not None:
             atomic_write(self.cfg.port_file, f"{port}\n".encode())
         log.info(
-            "fedgrpc %s aggregator run %s listening on port %d (%s)",
+            "fedgrpc %s aggregator run %s listening on port %d (%s); setting up",
             fedgrpc.__version__,
             self.run_id,
             port,
             "insecure" if self.cfg.insecure else "TLS",
         )
+        try:
+            self._setup()
+        except BaseException as err:
+            self.servicer.start_failed(str(err))
+            raise
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        log.info("run %s ready", self.run_id)
         if self.engine.finished:
             self._on_finish(self.engine.state, self.engine.reason or "completed")
         self._driver.start()
@@ -352,33 +294,71 @@ class Aggregator:
         self._closed = True
         self.health.enter_graceful_shutdown()
         self._stopping.set()
-        if save_open_round and not self.engine.finished:
+        ready = self.servicer.ready
+        if save_open_round and ready and not self.engine.finished:
             st = self.engine.status()
             self.ledger.set_state(
                 "open_round",
                 {
-                    "round": st["open_round"],
-                    "submitted": st["submitted"],
-                    "joined": st["joined"],
+                    "round": st.open_round,
+                    "submitted": list(st.submitted),
+                    "joined": list(st.joined),
                     "saved_at": time.time(),
                 },
             )
             log.info(
                 "open round %d saved (%d submitted); resume with --resume %s",
-                st["open_round"],
-                len(st["submitted"]),
-                self.run_dir,
+                st.open_round,
+                len(st.submitted),
+                self.run_dir.path,
             )
         self.server.stop(grace_s).wait()
-        self._driver.join(timeout=5)
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        self.validation.close()
+        if self._driver.is_alive():
+            self._driver.join(timeout=5)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        if self.validation is not None:
+            self.validation.close()
         self.ledger.close()
 
     @property
     def succeeded(self) -> bool:
         """True when the run completed every round."""
-        return self.engine.state == RunState.DONE
+        return self.servicer.ready and self.engine.state == RunState.DONE
+
+
+def _grpc_server(
+    servicer: AggregatorServicer, health_servicer: health.HealthServicer, parties: int
+) -> grpc.Server:
+    """The gRPC server: the Aggregator service, health checking and reflection."""
+    server = grpc.server(
+        # Each GetModel stream and each upload holds a worker thread while it lasts;
+        # threads start lazily, so the bound costs nothing until used.
+        futures.ThreadPoolExecutor(
+            max_workers=2 * parties + 16, thread_name_prefix="rpc"
+        ),
+        options=[
+            ("grpc.so_reuseport", 0),
+            # Without BDP probing each stream's HTTP/2 window stays at its default
+            # instead of growing per connection: peak RSS with 32 parties x 10 M
+            # parameters fell from 1365 to 843 MiB at the same round time.
+            ("grpc.http2.bdp_probe", 0),
+            # Clients ping every 10 s to detect dead links; allow it.
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ],
+    )
+    server.add_generic_rpc_handlers((build_handler(servicer),))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    return server
 
 
 MALLOC_ARENAS = 2
@@ -408,7 +388,7 @@ def serve(cfg: ServerConfig) -> int:
 
     0: every round completed; 1: the run failed (quorum lost, no parties); 128 + signal
     number after SIGTERM/SIGINT (graceful: health NOT_SERVING, open round saved,
-    resumable with ``--resume``).
+    resumable with ``--resume``). A set-up failure raises (the CLI exits 2 with it).
     """
     limit_malloc_arenas()
     agg = Aggregator(cfg)
@@ -424,8 +404,8 @@ def serve(cfg: ServerConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    agg.start()
     try:
+        agg.start()
         while not stop.is_set() and not agg.wait(0.2):
             pass
         if not stop.is_set():
@@ -450,19 +430,20 @@ def serve(cfg: ServerConfig) -> int:
 
 def _report(agg: Aggregator) -> None:
     st = agg.engine.status()
-    summary = {
-        "run_id": agg.run_id,
-        "state": st["state"],
-        "rounds_done": st["rounds_done"],
-        "val_loss": st["val_loss"],
-        "val_acc": st["val_acc"],
-        "reason": st["reason"],
-    }
-    atomic_write(agg.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    agg.run_dir.write_summary(
+        {
+            "run_id": agg.run_id,
+            "state": st.state.value,
+            "rounds_done": st.rounds_done,
+            "val_loss": st.val_loss,
+            "val_acc": st.val_acc,
+            "reason": st.reason,
+        }
+    )
     log.info(
         "run %s %s after %d rounds: val acc %.4f",
         agg.run_id,
-        st["state"],
-        st["rounds_done"],
-        st["val_acc"],
+        st.state.value,
+        st.rounds_done,
+        st.val_acc,
     )

@@ -1,4 +1,4 @@
-"""Channel credentials and caller identity at the gRPC edge (DESIGN §5).
+"""Server credentials and caller identity at the gRPC edge (DESIGN §5).
 
 The identity of a call comes from the channel, never from the payload: the verified
 client certificate's CN under mutual TLS, or an ``authorization: Bearer <token>``
@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import cast
 
 import grpc
 
 from fedgrpc.config import TlsConfig
 from fedgrpc.errors import AuthError, ConfigError
-from fedgrpc.security import Identity, PartyRegistry
+from fedgrpc.security.registry import (
+    AUTH_HEADER,
+    BEARER_SCHEME,
+    Identity,
+    PartyRegistry,
+)
+from fedgrpc.store.files import read_file
 
 log = logging.getLogger(__name__)
 
-AUTH_HEADER = "authorization"
-"""Metadata key of the bearer token (gRPC metadata keys are lower case)."""
-_BEARER = "bearer"
 _CN_KEY = "x509_common_name"
 """auth_context key of the verified peer certificate's subject CN (values are bytes)."""
 
@@ -62,7 +64,7 @@ def _bearer_token(context: grpc.ServicerContext) -> str | None:
             raise AuthError("authorization header is not ASCII") from e
     scheme, _, token = header.strip().partition(" ")
     token = token.strip()
-    if scheme.lower() != _BEARER or not token:
+    if scheme.lower() != BEARER_SCHEME or not token:
         raise AuthError("authorization header must be 'Bearer <token>'")
     return token
 
@@ -117,13 +119,6 @@ def identity_from_context(
     return identity
 
 
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read {what} {path}: {e}") from e
-
-
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
     """TLS credentials for the aggregator's port.
 
@@ -142,64 +137,8 @@ def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
         raise ConfigError(
             "requiring client certificates needs a CA to verify them (--tls-ca)"
         )
-    pair = (_read(tls.key, "TLS key"), _read(tls.cert, "TLS certificate"))
-    root = _read(tls.ca, "CA certificate") if tls.ca is not None else None
+    pair = (read_file(tls.key, "TLS key"), read_file(tls.cert, "TLS certificate"))
+    root = read_file(tls.ca, "CA certificate") if tls.ca is not None else None
     return grpc.ssl_server_credentials(
         [pair], root_certificates=root, require_client_auth=tls.require_client_cert
     )
-
-
-def channel_credentials(
-    ca: Path, cert: Path | None = None, key: Path | None = None
-) -> grpc.ChannelCredentials:
-    """TLS credentials for a client channel that trusts ``ca`` only.
-
-    Args:
-        ca: PEM CA certificate that signed the aggregator's certificate.
-        cert: This party's PEM client certificate, for mutual TLS.
-        key: Its private key; given exactly when ``cert`` is.
-
-    Raises:
-        ConfigError: Only one of cert and key given, or unreadable files.
-    """
-    if (cert is None) != (key is None):
-        raise ConfigError("a client certificate needs its key and vice versa")
-    return grpc.ssl_channel_credentials(
-        root_certificates=_read(ca, "CA certificate"),
-        private_key=_read(key, "TLS key") if key is not None else None,
-        certificate_chain=_read(cert, "TLS certificate") if cert is not None else None,
-    )
-
-
-class BearerToken(grpc.AuthMetadataPlugin):
-    """Call credentials that send ``authorization: Bearer <token>`` with every call."""
-
-    def __init__(self, token: str) -> None:
-        if not token or any(c.isspace() for c in token):
-            raise ConfigError("bearer token must be non-empty without whitespace")
-        self._metadata = tuple(token_metadata(token))
-
-    def __call__(
-        self,
-        context: grpc.AuthMetadataContext,
-        callback: grpc.AuthMetadataPluginCallback,
-    ) -> None:
-        """Attach the token to an outgoing call."""
-        callback(self._metadata, None)
-
-    def __repr__(self) -> str:
-        return "BearerToken(<redacted>)"
-
-
-def token_call_credentials(token: str) -> grpc.CallCredentials:
-    """Bearer-token call credentials; combine with `channel_credentials`.
-
-    gRPC only sends call credentials over secure channels; on an insecure (test)
-    channel pass ``metadata=token_metadata(token)`` to each call instead.
-    """
-    return grpc.metadata_call_credentials(BearerToken(token), name="fedgrpc-bearer")
-
-
-def token_metadata(token: str) -> list[tuple[str, str]]:
-    """Per-call metadata carrying a bearer token, for channels without call creds."""
-    return [(AUTH_HEADER, f"Bearer {token}")]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedgrpc import wire
-from fedgrpc.proto import aggregator_pb2
+from fedgrpc.types import ModelHeader, TrainingDone
 
 
 @dataclass(frozen=True)
@@ -47,17 +47,11 @@ class ModelBroadcaster:
         bundle = wire.prepare_bundle(self._layout.iter_arrays(flat), self._wire_dtype)
         body = list(bundle.messages(self._chunk_bytes))
         digest, total = bundle.digest, bundle.total_bytes
-        header = aggregator_pb2.ModelMessage(
-            header=aggregator_pb2.ModelHeader(
-                round=round_index,
-                version=round_index,
-                digest=digest,
-                total_bytes=total,
-                wire_dtype=wire.dtype_to_proto(self._wire_dtype),
-            )
+        header = wire.model_header_to_proto(
+            ModelHeader(round_index, digest, total, self._wire_dtype)
         ).SerializeToString()
-        end = aggregator_pb2.ModelMessage(end=aggregator_pb2.ModelEnd(digest=digest))
-        version = Version(round_index, (header, *body, end.SerializeToString()), digest)
+        end = wire.model_end_to_proto(digest).SerializeToString()
+        version = Version(round_index, (header, *body, end), digest)
         with self._cond:
             self._latest = version
             self._cond.notify_all()
@@ -65,10 +59,8 @@ class ModelBroadcaster:
 
     def finish(self, rounds_completed: int, reason: str) -> None:
         """Publish the final done message; streams end after sending it."""
-        msg = aggregator_pb2.ModelMessage(
-            done=aggregator_pb2.TrainingDone(
-                rounds_completed=rounds_completed, reason=reason
-            )
+        msg = wire.training_done_to_proto(
+            TrainingDone(rounds_completed, reason)
         ).SerializeToString()
         with self._cond:
             self._done = Version(rounds_completed, (msg,), b"", done=True)

@@ -1,4 +1,10 @@
-"""AggregatorServicer: decode -> engine -> encode; domain exceptions -> status codes."""
+"""AggregatorServicer: decode -> engine -> encode; domain exceptions -> status codes.
+
+The server listens before the run is ready (the validation worker may still be loading
+torch, the data and the model): until :meth:`AggregatorServicer.attach` hands over the
+run, GetStatus answers ``starting`` and every other RPC waits for the run, within its
+deadline, then gets UNAVAILABLE (which clients retry).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,13 @@ import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, NoReturn, TypeVar, cast
+from dataclasses import dataclass, replace
+from typing import Any, NoReturn, TypeVar
 
 import grpc
-import numpy as np
-from google.protobuf.message import DecodeError, Message
 
 from fedgrpc import wire
+from fedgrpc.config import Limits
 from fedgrpc.engine import RoundEngine
 from fedgrpc.errors import (
     FedGrpcError,
@@ -20,27 +26,26 @@ from fedgrpc.errors import (
     InvalidUpdateError,
     LimitError,
     StaleRoundError,
+    UnavailableError,
 )
 from fedgrpc.proto import aggregator_pb2
-from fedgrpc.security import PARTY_ID_RE, Identity, PartyRegistry
+from fedgrpc.security.registry import PARTY_ID_RE, Identity, PartyRegistry
 from fedgrpc.server.auth import identity_from_context
 from fedgrpc.server.broadcast import ModelBroadcaster
-from fedgrpc.types import ContributionReport
+from fedgrpc.types import ContributionReport, RunState, RunStatus, SubmitHeader
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-
-def _abort(context: grpc.ServicerContext, err: FedGrpcError) -> NoReturn:
-    code = getattr(grpc.StatusCode, err.code, grpc.StatusCode.INTERNAL)
-    context.abort(code, str(err))
+STARTUP_WAIT_S = 60.0
+"""Longest an RPC waits for a starting run (its own deadline may be shorter)."""
 
 
 def _fail(context: grpc.ServicerContext, err: Exception, method: str) -> NoReturn:
     """Abort with the status of ``err``: a domain error's own, else INTERNAL."""
     if isinstance(err, FedGrpcError):
-        _abort(context, err)
+        context.abort(grpc.StatusCode[err.code.name], str(err))
     # types-grpcio lacks ServicerContext.code() (in grpcio since 1.38).
     status_code = context.code  # type: ignore[attr-defined]
     if isinstance(err, grpc.RpcError) or status_code() is not None:
@@ -75,49 +80,81 @@ def _streaming(fn: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
     return wrapper
 
 
+@dataclass(frozen=True)
+class Run:
+    """What the RPCs serve once the run is ready."""
+
+    engine: RoundEngine
+    broadcaster: ModelBroadcaster
+    join_info: wire.JoinInfo  # the run's constant part of every JoinReply
+    contributions: Callable[[list[str] | None, int, int | None], ContributionReport]
+
+
 class AggregatorServicer:
     """The Aggregator service. Each RPC decodes, calls the engine, encodes.
 
     Args:
-        engine: the round engine.
-        broadcaster: encoded model versions, shared by every GetModel stream.
-        join_reply: the run's constant part of JoinReply (spec, config, run id).
-        contributions: callable building a ContributionReport for (parties, from, to).
+        run_id: the run's id.
+        rounds_total: rounds of the run (GetStatus while starting).
         registry: parties file, or None (no tokens).
         mtls: whether client certificates are required (identity from the certificate).
         limits: decode limits; ``max_streams_per_party`` bounds concurrent uploads.
+        stopping: set when the server shuts down (model streams end UNAVAILABLE).
     """
 
     def __init__(
         self,
-        engine: RoundEngine,
-        broadcaster: ModelBroadcaster,
-        join_reply: aggregator_pb2.JoinReply,
-        contributions: Callable[
-            [list[str] | None, int, int | None], ContributionReport
-        ],
+        run_id: str,
+        rounds_total: int,
         *,
         registry: PartyRegistry | None = None,
         mtls: bool = False,
-        limits: wire.DecodeLimits | None = None,
-        max_streams_per_party: int = 2,
-        run_id: str = "",
+        limits: Limits | None = None,
         stopping: threading.Event | None = None,
     ) -> None:
-        self._engine = engine
-        self._broadcaster = broadcaster
-        self._join_reply = join_reply
-        self._contributions = contributions
+        self._run_id = run_id
+        self._rounds_total = rounds_total
         self._registry = registry
         self._mtls = mtls
-        self._limits = limits or wire.DecodeLimits()
-        self._max_streams = max_streams_per_party
+        self._limits = limits or Limits()
         self._streams: dict[str, int] = {}
         self._streams_lock = threading.Lock()
         self.model_streams = 0  # open GetModel streams (the server waits for them)
-        self._run_id = run_id
         self._stopping = stopping or threading.Event()
-        self._wire_dtype = wire.dtype_from_proto(join_reply.config.wire_dtype)
+        self._ready = threading.Event()
+        self._run: Run | None = None
+        self._start_error = ""
+
+    # ------------------------------------------------------------- the run
+    def attach(self, run: Run) -> None:
+        """The run is ready: RPCs are served from now on."""
+        self._run = run
+        self._ready.set()
+
+    @property
+    def ready(self) -> bool:
+        """Whether the run is attached."""
+        return self._run is not None
+
+    def start_failed(self, reason: str) -> None:
+        """The run could not be set up: RPCs get UNAVAILABLE naming ``reason``."""
+        self._start_error = reason
+        self._ready.set()
+
+    def _wait_run(self, context: grpc.ServicerContext) -> Run:
+        remaining = context.time_remaining()
+        wait = STARTUP_WAIT_S if remaining is None else min(STARTUP_WAIT_S, remaining)
+        self._ready.wait(max(0.0, wait))
+        if self._run is not None:
+            return self._run
+        if self._start_error:
+            raise UnavailableError(
+                f"aggregator run {self._run_id} failed to start: {self._start_error}"
+            )
+        raise UnavailableError(
+            f"aggregator run {self._run_id} is starting (loading the validation data "
+            "and model); try again"
+        )
 
     # ------------------------------------------------------------- identity
     def _identity(self, context: grpc.ServicerContext) -> Identity | None:
@@ -147,32 +184,31 @@ class AggregatorServicer:
         self, raw: bytes, context: grpc.ServicerContext
     ) -> aggregator_pb2.JoinReply:
         """Register the calling party; reply with spec, config and the open round."""
-        request = parse(aggregator_pb2.JoinRequest, raw)
-        party = self._party(context, request.party_id)
-        self._engine.join(party, int(request.num_samples))
-        reply = aggregator_pb2.JoinReply()
-        reply.CopyFrom(self._join_reply)
-        reply.open_round = self._engine.open_round
-        reply.party_id = party
-        return reply
+        claimed, num_samples, _ = wire.join_request_from_proto(
+            wire.parse_message(aggregator_pb2.JoinRequest, raw)
+        )
+        party = self._party(context, claimed)
+        run = self._wait_run(context)
+        run.engine.join(party, num_samples)
+        info = replace(run.join_info, open_round=run.engine.open_round, party_id=party)
+        return wire.join_reply_to_proto(info)
 
     @_streaming
     def GetModel(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         """Stream each model version from ``from_round`` on (pre-encoded), then done."""
-        request = parse(aggregator_pb2.GetModelRequest, raw)
+        request = wire.parse_message(aggregator_pb2.GetModelRequest, raw)
         party = self._party(context, request.party_id)
-        self._engine.touch(party)
+        run = self._wait_run(context)
+        run.engine.touch(party)
         next_round = int(request.from_round)
         with self._streams_lock:
             self.model_streams += 1
         try:
             while context.is_active():
-                item = self._broadcaster.wait_next(next_round, timeout_s=0.5)
+                item = run.broadcaster.wait_next(next_round, timeout_s=0.5)
                 if item is None:
                     if self._stopping.is_set():
-                        context.abort(
-                            grpc.StatusCode.UNAVAILABLE, "aggregator shutting down"
-                        )
+                        raise UnavailableError("aggregator shutting down")
                     continue
                 yield from item.messages
                 if item.done:
@@ -187,37 +223,32 @@ class AggregatorServicer:
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> aggregator_pb2.SubmitReply:
         """Receive one update: header, chunks, trailer; fold it in only when whole."""
-        messages = _submit_messages(request_iterator)
-        which, first = next(messages, (None, None))
-        if which != "header":
+        messages = wire.read_messages(request_iterator, aggregator_pb2.SubmitMessage)
+        kind, first = next(messages, ("", None))
+        if kind != "header" or first is None:
             raise InvalidUpdateError("submission must start with a header message")
-        hdr = cast(aggregator_pb2.SubmitHeader, first)
+        hdr = wire.submit_header_from_proto(first)
         party = self._party(context, hdr.party_id)
+        run = self._wait_run(context)
         with self._streams_lock:
             open_streams = self._streams.get(party, 0)
-            if open_streams >= self._max_streams:
+            if open_streams >= self._limits.max_streams_per_party:
                 raise LimitError(
                     f"party {party}, round {hdr.round}: {open_streams} uploads already "
-                    f"open; limit is {self._max_streams}"
+                    f"open; limit is {self._limits.max_streams_per_party}"
                 )
             self._streams[party] = open_streams + 1
         try:
-            return self._receive(party, hdr, messages)
+            return self._receive(run, replace(hdr, party_id=party), messages)
         finally:
             with self._streams_lock:
                 self._streams[party] -= 1
 
     def _receive(
-        self,
-        party: str,
-        hdr: aggregator_pb2.SubmitHeader,
-        it: Iterator[tuple[str | None, Any]],
+        self, run: Run, hdr: SubmitHeader, it: Iterator[tuple[str, Any]]
     ) -> aggregator_pb2.SubmitReply:
-        label = f"party {party}, round {hdr.round}"
-        kind = wire.update_kind_from_proto(hdr.update_kind)
-        if kind is None:
-            raise InvalidUpdateError(f"{label}: update kind is unset or unknown")
-        latest = self._broadcaster.latest
+        label = f"party {hdr.party_id}, round {hdr.round}"
+        latest = run.broadcaster.latest
         if (
             hdr.model_digest
             and latest is not None
@@ -229,56 +260,36 @@ class AggregatorServicer:
                 f"{hdr.model_digest.hex()[:16]}...; "
                 f"round {hdr.round}'s model is {latest.digest.hex()[:16]}..."
             )
-        sub = self._engine.begin_submission(
-            party,
-            int(hdr.round),
-            int(hdr.num_samples),
-            train_loss=float(hdr.train_loss),
-            update_kind=kind,
+        sub = run.engine.begin_submission(
+            hdr.party_id,
+            hdr.round,
+            hdr.num_samples,
+            train_loss=hdr.train_loss,
+            update_kind=hdr.update_kind,
             submission_id=hdr.submission_id,
-            slot_timeout_s=60.0,
         )
         try:
             sub.reserve()  # before reading any chunk: waiting uploads pin no data
-        except BaseException:
-            sub.abort()
-            raise
-        dec = wire.BundleDecoder(
-            self._engine.specs,
-            wire_dtype=self._wire_dtype,
-            limits=self._limits,
-            label=label,
-        )
-        wdt = self._wire_dtype
-        # float16/bfloat16 chunks are widened into one reused float32 buffer.
-        scratch = None if wdt == "float32" else np.empty(0, dtype=np.float32)
-        try:
-            for which, payload in it:
-                if which == "chunk":
-                    idx, off, view = dec.feed(payload)
-                    if scratch is not None:
-                        if scratch.size < view.size:
-                            scratch = np.empty(view.size, dtype=np.float32)
-                        view = wire.from_wire_array(
-                            view, wdt, "float32", out=scratch[: view.size]
-                        )
-                    sub.add(idx, off, view)
-                elif which == "trailer":
-                    digest = dec.finish(payload.digest)
+            dec = wire.BundleDecoder(
+                run.engine.specs,
+                wire_dtype=run.join_info.config.wire_dtype,
+                limits=self._limits,
+                label=label,
+            )
+            for kind, part in it:
+                if kind == "chunk":
+                    idx, off, raw = dec.feed(part)
+                    sub.add(idx, off, dec.widen(idx, raw))
+                elif kind == "trailer":
+                    digest = dec.finish(wire.submit_trailer_from_proto(part))
                     if next(it, None) is not None:
                         raise InvalidUpdateError(f"{label}: messages after the trailer")
                     outcome = sub.finish(digest)
-                    return aggregator_pb2.SubmitReply(
-                        accepted=outcome.accepted,
-                        message=outcome.message,
-                        round=outcome.round,
-                        submission_id=outcome.submission_id,
-                        bytes_received=dec.bytes_received,
-                    )
+                    return wire.submit_reply_to_proto(outcome, dec.bytes_received)
                 else:
                     raise InvalidUpdateError(
-                        f"{label}: unexpected {which or 'empty'} message "
-                        "inside the update"
+                        f"{label}: unexpected {kind or 'empty'} message inside the "
+                        "update"
                     )
             raise InvalidUpdateError(
                 f"{label}: stream ended without its trailer after {dec.bytes_received} "
@@ -293,9 +304,10 @@ class AggregatorServicer:
         self, raw: bytes, context: grpc.ServicerContext
     ) -> aggregator_pb2.ContributionsReply:
         """The ledger's contributions; parties see only their own, admins everything."""
-        request = parse(aggregator_pb2.ContributionsRequest, raw)
+        wanted, from_round, to_round = wire.contributions_request_from_proto(
+            wire.parse_message(aggregator_pb2.ContributionsRequest, raw)
+        )
         ident = self._identity(context)
-        wanted = list(request.party_ids) or None
         if ident is not None and not ident.is_admin:
             if wanted is not None and wanted != [ident.name]:
                 others = sorted(set(wanted) - {ident.name})
@@ -304,99 +316,21 @@ class AggregatorServicer:
                     f"{others}"
                 )
             wanted = [ident.name]
-        to_round = int(request.to_round) if request.has_to_round else None
-        report = self._contributions(wanted, int(request.from_round), to_round)
+        run = self._wait_run(context)
+        report = run.contributions(wanted, from_round, to_round)
         viewer = None if ident is None or ident.is_admin else ident.name
-        return report_to_proto(report, viewer=viewer)
+        return wire.report_to_proto(report, viewer=viewer)
 
     @_unary
     def GetStatus(
         self, raw: bytes, context: grpc.ServicerContext
     ) -> aggregator_pb2.StatusReply:
-        """Run progress."""
-        parse(aggregator_pb2.StatusRequest, raw)
+        """Run progress (``starting`` while the run is being set up)."""
+        wire.parse_message(aggregator_pb2.StatusRequest, raw)
         self._identity(context)  # authenticate when credentials are configured
-        st = self._engine.status()
-        return aggregator_pb2.StatusReply(
-            run_id=self._run_id,
-            state=st["state"],
-            open_round=st["open_round"],
-            rounds_total=st["rounds_total"],
-            rounds_done=st["rounds_done"],
-            joined=st["joined"],
-            submitted=st["submitted"],
-            late=st["late"],
-            elapsed_s=st["elapsed_s"],
-            last_round_s=st["last_round_s"],
-            val_loss=st["val_loss"],
-            val_acc=st["val_acc"],
-        )
-
-
-M = TypeVar("M", bound=Message)
-
-
-def _submit_messages(raw: Iterator[bytes]) -> Iterator[tuple[str | None, Any]]:
-    """(kind, payload) of each upload message; chunks parse without copying data."""
-    for data in raw:
-        fast = wire.parse_chunk_message(data)
-        if fast is not None:
-            yield "chunk", fast
-            continue
-        msg = parse(aggregator_pb2.SubmitMessage, data)
-        which = msg.WhichOneof("kind")
-        yield which, getattr(msg, which) if which else None
-
-
-def parse(cls: type[M], raw: bytes) -> M:
-    """Parse a request; malformed bytes are INVALID_ARGUMENT, not INTERNAL."""
-    try:
-        return cls.FromString(raw)
-    except DecodeError as err:
-        raise InvalidUpdateError(f"malformed {cls.__name__} message: {err}") from None
-
-
-def report_to_proto(
-    report: ContributionReport, *, viewer: str | None = None
-) -> aggregator_pb2.ContributionsReply:
-    """Encode a ContributionReport; for a ``viewer`` party, only its part of rounds."""
-    reply = aggregator_pb2.ContributionsReply(
-        run_id=report.run_id, method=report.method, rounds_done=report.rounds_done
-    )
-    for pc in report.parties:
-        msg = reply.parties.add(
-            party_id=pc.party_id,
-            total=pc.total,
-            share=pc.share,
-            reference_share=pc.reference_share,
-            attack=pc.attack,
-        )
-        for t, pr in zip(pc.round_indices, pc.rounds, strict=True):
-            msg.rounds.add(
-                round=t,
-                score=pr.score,
-                weight=pr.weight,
-                num_samples=pr.num_samples,
-                update_norm=pr.update_norm,
-                train_loss=pr.train_loss,
-            )
-    for r in report.rounds:
-        # A party sees only its own part of each round: other parties' ids, and a round
-        # total from which others' scores could be derived, are for admins.
-        seen = [p for p in r.parties if viewer is None or p.party_id == viewer]
-        reply.rounds.add(
-            round=r.round,
-            status=r.status,
-            val_loss_before=r.val_loss_before,
-            val_acc_before=r.val_acc_before,
-            val_loss_after=r.val_loss_after,
-            val_acc_after=r.val_acc_after,
-            predicted_drop=sum(p.score for p in seen),
-            measured_drop=r.measured_drop,
-            submitted=[p.party_id for p in seen],
-            late=[p for p in r.late if viewer is None or p == viewer],
-            duration_s=r.duration_s,
-            val_grad_s=r.val_grad_s,
-            aggregate_s=r.aggregate_s,
-        )
-    return reply
+        if self._run is None:
+            state = RunState.FAILED if self._start_error else RunState.STARTING
+            st = RunStatus(state, 0, self._rounds_total, 0, reason=self._start_error)
+        else:
+            st = self._run.engine.status()
+        return wire.status_to_proto(replace(st, run_id=self._run_id))

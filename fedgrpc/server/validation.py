@@ -2,8 +2,9 @@
 
 The passes (v_t = the validation-loss gradient at theta_t, and the loss after the step;
 DESIGN §4) need torch, the model and the validation set. ``--validator process`` keeps
-all three out of the aggregator process: a child process (``validation_worker``) loads
-them, and the two share four model-sized float32 regions of one memory-mapped file:
+all three out of the aggregator process: a child process
+(:mod:`fedgrpc.learning.worker`) loads them, and the two share four model-sized
+float32 regions of one memory-mapped file:
 
     theta_a, theta_b   the engine's two parameter buffers (theta_t and the
                        accumulator that becomes theta_{t+1}); the worker reads them
@@ -29,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import mmap
 import os
 import subprocess
 import sys
@@ -48,20 +48,24 @@ from fedgrpc.config import (
     round_config_to_json,
 )
 from fedgrpc.engine import Validator
-from fedgrpc.errors import ConfigError, FedGrpcError
+from fedgrpc.errors import ConfigError, UnavailableError
+from fedgrpc.learning.worker import (
+    GRAD,
+    SCRATCH,
+    THETA_A,
+    THETA_B,
+    map_regions,
+    specs_from_json,
+)
 from fedgrpc.types import TensorSpec
 
 log = logging.getLogger(__name__)
 
-REGIONS = ("theta_a", "theta_b", "grad", "scratch")
-THETA_A, THETA_B, GRAD, SCRATCH = range(len(REGIONS))
 START_TIMEOUT_S = 600.0  # loading a large validation set can take a while
 
 
-class ValidationWorkerError(FedGrpcError):
+class ValidationWorkerError(UnavailableError):
     """The validation worker process failed or exited (the run stops; resumable)."""
-
-    code = "UNAVAILABLE"
 
 
 @dataclass
@@ -90,7 +94,7 @@ def open_validation(
         return RemoteValidator.start(cfg, val_spec, val_count, init_model).setup
     if kind != "thread":
         raise ConfigError(f"validator must be one of {VALIDATORS}, got {kind!r}")
-    from fedgrpc.runtime import local_validation  # torch: only on this path
+    from fedgrpc.learning.validation import local_validation  # torch: this path only
 
     local = local_validation(cfg, val_spec, val_count, init_model)
     return ValidationSetup(
@@ -110,30 +114,6 @@ def shm_dirs() -> list[str]:
     if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
         dirs.insert(0, "/dev/shm")
     return dirs
-
-
-def map_regions(fd: int, size: int) -> np.ndarray:
-    """Map ``len(REGIONS)`` float32 vectors of ``size`` elements from ``fd``.
-
-    The array keeps the mapping alive (it is the array's base).
-    """
-    nbytes = max(1, len(REGIONS) * size * 4)
-    mm = mmap.mmap(fd, nbytes)
-    regions = np.frombuffer(mm, dtype=np.float32, count=len(REGIONS) * size)
-    return regions.reshape(len(REGIONS), size)
-
-
-def specs_to_json(specs: list[TensorSpec]) -> list[dict[str, Any]]:
-    """Tensor specs as JSON values."""
-    return [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in specs]
-
-
-def specs_from_json(data: list[dict[str, Any]]) -> list[TensorSpec]:
-    """Inverse of :func:`specs_to_json`."""
-    return [
-        TensorSpec(str(d["name"]), str(d["dtype"]), tuple(int(x) for x in d["shape"]))
-        for d in data
-    ]
 
 
 class RemoteValidator:
@@ -185,7 +165,7 @@ class RemoteValidator:
         path = [os.getcwd() if p == "" else p for p in sys.path]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fedgrpc.server.validation_worker"],
+            [sys.executable, "-m", "fedgrpc.learning.worker"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fedgrpc.checkpoint import load_arrays
 from fedgrpc.config import RoundConfig
 from fedgrpc.datasets.sources import Dataset, load_dataset
 from fedgrpc.engine import RoundEngine
-from fedgrpc.runtime import config_for_data, run_in_process
+from fedgrpc.learning.inprocess import run_in_process
+from fedgrpc.learning.validation import config_for_data
+from fedgrpc.store.checkpoint import load_arrays
 from fedgrpc.types import RoundResult, UpdateKind
 
 FEDGRPC = [sys.executable, "-m", "fedgrpc"]

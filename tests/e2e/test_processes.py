@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from fedgrpc.config import RoundConfig
-from fedgrpc.runtime import config_for_data, run_in_process
+from fedgrpc.learning.inprocess import run_in_process
+from fedgrpc.learning.validation import config_for_data
 from fedgrpc.types import UpdateKind
 from tests.e2e.helpers import (
     final_model,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedgrpc.security import hash_token
+from fedgrpc.security.registry import hash_token
 from tests.e2e.helpers import (
     child_pids,
     processes,

@@ -9,15 +9,9 @@ import numpy as np
 import pytest
 
 from fedgrpc import wire
-from fedgrpc.client.stub import (
-    CHANNEL_OPTIONS,
-    AggregatorClient,
-    ModelVersion,
-    TrainingOver,
-)
-from fedgrpc.engine import RunState
+from fedgrpc.client.stub import CHANNEL_OPTIONS, AggregatorClient, ModelVersion
 from fedgrpc.proto import aggregator_pb2
-from fedgrpc.types import UpdateKind
+from fedgrpc.types import RunState, TrainingDone, UpdateKind
 from tests.conftest import MakeServer, client_config
 
 pytestmark = pytest.mark.integration
@@ -61,7 +55,7 @@ def test_big_model_moves_both_ways_in_chunks(make_server: MakeServer) -> None:
     np.testing.assert_array_equal(first.flat, theta0)
     assert reply.accepted, reply.message
     assert reply.bytes_received == agg.layout.size * 4
-    assert last == TrainingOver(1, "completed")
+    assert last == TrainingDone(1, "completed")
     assert agg.engine.state == RunState.DONE
     np.testing.assert_allclose(agg.engine.theta, expected, rtol=1e-6)
 

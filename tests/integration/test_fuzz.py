@@ -24,8 +24,8 @@ from fedgrpc import wire
 from fedgrpc.errors import FedGrpcError
 from fedgrpc.proto import aggregator_pb2, tensor_pb2
 from fedgrpc.server.app import Aggregator
-from fedgrpc.server.servicer import parse
 from fedgrpc.types import TensorSpec
+from fedgrpc.wire import parse_message
 from tests.conftest import MakeServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -338,7 +338,7 @@ def test_decode_tensor_declared_shapes_raise_only_fedgrpc_errors(
 @given(raw=st.binary(max_size=200))
 def test_parse_random_bytes_as_submit_message(raw: bytes) -> None:
     try:
-        msg = parse(aggregator_pb2.SubmitMessage, raw)
+        msg = parse_message(aggregator_pb2.SubmitMessage, raw)
     except FedGrpcError as err:
         assert err.code == "INVALID_ARGUMENT"
         return

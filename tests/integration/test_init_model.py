@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedgrpc.checkpoint import save_arrays
 from fedgrpc.errors import ConfigError
+from fedgrpc.store.checkpoint import save_arrays
 from tests.conftest import MakeServer
 
 pytestmark = pytest.mark.integration

@@ -20,13 +20,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from fedgrpc import wire
 from fedgrpc.client.party import run_party
-from fedgrpc.client.stub import AggregatorClient, ModelVersion, TrainingOver
+from fedgrpc.client.stub import AggregatorClient, ModelVersion
 from fedgrpc.config import Limits
 from fedgrpc.datasets.sources import load_dataset, subset
-from fedgrpc.engine import RunState
 from fedgrpc.proto import aggregator_pb2, aggregator_pb2_grpc, tensor_pb2
 from fedgrpc.server.app import Aggregator
-from fedgrpc.types import TensorSpec
+from fedgrpc.types import RunState, TensorSpec, TrainingDone
 from tests.conftest import MakeServer, client_config
 
 pytestmark = pytest.mark.integration
@@ -1079,4 +1078,4 @@ def test_models_stream_ends_with_training_over(
         last = next(stream)
 
     assert isinstance(first, ModelVersion)
-    assert last == TrainingOver(1, "completed")
+    assert last == TrainingDone(1, "completed")

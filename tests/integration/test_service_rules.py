@@ -72,7 +72,7 @@ def test_party_reads_only_its_own_round_participation(
     assert agg.wait(30)
     report = agg.ledger.contributions()
 
-    from fedgrpc.server.servicer import report_to_proto
+    from fedgrpc.wire import report_to_proto
 
     as_alice = report_to_proto(report, viewer="alice")
     as_admin = report_to_proto(report)

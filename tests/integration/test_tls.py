@@ -10,22 +10,17 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fedgrpc.config import TlsConfig
-from fedgrpc.errors import AuthError, ConfigError
-from fedgrpc.security import (
-    PartyRegistry,
-    add_party,
-    init_ca,
-    issue_party_cert,
-)
-from fedgrpc.server.auth import (
+from fedgrpc.client.credentials import (
     BearerToken,
     channel_credentials,
-    identity_from_context,
-    server_credentials,
     token_call_credentials,
     token_metadata,
 )
+from fedgrpc.config import TlsConfig
+from fedgrpc.errors import AuthError, ConfigError
+from fedgrpc.security.pki import init_ca, issue_party_cert
+from fedgrpc.security.registry import PartyRegistry, add_party
+from fedgrpc.server.auth import identity_from_context, server_credentials
 
 pytestmark = pytest.mark.integration
 

@@ -18,9 +18,8 @@ import pytest
 from fedgrpc.client.party import run_party
 from fedgrpc.config import RoundConfig, ServerConfig
 from fedgrpc.datasets.sources import load_dataset, subset
-from fedgrpc.engine import RunState
 from fedgrpc.errors import ConfigError
-from fedgrpc.runtime import local_validation
+from fedgrpc.learning.validation import local_validation
 from fedgrpc.server.app import Aggregator
 from fedgrpc.server.validation import (
     RemoteValidator,
@@ -28,6 +27,7 @@ from fedgrpc.server.validation import (
     open_validation,
     shm_dirs,
 )
+from fedgrpc.types import RunState
 from tests.conftest import MakeServer, client_config
 from tests.e2e.helpers import child_pids, running
 

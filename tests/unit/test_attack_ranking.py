@@ -9,7 +9,8 @@ from fedgrpc.config import RoundConfig
 from fedgrpc.datasets.attacks import apply_data_attack, parse_attack
 from fedgrpc.datasets.partition import iid
 from fedgrpc.datasets.sources import Dataset, load_dataset, split_holdout, subset
-from fedgrpc.runtime import config_for_data, run_in_process
+from fedgrpc.learning.inprocess import run_in_process
+from fedgrpc.learning.validation import config_for_data
 from fedgrpc.types import UpdateKind
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedgrpc.checkpoint import atomic_write, load_arrays, save_arrays
 from fedgrpc.errors import ConfigError, FedGrpcError
+from fedgrpc.store.checkpoint import load_arrays, save_arrays
+from fedgrpc.store.files import atomic_write
 
 UNPICKLED: list[str] = []
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedgrpc.config import RoundConfig
-from fedgrpc.engine import RoundEngine, RunState, SubmitOutcome, submit_arrays
+from fedgrpc.engine import RoundEngine, submit_arrays
 from fedgrpc.errors import (
     DuplicateSubmissionError,
     InvalidUpdateError,
@@ -17,7 +17,7 @@ from fedgrpc.errors import (
     UnknownPartyError,
 )
 from fedgrpc.layout import update_digest
-from fedgrpc.types import RoundResult, TensorSpec, UpdateKind
+from fedgrpc.types import RoundResult, RunState, SubmitOutcome, TensorSpec, UpdateKind
 from fedgrpc.wire import FlatLayout, digest_hex
 
 SPECS = (TensorSpec("w", "float32", (2, 3)), TensorSpec("b", "float32", (3,)))

@@ -8,9 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedgrpc.engine import RoundEngine, RunState
+from fedgrpc.engine import RoundEngine
 from fedgrpc.errors import LimitError
 from fedgrpc.layout import digest_hex, update_digest
+from fedgrpc.types import RunState
 from tests.unit.test_engine import (
     G3,
     N3,

@@ -10,21 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedgrpc import contribution
-from fedgrpc.config import RoundConfig
+from fedgrpc.cli.shapley import add_parsers, format_table, progress_bar, run_shapley
+from fedgrpc.config import RoundConfig, SplitConfig
+from fedgrpc.datasets import split
 from fedgrpc.datasets.attacks import parse_assignments
 from fedgrpc.datasets.sources import Dataset
 from fedgrpc.errors import ConfigError
-from fedgrpc.evaluation import (
+from fedgrpc.learning.ground_truth import (
     CoalitionUtility,
     ShapleyReport,
     coalition_utility,
     evaluate,
-    format_table,
-    prepare_parties,
-    progress_bar,
 )
-from fedgrpc.evaluation_cli import add_shapley_parser, run_shapley
+from fedgrpc.scoring import shapley as contribution
 from fedgrpc.types import UpdateKind
 
 FLIP = parse_assignments(["2=label-flip:1.0"])
@@ -42,9 +40,30 @@ CFG = RoundConfig(
 Parties = tuple[dict[str, Dataset], Dataset]
 
 
+def _prepare(
+    data: str,
+    n: int,
+    partition: str,
+    holdout: int,
+    attacks: Mapping[str, Attack],
+    seed: int,
+    train_count: int = 0,
+) -> Parties:
+    specs = tuple(f"{k}={a.spec}" for k, a in attacks.items())
+    cfg = SplitConfig(
+        data=data,
+        parties=n,
+        partition=partition,
+        attacks=specs,
+        seed=seed,
+        train_count=train_count,
+    )
+    return split.prepare_parties(cfg, holdout)
+
+
 @pytest.fixture(scope="module")
 def flipped() -> Parties:
-    return prepare_parties("digits", 3, "iid", 360, FLIP, seed=0)
+    return _prepare("digits", 3, "iid", 360, FLIP, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +82,7 @@ def utility(flipped: Parties) -> CoalitionUtility:
 
 
 def test_prepare_parties_sizes() -> None:
-    parties, val = prepare_parties("digits", 3, "iid", 360, {}, seed=0)
+    parties, val = _prepare("digits", 3, "iid", 360, {}, seed=0)
 
     assert list(parties) == ["party-0", "party-1", "party-2"]
     assert len(val) == 360
@@ -71,23 +90,23 @@ def test_prepare_parties_sizes() -> None:
 
 
 def test_prepare_parties_train_count_keeps_that_many() -> None:
-    parties, val = prepare_parties("digits", 4, "iid", 360, {}, seed=1, train_count=400)
+    parties, val = _prepare("digits", 4, "iid", 360, {}, seed=1, train_count=400)
 
     assert len(val) == 360
     assert sum(len(d) for d in parties.values()) == 400
 
 
 def test_prepare_parties_holdout_does_not_depend_on_train_count() -> None:
-    _, val_all = prepare_parties("digits", 2, "iid", 100, {}, seed=3)
-    _, val_some = prepare_parties("digits", 2, "iid", 100, {}, seed=3, train_count=50)
+    _, val_all = _prepare("digits", 2, "iid", 100, {}, seed=3)
+    _, val_some = _prepare("digits", 2, "iid", 100, {}, seed=3, train_count=50)
 
     np.testing.assert_array_equal(val_all.x, val_some.x)
 
 
 def test_prepare_parties_is_deterministic_per_seed() -> None:
-    a, va = prepare_parties("digits", 3, "dirichlet:0.5", 200, FLIP, seed=5)
-    b, vb = prepare_parties("digits", 3, "dirichlet:0.5", 200, FLIP, seed=5)
-    c, _ = prepare_parties("digits", 3, "dirichlet:0.5", 200, FLIP, seed=6)
+    a, va = _prepare("digits", 3, "dirichlet:0.5", 200, FLIP, seed=5)
+    b, vb = _prepare("digits", 3, "dirichlet:0.5", 200, FLIP, seed=5)
+    c, _ = _prepare("digits", 3, "dirichlet:0.5", 200, FLIP, seed=6)
 
     np.testing.assert_array_equal(va.y, vb.y)
     for p in a:
@@ -98,8 +117,8 @@ def test_prepare_parties_is_deterministic_per_seed() -> None:
 
 @pytest.mark.parametrize("key", ["2", "party-2"])
 def test_prepare_parties_applies_data_attack_by_index_or_id(key: str) -> None:
-    clean, _ = prepare_parties("digits", 3, "iid", 360, {}, seed=0)
-    attacked, _ = prepare_parties(
+    clean, _ = _prepare("digits", 3, "iid", 360, {}, seed=0)
+    attacked, _ = _prepare(
         "digits", 3, "iid", 360, parse_assignments([f"{key}=label-flip:1.0"]), seed=0
     )
 
@@ -111,9 +130,9 @@ def test_prepare_parties_applies_data_attack_by_index_or_id(key: str) -> None:
 
 def test_prepare_parties_partial_flip_uses_seeded_rng() -> None:
     att = parse_assignments(["1=label-flip:0.5"])
-    clean, _ = prepare_parties("digits", 2, "iid", 360, {}, seed=0)
-    a, _ = prepare_parties("digits", 2, "iid", 360, att, seed=0)
-    b, _ = prepare_parties("digits", 2, "iid", 360, att, seed=0)
+    clean, _ = _prepare("digits", 2, "iid", 360, {}, seed=0)
+    a, _ = _prepare("digits", 2, "iid", 360, att, seed=0)
+    b, _ = _prepare("digits", 2, "iid", 360, att, seed=0)
 
     changed = int(np.sum(a["party-1"].y != clean["party-1"].y))
     np.testing.assert_array_equal(a["party-1"].y, b["party-1"].y)
@@ -127,12 +146,12 @@ def test_prepare_parties_partial_flip_uses_seeded_rng() -> None:
 )
 def test_prepare_parties_refuses_bad_attack_keys(items: list[str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        prepare_parties("digits", 3, "iid", 360, parse_assignments(items), seed=0)
+        _prepare("digits", 3, "iid", 360, parse_assignments(items), seed=0)
 
 
 def test_prepare_parties_refuses_holdout_larger_than_data() -> None:
     with pytest.raises(ConfigError, match="val_holdout"):
-        prepare_parties("digits", 3, "iid", 1797, {}, seed=0)
+        _prepare("digits", 3, "iid", 1797, {}, seed=0)
 
 
 # ------------------------------------------------------------------ coalition utility
@@ -335,7 +354,7 @@ def test_progress_bar_is_silent_off_tty_unless_forced() -> None:
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fedgrpc")
-    add_shapley_parser(parser.add_subparsers(dest="command"))
+    add_parsers(parser.add_subparsers(dest="command"))
     return parser.parse_args(argv)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedgrpc.errors import ConfigError, FedGrpcError
-from fedgrpc.ledger import LEDGER_FILE, Ledger
+from fedgrpc.store.ledger import LEDGER_FILE, Ledger
 from fedgrpc.types import PartyRound, RoundResult
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

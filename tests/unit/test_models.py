@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from fedgrpc.errors import ConfigError
-from fedgrpc.models import (
+from fedgrpc.factories import load_factory
+from fedgrpc.learning.models import (
     build_model,
     get_params,
     init_params,
-    load_factory,
     model_specs,
     set_params,
 )

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedgrpc.plot import plot_contributions
+from fedgrpc.cli.plots import plot_contributions
 from fedgrpc.types import ContributionReport, PartyContribution, PartyRound
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

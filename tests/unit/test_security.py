@@ -14,16 +14,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedgrpc.errors import ConfigError
-from fedgrpc.security import (
+from fedgrpc.security.pki import init_ca, issue_party_cert, verify_issued
+from fedgrpc.security.registry import (
     Credential,
     Identity,
     PartyRegistry,
     add_party,
     hash_token,
-    init_ca,
-    issue_party_cert,
     new_token,
-    verify_issued,
 )
 
 

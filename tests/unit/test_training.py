@@ -7,8 +7,8 @@ import torch
 
 from fedgrpc.datasets.sources import load_dataset, subset
 from fedgrpc.errors import ConfigError
-from fedgrpc.models import build_model, get_params, init_params
-from fedgrpc.training import Evaluator, local_update
+from fedgrpc.learning.models import build_model, get_params, init_params
+from fedgrpc.learning.training import Evaluator, local_update
 from fedgrpc.types import UpdateKind
 
 Arrays = dict[str, npt.NDArray[np.float32]]

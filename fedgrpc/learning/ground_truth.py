@@ -1,11 +1,11 @@
 """Ground truth for DIG-FL: Shapley values by retraining every coalition (DESIGN §4).
 
 Every coalition S of the parties is trained with the same in-process engine
-(:func:`fedgrpc.runtime.run_in_process`, no network), the same data per party, the same
-seed and the same initial model θ_0. Its utility is the validation-loss drop
-v(S) = L_v(θ_0) - L_v(θ_T^S) (and, second, the accuracy gain). Exact Shapley weights,
-no clipping. DIG-FL's estimate comes for free from one run of the full federation; the
-ratio of the two wall times is the point of the comparison.
+(:func:`fedgrpc.learning.inprocess.run_in_process`, no network), the same data per
+party, the same seed and the same initial model θ_0. Its utility is the validation-loss
+drop v(S) = L_v(θ_0) - L_v(θ_T^S) (and, second, the accuracy gain). Exact Shapley
+weights, no clipping. DIG-FL's estimate comes for free from one run of the full
+federation; the ratio of the two wall times is the point of the comparison.
 
 No grpc here: the ``shapley`` command is a thin layer over :func:`evaluate`.
 """
@@ -14,174 +14,34 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from fedgrpc import contribution
-from fedgrpc.config import RoundConfig
-from fedgrpc.datasets import partition
-from fedgrpc.datasets.attacks import Attack, apply_data_attack
-from fedgrpc.datasets.sources import Dataset, load_dataset, split_holdout, subset
+from fedgrpc.config import SHAPLEY_METHODS, RoundConfig
+from fedgrpc.datasets.attacks import Attack
+from fedgrpc.datasets.sources import Dataset
+from fedgrpc.datasets.split import resolve_attacks
 from fedgrpc.errors import ConfigError
-from fedgrpc.runtime import FlatValidator, config_for_data, run_in_process, setup_model
-from fedgrpc.training import Evaluator
+from fedgrpc.learning.inprocess import run_in_process
+from fedgrpc.learning.training import Evaluator
+from fedgrpc.learning.validation import FlatValidator, config_for_data, setup_model
+from fedgrpc.scoring import digfl as dg
+from fedgrpc.scoring import shapley as sh
 from fedgrpc.types import RoundResult
 
 log = logging.getLogger(__name__)
 
 Method = Literal["auto", "exact", "permutation"]
-METHODS: tuple[str, ...] = ("auto", "exact", "permutation")
 
 AUTO_EXACT_MAX_PARTIES = 10
 """``method="auto"`` enumerates all 2^n - 1 coalitions up to this many parties."""
 
-PARTY_PREFIX = "party-"
-
-# Independent RNG streams per purpose, so e.g. changing train_count keeps the holdout.
-_STREAM_HOLDOUT = 0
-_STREAM_TRAIN_COUNT = 1
-_STREAM_PARTITION = 2
-_STREAM_ATTACK = 3
-
 ProgressFn = Callable[[int, int], None]
-
-
-# ------------------------------------------------------------------------------------
-# Parties
-
-
-def party_ids(n_parties: int) -> list[str]:
-    """Party ids ``party-0 .. party-{n-1}``."""
-    return [f"{PARTY_PREFIX}{i}" for i in range(n_parties)]
-
-
-def resolve_attacks(
-    attacks: Mapping[str, Attack], ids: Sequence[str]
-) -> dict[str, Attack]:
-    """Key attacks by party id; a key may be an id (``party-3``) or an index (``3``).
-
-    Raises:
-        ConfigError: a key naming no party, or one party given two attacks.
-    """
-    known = set(ids)
-    out: dict[str, Attack] = {}
-    for key, attack in attacks.items():
-        k = key.strip()
-        if k in known:
-            pid = k
-        elif k.isdigit() and f"{PARTY_PREFIX}{int(k)}" in known:
-            pid = f"{PARTY_PREFIX}{int(k)}"
-        else:
-            raise ConfigError(
-                f"attack {key}={attack.spec}: no such party; parties are "
-                f"{_id_range(ids)} (or their indices)"
-            )
-        if pid in out:
-            raise ConfigError(
-                f"party {pid} is given two attacks: {out[pid].spec!r} "
-                f"and {attack.spec!r}"
-            )
-        out[pid] = attack
-    return out
-
-
-def _id_range(ids: Sequence[str]) -> str:
-    return f"{ids[0]}..{ids[-1]}" if len(ids) > 2 else ", ".join(ids)
-
-
-def prepare_parties(
-    data_spec: str,
-    n_parties: int,
-    partition_spec: str,
-    val_holdout: int,
-    attacks: Mapping[str, Attack],
-    seed: int,
-    train_count: int = 0,
-) -> tuple[dict[str, Dataset], Dataset]:
-    """Load a data set and cut it into a validation set and attacked party data sets.
-
-    The single place that turns (data, partition, attacks, seed) into party data, so
-    ``simulate``, ``split`` and ``shapley`` agree on who holds what. Steps, each with
-    its own RNG stream derived from ``seed``:
-
-    1. hold out ``val_holdout`` random samples as the server's validation set;
-    2. if ``train_count`` > 0, keep that many random training samples (original order);
-    3. partition the rest among ``party-0 .. party-{n-1}`` by ``partition_spec``;
-    4. apply each party's data attack with an RNG derived from (seed, party index).
-
-    Args:
-        data_spec: Data set spec for :func:`load_dataset`, e.g. ``mnist:DIR``.
-        n_parties: Number of parties.
-        partition_spec: ``iid``, ``dirichlet:ALPHA``, ``quantity:ALPHA``, ``shards:K``.
-        val_holdout: Validation samples to hold out (>= 1).
-        attacks: Attacks keyed by party index (``"3"``) or id (``"party-3"``); update
-            attacks are left for training (:func:`fedgrpc.runtime.train_round`).
-        seed: Run seed.
-        train_count: Training samples to keep; 0 keeps all.
-
-    Returns:
-        ``(parties, val)``: party id -> data set (in id order), and the validation set.
-
-    Raises:
-        ConfigError: bad sizes or specs, or an attack for an unknown party.
-    """
-    if n_parties < 1:
-        raise ConfigError(f"need at least one party, got {n_parties}")
-    if val_holdout < 1:
-        raise ConfigError(f"val_holdout must be >= 1, got {val_holdout}")
-    if train_count < 0:
-        raise ConfigError(f"train_count must be >= 0, got {train_count}")
-    ids = party_ids(n_parties)
-    by_party = resolve_attacks(attacks, ids)
-    data = load_dataset(data_spec)
-    if val_holdout >= len(data):
-        raise ConfigError(
-            f"val_holdout {val_holdout} leaves no training data: {data.name!r} has "
-            f"{len(data)} samples"
-        )
-    train, val = split_holdout(data, val_holdout, _stream(seed, _STREAM_HOLDOUT))
-    if train_count:
-        if train_count > len(train):
-            raise ConfigError(
-                f"train_count {train_count} exceeds the {len(train)} samples left "
-                f"after holding out {val_holdout} of {data.name!r}"
-            )
-        keep = _stream(seed, _STREAM_TRAIN_COUNT).choice(
-            len(train), size=train_count, replace=False
-        )
-        train = subset(train, np.sort(keep))
-    parts = partition.partition(
-        partition_spec, train.y, n_parties, _stream(seed, _STREAM_PARTITION)
-    )
-    parties: dict[str, Dataset] = {}
-    for index, (pid, idx) in enumerate(zip(ids, parts, strict=True)):
-        ds = subset(train, idx)
-        attack = by_party.get(pid)
-        if attack is not None and attack.on_data:
-            x, y = apply_data_attack(
-                attack, ds.x, ds.y, ds.num_classes, _stream(seed, _STREAM_ATTACK, index)
-            )
-            ds = Dataset(x=x, y=y, num_classes=ds.num_classes, name=ds.name)
-        parties[pid] = ds
-    log.info(
-        "%s: %d validation samples, %d parties (%s) with %s samples",
-        data.name,
-        len(val),
-        n_parties,
-        partition_spec,
-        [len(d) for d in parties.values()],
-    )
-    return parties, val
-
-
-def _stream(seed: int, *key: int) -> np.random.Generator:
-    return np.random.default_rng([seed, *key])
 
 
 # ------------------------------------------------------------------------------------
@@ -279,11 +139,11 @@ class CoalitionUtility:
             self.on_train(coalition, value)
 
     def loss(self, coalition: frozenset[str]) -> float:
-        """The loss-drop utility alone (a :data:`contribution.Utility`)."""
+        """The loss-drop utility alone (a shapley ``Utility``)."""
         return self(coalition)[0]
 
     def accuracy(self, coalition: frozenset[str]) -> float:
-        """The accuracy-gain utility alone (a :data:`contribution.Utility`)."""
+        """The accuracy-gain utility alone (a shapley ``Utility``)."""
         return self(coalition)[1]
 
 
@@ -455,7 +315,7 @@ def _correlations(
     ys = [b[p] for p in order]
     if len(order) < 2 or not all(math.isfinite(v) for v in xs + ys):
         return math.nan, math.nan
-    return contribution.pearson(xs, ys), contribution.spearman(xs, ys)
+    return sh.pearson(xs, ys), sh.spearman(xs, ys)
 
 
 def _scoring_seconds(
@@ -513,8 +373,8 @@ def evaluate(
     Raises:
         ConfigError: unknown method, too few parties, or a failed training run.
     """
-    if method not in METHODS:
-        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in SHAPLEY_METHODS:
+        raise ConfigError(f"method must be one of {SHAPLEY_METHODS}, got {method!r}")
     ids = list(parties)
     n = len(ids)
     if n < 1:
@@ -522,7 +382,7 @@ def evaluate(
     chosen = method
     if method == "auto":
         chosen = "exact" if n <= AUTO_EXACT_MAX_PARTIES else "permutation"
-    if chosen == "exact" and n > contribution.MAX_EXACT_PLAYERS:
+    if chosen == "exact" and n > sh.MAX_EXACT_PLAYERS:
         raise ConfigError(
             f"exact Shapley over {n} parties needs 2^{n} - 1 trainings; use "
             "--method permutation"
@@ -553,27 +413,27 @@ def evaluate(
     digfl_run_cpu_s = time.process_time() - c0
     grand = utility.value_of(results, digfl_run_s)
     per_round = [{p.party_id: p.score for p in r.parties} for r in results]
-    totals = contribution.totals(per_round)
+    totals = dg.totals(per_round)
     digfl = {p: totals.get(p, 0.0) for p in ids}
     utility.record(everyone, grand)
 
     t1, c1 = time.perf_counter(), time.process_time()
     if chosen == "exact":
-        shapley = contribution.exact_shapley(ids, utility.loss)
-        shapley_acc = contribution.exact_shapley(ids, utility.accuracy)
+        shapley = sh.exact_shapley(ids, utility.loss)
+        shapley_acc = sh.exact_shapley(ids, utility.accuracy)
     else:
         seed = cfg.seed if rng_seed is None else rng_seed
         # Same seed twice: the same orders, so the accuracy pass trains nothing new.
-        shapley = contribution.permutation_shapley(
+        shapley = sh.permutation_shapley(
             ids, utility.loss, permutations, np.random.default_rng(seed)
         )
-        shapley_acc = contribution.permutation_shapley(
+        shapley_acc = sh.permutation_shapley(
             ids, utility.accuracy, permutations, np.random.default_rng(seed)
         )
     shapley_s = digfl_run_s + (time.perf_counter() - t1)
     shapley_cpu_s = digfl_run_cpu_s + (time.process_time() - c1)
-    loo = contribution.leave_one_out(ids, utility.loss)
-    loo_acc = contribution.leave_one_out(ids, utility.accuracy)
+    loo = sh.leave_one_out(ids, utility.loss)
+    loo_acc = sh.leave_one_out(ids, utility.accuracy)
     # What LOO alone would cost: the full run and the n runs without one party.
     loo_s = digfl_run_s + sum(
         utility.values[everyone - {p}].seconds for p in ids if len(everyone) > 1
@@ -631,128 +491,11 @@ def evaluate(
     )
 
 
-# ------------------------------------------------------------------------------------
-# Output
-
-
-def format_table(report: ShapleyReport) -> str:
-    """An aligned text table per party, then correlations and timings."""
-    rs, rd, rl = (
-        report.ranks(report.shapley),
-        report.ranks(report.digfl),
-        report.ranks(report.loo),
-    )
-    label = "exact" if report.method == "exact" else f"MC/{report.permutations}"
-    header = [
-        "party",
-        "attack",
-        "samples",
-        f"shapley({label})",
-        "shapley(acc)",
-        "dig-fl",
-        "loo",
-        "rank S",
-        "rank D",
-        "rank L",
-    ]
-    rows = [
-        [
-            p,
-            report.attacks.get(p) or "-",
-            str(report.samples[p]),
-            f"{report.shapley[p]:+.5f}",
-            f"{report.shapley_acc[p]:+.4f}",
-            f"{report.digfl[p]:+.5f}",
-            f"{report.loo[p]:+.5f}",
-            str(rs[p]),
-            str(rd[p]),
-            str(rl[p]),
-        ]
-        for p in report.parties
-    ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    left = {0, 1}
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i in left else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    out = [line(header), line(["-" * w for w in widths])]
-    out += [line(r) for r in rows]
-    n = len(report.parties)
-    what = (
-        f"exact, {2**n - 1} coalitions"
-        if report.method == "exact"
-        else f"{report.permutations} permutations, "
-        f"{report.coalitions_trained} coalitions"
-    )
-    out += [
-        "",
-        f"Shapley ({what} x {report.rounds} rounds): sum "
-        f"{sum(report.shapley.values()):+.5f}"
-        f" = v(N) {report.grand_loss_drop:+.5f}; DIG-FL sum "
-        f"{sum(report.digfl.values()):+.5f}",
-        f"DIG-FL vs Shapley: Pearson {_fmt(report.pearson)}, Spearman "
-        f"{_fmt(report.spearman)}   (LOO vs Shapley: Pearson "
-        f"{_fmt(report.loo_pearson)}, "
-        f"Spearman {_fmt(report.loo_spearman)})",
-        f"validation (all parties): loss {report.val_loss0:.4f} -> "
-        f"{report.final_val_loss:.4f}, accuracy {report.val_acc0:.4f} -> "
-        f"{report.final_val_acc:.4f}",
-        f"time: DIG-FL run {report.digfl_run_s:.2f} s (scoring "
-        f"{report.digfl_scoring_s:.3f} s), Shapley {report.shapley_s:.2f} s, "
-        f"LOO {report.loo_s:.2f} s; "
-        f"Shapley/DIG-FL {_fmt(report.time_ratio, '.1f')}x "
-        f"({_fmt(report.scoring_ratio, '.0f')}x the scoring alone)",
-        f"CPU time: DIG-FL run {report.digfl_run_cpu_s:.2f} s, Shapley "
-        f"{report.shapley_cpu_s:.2f} s; Shapley/DIG-FL "
-        f"{_fmt(report.cpu_ratio, '.1f')}x",
-    ]
-    return "\n".join(out)
-
-
-def _fmt(x: float, spec: str = ".4f") -> str:
-    return "n/a" if not math.isfinite(x) else format(x, spec)
-
-
-def progress_bar(
-    done: int,
-    total: int,
-    *,
-    stream: TextIO | None = None,
-    force: bool = False,
-    width: int = 30,
-    unit: str = "coalitions",
-) -> None:
-    """Draw ``[#####.....] 12/63 coalitions`` over the line on ``stream`` (stderr).
-
-    Draws only when the stream is a TTY, unless ``force``; ends the line at
-    ``done >= total``.
-    """
-    out = sys.stderr if stream is None else stream
-    if not force and not (hasattr(out, "isatty") and out.isatty()):
-        return
-    frac = 1.0 if total <= 0 else min(1.0, done / total)
-    filled = round(frac * width)
-    out.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {unit}")
-    if done >= total:
-        out.write("\n")
-    out.flush()
-
-
 __all__ = [
     "AUTO_EXACT_MAX_PARTIES",
-    "METHODS",
     "CoalitionUtility",
     "CoalitionValue",
     "ShapleyReport",
     "coalition_utility",
     "evaluate",
-    "format_table",
-    "party_ids",
-    "prepare_parties",
-    "progress_bar",
-    "resolve_attacks",
 ]

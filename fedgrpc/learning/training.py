@@ -19,7 +19,7 @@ import torch.nn.functional as F  # noqa: N812 - the conventional alias
 from torch import nn
 
 from fedgrpc.errors import ConfigError
-from fedgrpc.models import set_params
+from fedgrpc.learning.models import set_params
 from fedgrpc.types import UpdateKind
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,7 @@
-"""The validation worker process (``--validator process``; see ``validation.py``).
+"""The validation worker process (``--validator process``), and its protocol.
+
+The aggregator side is :mod:`fedgrpc.server.validation`; this module imports torch
+only inside :func:`main`, so the aggregator can import the protocol half.
 
 Protocol: JSON lines on stdin/stdout. The first request carries the round config and
 the validation data spec; the worker loads data and model, creates the shared regions,
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import signal
 import sys
@@ -20,17 +24,40 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 from fedgrpc.config import round_config_from_json, round_config_to_json
 from fedgrpc.errors import ConfigError
-from fedgrpc.server.validation import (
-    GRAD,
-    REGIONS,
-    THETA_A,
-    map_regions,
-    specs_to_json,
-)
+from fedgrpc.types import TensorSpec
 
 log = logging.getLogger("fedgrpc.validation_worker")
+
+REGIONS = ("theta_a", "theta_b", "grad", "scratch")
+THETA_A, THETA_B, GRAD, SCRATCH = range(len(REGIONS))
+
+
+def map_regions(fd: int, size: int) -> np.ndarray:
+    """Map ``len(REGIONS)`` float32 vectors of ``size`` elements from ``fd``.
+
+    The array keeps the mapping alive (it is the array's base).
+    """
+    nbytes = max(1, len(REGIONS) * size * 4)
+    mm = mmap.mmap(fd, nbytes)
+    regions = np.frombuffer(mm, dtype=np.float32, count=len(REGIONS) * size)
+    return regions.reshape(len(REGIONS), size)
+
+
+def specs_to_json(specs: list[TensorSpec]) -> list[dict[str, Any]]:
+    """Tensor specs as JSON values."""
+    return [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in specs]
+
+
+def specs_from_json(data: list[dict[str, Any]]) -> list[TensorSpec]:
+    """Inverse of :func:`specs_to_json`."""
+    return [
+        TensorSpec(str(d["name"]), str(d["dtype"]), tuple(int(x) for x in d["shape"]))
+        for d in data
+    ]
 
 
 def _reply(out: IO[bytes], msg: dict[str, Any]) -> None:
@@ -94,7 +121,7 @@ def main() -> int:
         level=int(init.get("log_level", logging.INFO)),
         format="%(asctime)s %(levelname)s validator: %(message)s",
     )
-    from fedgrpc.runtime import local_validation  # torch is imported here, not above
+    from fedgrpc.learning.validation import local_validation  # torch: here, not above
 
     try:
         local = local_validation(

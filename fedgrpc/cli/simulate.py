@@ -1,22 +1,56 @@
-"""`fedgrpc simulate`: one aggregator and N client processes on loopback, real gRPC."""
+"""``fedgrpc simulate``: an aggregator and N client processes on loopback, real gRPC."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedgrpc.config import ClientConfig, RoundConfig
+from fedgrpc.cli.options import (
+    add_data_options,
+    add_training_options,
+    round_config,
+    split_config,
+)
+from fedgrpc.config import SIMULATE_ROUND, ObserverConfig, RoundConfig, SplitConfig
 from fedgrpc.errors import FedGrpcError, RemoteError
+from fedgrpc.store.files import atomic_write
+from fedgrpc.types import ContributionReport, RunState
 
 log = logging.getLogger(__name__)
+
+
+def add_parsers(sub: Any) -> None:
+    """Add ``simulate``."""
+    p = sub.add_parser(
+        "simulate", help="aggregator + N client processes on loopback, one command"
+    )
+    add_data_options(p, defaults=SplitConfig(), holdout_help="20%% of the data")
+    add_training_options(p, defaults=SIMULATE_ROUND)
+    p.add_argument(
+        "--run-dir", type=Path, help="run directory (default runs/sim-YYYYmmdd-HHMMSS)"
+    )
+    p.add_argument("--timeout", type=float, default=1800.0, help="give up after (s)")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=_cmd_simulate)
+
+
+def _cmd_simulate(a: argparse.Namespace) -> int:
+    rcfg = round_config(a, min_parties=a.parties, expected=a.parties)
+    return simulate(
+        split_config(a),
+        rcfg,
+        run_dir=a.run_dir,
+        timeout_s=a.timeout,
+        output_format=a.format,
+    )
 
 
 def _fedgrpc_cmd() -> list[str]:
@@ -51,21 +85,25 @@ def _stop(procs: list[subprocess.Popen[bytes]], grace_s: float = 5.0) -> None:
 
 
 def simulate(
-    a: argparse.Namespace,
-    prepare: Callable[[argparse.Namespace], tuple[dict[str, Any], Any, dict[str, Any]]],
+    split: SplitConfig,
     rcfg: RoundConfig,
+    *,
+    run_dir: Path | None = None,
+    timeout_s: float = 1800.0,
+    output_format: str = "table",
 ) -> int:
     """Split the data, start the aggregator and one client process per party, report."""
+    from fedgrpc.cli.reports import report_json, report_table
     from fedgrpc.client.stub import AggregatorClient
-    from fedgrpc.reports import report_from_proto, report_json, report_table
+    from fedgrpc.datasets.attacks import parse_assignments
+    from fedgrpc.datasets.split import prepare_parties, resolve_attacks, write_split
 
-    run_dir: Path = a.run_dir or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
+    run_dir = run_dir or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     data_dir = run_dir / "data"
-    parties, val, attacks = prepare(a)
-    from fedgrpc.cli import write_split
-
-    write_split(data_dir, a, parties, val, attacks)  # manifest records the attacks
+    parties, val = prepare_parties(split)
+    attacks = resolve_attacks(parse_assignments(split.attacks), list(parties))
+    write_split(data_dir, split, parties, val)  # the manifest records the attacks
     port_file = run_dir / "port"
     port_file.unlink(missing_ok=True)
     server_cmd = [
@@ -148,8 +186,6 @@ def simulate(
                 pid,
                 "--data",
                 f"npz:{data_dir / (pid + '.npz')}",
-                "--connect-timeout",
-                "60",
             ]
             if att is not None and not att.on_data:
                 cmd += ["--attack", att.spec]
@@ -159,19 +195,11 @@ def simulate(
                 cmd, stdout=subprocess.PIPE, stderr=clog, env=env
             )
             procs.append(clients[pid])
-        observer = AggregatorClient(
-            ClientConfig(
-                server=address,
-                party_id="observer",
-                data="",
-                insecure=True,
-                connect_timeout_s=30.0,
-            )
-        )
+        observer = AggregatorClient(ObserverConfig(server=address, insecure=True))
         shown = 0
         while True:
-            if time.monotonic() - t_start > a.timeout:
-                raise FedGrpcError(f"simulation did not finish within {a.timeout:g} s")
+            if time.monotonic() - t_start > timeout_s:
+                raise FedGrpcError(f"simulation did not finish within {timeout_s:g} s")
             if server.poll() is not None:
                 raise FedGrpcError(
                     f"aggregator exited with code {server.returncode}; see "
@@ -184,7 +212,7 @@ def simulate(
             if st.rounds_done > shown:
                 _print_rounds(observer, shown, st.rounds_done, st.rounds_total)
                 shown = st.rounds_done
-            if st.state in ("done", "failed"):
+            if st.state.finished:
                 break
             dead = [p for p, c in clients.items() if c.poll() not in (None, 0)]
             if dead and len(dead) > len(parties) - rcfg.min_parties:
@@ -199,36 +227,37 @@ def simulate(
             results[pid] = (
                 json.loads(line[0]) if line else {"reason": f"exit {c.returncode}"}
             )
-        report = report_from_proto(observer.contributions())
+        report = observer.contributions()
         observer.close()
         report = _with_attacks(report, attacks)
         elapsed = time.monotonic() - t_start
         summary = report_json(report)
         summary.update(
-            state=st.state,
+            state=st.state.value,
             rounds_done=st.rounds_done,
             val_acc=st.val_acc,
             val_loss=st.val_loss,
             elapsed_s=elapsed,
             parties=results,
         )
-        (run_dir / "contributions.json").write_text(
-            json.dumps(summary, indent=2) + "\n"
+        atomic_write(
+            run_dir / "contributions.json",
+            (json.dumps(summary, indent=2) + "\n").encode(),
         )
         try:
-            from fedgrpc.plot import plot_contributions
+            from fedgrpc.cli.plots import plot_contributions
 
             plot_contributions(report, run_dir / "contributions.png")
         except Exception as err:  # a plot must never fail the run
             log.warning("could not write the plot: %s", err)
-        if a.format == "json":
+        if output_format == "json":
             print(json.dumps(summary, indent=2))
         else:
             print()
             print(report_table(report))
             print()
             print(
-                f"{st.state}: {st.rounds_done} rounds in {elapsed:.1f} s "
+                f"{st.state.value}: {st.rounds_done} rounds in {elapsed:.1f} s "
                 f"({elapsed / max(1, st.rounds_done):.2f} s/round incl. start-up); "
                 f"final validation accuracy {st.val_acc:.4f}"
             )
@@ -236,7 +265,7 @@ def simulate(
                 f"plot: {run_dir / 'contributions.png'}  ledger: "
                 f"{run_dir / 'server' / 'ledger.sqlite'}"
             )
-        return 0 if st.state == "done" else 1
+        return 0 if st.state is RunState.DONE else 1
     finally:
         _stop(procs)
         for f in logs:
@@ -245,21 +274,23 @@ def simulate(
 
 def _print_rounds(observer: Any, first: int, done: int, total: int) -> None:
     """Print the metrics of rounds [first, done) as recorded in the ledger."""
-    reply = observer.contributions(["-"], first, done - 1)
-    for r in reply.rounds:
+    report: ContributionReport = observer.contributions(None, first, done - 1)
+    for r in report.rounds:
         print(
             f"round {r.round + 1:>3}/{total}: {r.status:<6} val loss "
             f"{r.val_loss_after:.4f}  acc {r.val_acc_after:.4f}  "
-            f"({len(r.submitted)} parties, {r.duration_s:.2f} s)",
+            f"({len(r.parties)} parties, {r.duration_s:.2f} s)",
             flush=True,
         )
 
 
-def _with_attacks(report: Any, attacks: dict[str, Any]) -> Any:
-    from dataclasses import replace
-
+def _with_attacks(
+    report: ContributionReport, attacks: dict[str, Any]
+) -> ContributionReport:
     parties = tuple(
-        replace(p, attack=attacks[p.party_id].spec) if p.party_id in attacks else p
+        dataclasses.replace(p, attack=attacks[p.party_id].spec)
+        if p.party_id in attacks
+        else p
         for p in report.parties
     )
-    return replace(report, parties=parties)
+    return dataclasses.replace(report, parties=parties)

@@ -1,4 +1,4 @@
-"""Built-in models, named-array parameter access, and ``module:factory`` loading.
+"""Built-in models, ``module:factory`` models, and named-array parameter access.
 
 Parameters cross every boundary as ``dict[str, np.ndarray]`` keyed by the names of
 ``model.named_parameters()``, in that order; buffers never travel.
@@ -6,9 +6,8 @@ Parameters cross every boundary as ``dict[str, np.ndarray]`` keyed by the names 
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from fedgrpc.errors import ConfigError
+from fedgrpc.factories import load_factory
 from fedgrpc.types import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -89,40 +89,6 @@ class CNN(nn.Module):
 def _pooled(size: int) -> int:
     """Output length of a 2x2, stride-2, ``ceil_mode`` max pool."""
     return (size + 1) // 2
-
-
-def load_factory(spec: str) -> Callable[..., Any]:
-    """Import the callable named by a ``package.module:factory`` string.
-
-    ``factory`` may be dotted (``module:Class.create``). Importing runs the module's
-    top-level code: only pass strings from the operator, never from a peer.
-
-    Raises:
-        ConfigError: malformed string, module not importable, attribute missing or not
-            callable. The message names ``spec``.
-    """
-    module_name, sep, attr_path = spec.partition(":")
-    module_name, attr_path = module_name.strip(), attr_path.strip()
-    if not sep or not module_name or not attr_path or ":" in attr_path:
-        raise ConfigError(
-            f"bad import string {spec!r}: expected 'package.module:factory'"
-        )
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(
-            f"cannot import module {module_name!r} of {spec!r}: {exc}"
-        ) from exc
-    for part in attr_path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError as exc:
-            raise ConfigError(
-                f"{spec!r}: module {module_name!r} has no attribute {attr_path!r}"
-            ) from exc
-    if not callable(obj):
-        raise ConfigError(f"{spec!r} names a {type(obj).__name__}, not a callable")
-    return obj  # type: ignore[no-any-return]
 
 
 def build_model(

@@ -1,4 +1,4 @@
-"""Contribution reports: text table, JSON, CSV; and from the GetContributions reply."""
+"""Contribution reports as a text table, JSON or CSV."""
 
 from __future__ import annotations
 
@@ -6,66 +6,7 @@ import csv
 import io
 from typing import Any
 
-from fedgrpc.proto import aggregator_pb2
-from fedgrpc.types import ContributionReport, PartyContribution, PartyRound, RoundResult
-
-
-def report_from_proto(reply: aggregator_pb2.ContributionsReply) -> ContributionReport:
-    """Decode a ContributionsReply into the domain report."""
-    parties = []
-    for pc in reply.parties:
-        rounds = tuple(
-            PartyRound(
-                party_id=pc.party_id,
-                num_samples=int(r.num_samples),
-                weight=r.weight,
-                score=r.score,
-                dot=float("nan"),
-                update_norm=r.update_norm,
-                train_loss=r.train_loss,
-            )
-            for r in pc.rounds
-        )
-        parties.append(
-            PartyContribution(
-                party_id=pc.party_id,
-                total=pc.total,
-                share=pc.share,
-                reference_share=pc.reference_share,
-                rounds=rounds,
-                round_indices=tuple(int(r.round) for r in pc.rounds),
-                attack=pc.attack,
-            )
-        )
-    by_round: dict[int, list[PartyRound]] = {}
-    for p in parties:
-        for t, pr in zip(p.round_indices, p.rounds, strict=True):
-            by_round.setdefault(t, []).append(pr)
-    results = tuple(
-        RoundResult(
-            round=int(r.round),
-            status=r.status,
-            parties=tuple(by_round.get(int(r.round), [])),
-            late=tuple(r.late),
-            val_loss_before=r.val_loss_before,
-            val_acc_before=r.val_acc_before,
-            val_loss_after=r.val_loss_after,
-            val_acc_after=r.val_acc_after,
-            model_digest="",
-            duration_s=r.duration_s,
-            val_grad_s=r.val_grad_s,
-            aggregate_s=r.aggregate_s,
-            extra={"submitted": list(r.submitted), "predicted_drop": r.predicted_drop},
-        )
-        for r in reply.rounds
-    )
-    return ContributionReport(
-        run_id=reply.run_id,
-        method=reply.method,
-        parties=tuple(parties),
-        rounds=results,
-        rounds_done=int(reply.rounds_done),
-    )
+from fedgrpc.types import ContributionReport, PartyContribution
 
 
 def final_train_loss(pc: PartyContribution) -> float:
@@ -90,7 +31,7 @@ def report_table(report: ContributionReport) -> str:
             f"{len(pc.rounds):>6} {pc.total:>13.5f} {pc.share:>8.1%} "
             f"{pc.reference_share:>9.1%} {final_train_loss(pc):>10.4f}"
         )
-    ok = [r for r in report.rounds if r.status == "ok"]
+    ok = [r for r in report.rounds if r.ok]
     if ok:
         last = ok[-1]
         pred = sum(r.predicted_drop for r in ok)
@@ -104,7 +45,7 @@ def report_table(report: ContributionReport) -> str:
         lines.append(
             f"first-order fidelity: predicted drop {pred:.4f} vs measured {meas:.4f}"
         )
-    failed = [r for r in report.rounds if r.status != "ok"]
+    failed = [r for r in report.rounds if not r.ok]
     if failed:
         lines.append(
             f"failed rounds: {', '.join(f'{r.round} ({r.status})' for r in failed)}"

@@ -34,13 +34,15 @@ from pathlib import Path, PurePath
 from types import TracebackType
 from typing import Any, Self
 
-from fedgrpc import contribution
-from fedgrpc.errors import ConfigError, FedGrpcError
+from fedgrpc.errors import ConfigError, ErrorCode, FedGrpcError
+from fedgrpc.scoring import digfl
 from fedgrpc.types import (
     ContributionReport,
     PartyContribution,
     PartyRound,
+    RoundOutcome,
     RoundResult,
+    round_status_parse,
 )
 
 log = logging.getLogger(__name__)
@@ -142,13 +144,16 @@ def _nan(value: float | None) -> float:
     return math.nan if value is None else float(value)
 
 
-def _is_failed(status: str) -> bool:
-    return status.startswith("failed")
-
-
 def _content_digest(result: RoundResult) -> str:
-    """SHA-256 of a canonical JSON form of everything in ``result``."""
-    canonical = json.dumps(asdict(result), sort_keys=True, default=_json_default)
+    """SHA-256 of a canonical JSON form of everything in ``result``.
+
+    The form spells the outcome as the status string (``ok`` / ``failed: why``), as
+    ledgers written before RoundOutcome did, so their digests still match.
+    """
+    doc = asdict(result)
+    del doc["outcome"], doc["reason"]
+    doc["status"] = result.status
+    canonical = json.dumps(doc, sort_keys=True, default=_json_default)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -263,7 +268,8 @@ class Ledger:
     def _writable(self) -> None:
         if self.readonly:
             raise FedGrpcError(
-                f"ledger {self.path} is open read-only", code="FAILED_PRECONDITION"
+                f"ledger {self.path} is open read-only",
+                code=ErrorCode.FAILED_PRECONDITION,
             )
 
     def close(self) -> None:
@@ -437,11 +443,11 @@ class Ledger:
                 if old["content_digest"] == digest:
                     log.debug("round %d already recorded identically", result.round)
                     return
-                if not _is_failed(old["status"]):
+                if round_status_parse(old["status"])[0] is RoundOutcome.OK:
                     raise FedGrpcError(
                         f"round {result.round} is already recorded as "
                         f"{old['status']!r} with different content",
-                        code="ALREADY_EXISTS",
+                        code=ErrorCode.ALREADY_EXISTS,
                     )
                 log.warning(
                     "round %d: replacing recorded %r with a new attempt (%r)",
@@ -512,7 +518,8 @@ class Ledger:
         return [
             RoundResult(
                 round=int(r["round"]),
-                status=r["status"],
+                outcome=round_status_parse(r["status"])[0],
+                reason=round_status_parse(r["status"])[1],
                 parties=tuple(by_round.get(r["round"], ())),
                 late=tuple(json.loads(r["late"])),
                 val_loss_before=_nan(r["val_loss_before"]),
@@ -527,12 +534,6 @@ class Ledger:
             )
             for r in round_rows
         ]
-
-    def last_round(self) -> int | None:
-        """Highest recorded round number, or None when none is recorded."""
-        with self._lock:
-            row = self._conn.execute("SELECT MAX(round) FROM rounds").fetchone()
-        return None if row[0] is None else int(row[0])
 
     # -- resume state -----------------------------------------------------------------
 
@@ -578,13 +579,13 @@ class Ledger:
             party_rows = {p["party_id"]: p for p in self._parties(conn)}
             rounds_done = int(conn.execute("SELECT COUNT(*) FROM rounds").fetchone()[0])
 
-        scored = [r for r in selected if not _is_failed(r.status)]
+        scored = [r for r in selected if r.ok]
         per_round = [{p.party_id: p.score for p in r.parties} for r in scored]
         known = list(dict.fromkeys([*party_rows, *(p for s in per_round for p in s)]))
         total = dict.fromkeys(known, 0.0)
-        total.update(contribution.totals(per_round))
-        share = contribution.shares(total)
-        reference = contribution.reference_shares(per_round)
+        total.update(digfl.totals(per_round))
+        share = digfl.shares(total)
+        reference = digfl.reference_shares(per_round)
 
         wanted = known if party_ids is None else list(dict.fromkeys(party_ids))
         entries: list[PartyContribution] = []

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,32 +14,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from fedgrpc.errors import ConfigError
-
-
-def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Write ``data`` to ``path`` atomically: temp file alongside, fsync, rename.
-
-    The temp file is created 0600 and only then set to ``mode`` (if given), so a
-    private key is never readable by others, not even for an instant.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        if mode is not None:
-            os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+from fedgrpc.store.files import atomic_file, atomic_write
 
 
 def save_arrays(
@@ -51,34 +24,23 @@ def save_arrays(
 
     A sidecar ``<path>.sha256`` holds the checksum so a torn or edited file is detected.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            payload = dict(arrays)
-            if meta is not None:
-                payload["__meta__"] = np.frombuffer(
-                    json.dumps(dict(meta), sort_keys=True).encode(), dtype=np.uint8
-                )
-            bad = [k for k, v in payload.items() if np.asarray(v).dtype.hasobject]
-            if bad:
-                raise ConfigError(
-                    f"cannot save object arrays {bad}: they would be pickled"
-                )
-            # Hashed as it is written (no second pass over the file): the writer
-            # cannot seek, so zipfile streams and never rewrites earlier bytes.
-            out = _HashingWriter(f)
-            try:
-                np.savez(out, allow_pickle=False, **payload)
-                f.flush()
-                os.fsync(f.fileno())
-                digest = out.hexdigest()
-            finally:
-                out.close()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    payload = dict(arrays)
+    if meta is not None:
+        payload["__meta__"] = np.frombuffer(
+            json.dumps(dict(meta), sort_keys=True).encode(), dtype=np.uint8
+        )
+    bad = [k for k, v in payload.items() if np.asarray(v).dtype.hasobject]
+    if bad:
+        raise ConfigError(f"cannot save object arrays {bad}: they would be pickled")
+    with atomic_file(path) as f:
+        # Hashed as it is written (no second pass over the file): the writer cannot
+        # seek, so zipfile streams and never rewrites earlier bytes.
+        out = _HashingWriter(f)
+        try:
+            np.savez(out, allow_pickle=False, **payload)
+            digest = out.hexdigest()
+        finally:
+            out.close()
     atomic_write(path.with_name(path.name + ".sha256"), (digest + "\n").encode())
     return digest
 

@@ -1,0 +1,74 @@
+"""``fedgrpc certs init|issue`` and ``fedgrpc parties add``: identities of a run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def add_parsers(sub: Any) -> None:
+    """Add ``certs`` and ``parties``."""
+    p = sub.add_parser("certs", help="create a CA and certificates")
+    csub = p.add_subparsers(dest="certs_cmd", required=True)
+    i = csub.add_parser(
+        "init", help="create a CA and the aggregator's certificate in DIR"
+    )
+    i.add_argument("dir", type=Path)
+    i.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        help="server DNS name or IP (repeatable; default localhost, 127.0.0.1, ::1)",
+    )
+    i.add_argument("--force", action="store_true")
+    i.set_defaults(func=_cmd_certs_init)
+    s = csub.add_parser(
+        "issue", help="issue a party certificate whose name is PARTY_ID"
+    )
+    s.add_argument("dir", type=Path)
+    s.add_argument("party_id")
+    s.set_defaults(func=_cmd_certs_issue)
+
+    p = sub.add_parser("parties", help="manage the aggregator's parties file")
+    psub = p.add_subparsers(dest="parties_cmd", required=True)
+    add = psub.add_parser(
+        "add", help="add a party (or admin) and print its new token once"
+    )
+    add.add_argument("file", type=Path)
+    add.add_argument("party_id")
+    add.add_argument("--admin", action="store_true")
+    add.add_argument(
+        "--token-out", type=Path, help="write the token to this file (0600)"
+    )
+    add.set_defaults(func=_cmd_parties_add)
+
+
+def _cmd_certs_init(a: argparse.Namespace) -> int:
+    from fedgrpc.security.pki import DEFAULT_SERVER_NAMES, init_ca
+
+    names = a.name or list(DEFAULT_SERVER_NAMES)
+    for k, v in init_ca(a.dir, server_names=names, force=a.force).items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def _cmd_certs_issue(a: argparse.Namespace) -> int:
+    from fedgrpc.security.pki import issue_party_cert
+
+    for k, v in issue_party_cert(a.dir, a.party_id).items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def _cmd_parties_add(a: argparse.Namespace) -> int:
+    from fedgrpc.security.registry import add_party
+    from fedgrpc.store.files import atomic_write
+
+    token = add_party(a.file, a.party_id, admin=a.admin)
+    if a.token_out:
+        atomic_write(a.token_out, (token + "\n").encode(), mode=0o600)
+        print(f"token for {a.party_id} written to {a.token_out}")
+    else:
+        print(token)
+    return 0

@@ -1,0 +1,39 @@
+"""``fedgrpc split``: each party's partition and the validation set as ``.npz``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from fedgrpc.cli.options import add_data_options, split_config
+from fedgrpc.config import SplitConfig
+
+_SPLIT = SplitConfig()
+
+
+def add_parsers(sub: Any) -> None:
+    """Add ``split``."""
+    p = sub.add_parser(
+        "split", help="write each party's partition and the validation set"
+    )
+    add_data_options(p, defaults=_SPLIT, holdout_help="20%% of the data")
+    p.add_argument("--seed", type=int, default=_SPLIT.seed)
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.set_defaults(func=_cmd_split)
+
+
+def _cmd_split(a: argparse.Namespace) -> int:
+    from fedgrpc.datasets.split import VALIDATION_FILE, prepare_parties, write_split
+
+    split = split_config(a)
+    parties, val = prepare_parties(split)
+    manifest = write_split(a.out, split, parties, val)
+    for entry in manifest["parties"]:
+        attack = f" (attack {entry['attack']})" if entry["attack"] else ""
+        print(
+            f"{entry['party_id']}: {entry['samples']} samples -> "
+            f"{a.out / entry['file']}{attack}"
+        )
+    print(f"validation: {len(val)} samples -> {a.out / VALIDATION_FILE}")
+    return 0

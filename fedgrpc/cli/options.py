@@ -1,0 +1,197 @@
+"""Command-line options shared by several commands, and the configs built from them.
+
+Every option's default is read from the config dataclasses (``fedgrpc.config``), never
+restated here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fedgrpc.config import (
+    AGGREGATIONS,
+    WIRE_DTYPES,
+    ClientConfig,
+    ObserverConfig,
+    RoundConfig,
+    SplitConfig,
+    TlsConfig,
+)
+from fedgrpc.store.files import read_file
+from fedgrpc.types import UpdateKind
+
+
+def add_training_options(p: argparse.ArgumentParser, *, defaults: RoundConfig) -> None:
+    """Round, model and learning-rate options; read back by :func:`round_config`."""
+    g = p.add_argument_group("training")
+    g.add_argument("--rounds", type=int, default=defaults.rounds)
+    g.add_argument(
+        "--update-kind",
+        choices=[k.value for k in UpdateKind],
+        default=defaults.update_kind.value,
+        help="gradient (FedSGD, server lr) or delta (local SGD steps)",
+    )
+    g.add_argument(
+        "--server-lr",
+        type=float,
+        default=defaults.server_lr,
+        help="server step size for gradient updates",
+    )
+    g.add_argument(
+        "--lr", type=float, default=defaults.lr, help="local SGD learning rate"
+    )
+    g.add_argument(
+        "--local-steps",
+        type=int,
+        default=defaults.local_steps,
+        help="local steps per round (delta); 0 = --local-epochs",
+    )
+    g.add_argument("--local-epochs", type=int, default=defaults.local_epochs)
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help="local mini-batch size; 0 = full local data",
+    )
+    g.add_argument(
+        "--model",
+        default=defaults.model,
+        help="logreg, mlp, cnn or package.module:factory",
+    )
+    g.add_argument("--hidden", type=int, default=defaults.model_hidden)
+    g.add_argument("--seed", type=int, default=defaults.seed)
+    g.add_argument("--aggregation", choices=AGGREGATIONS, default=defaults.aggregation)
+    g.add_argument("--wire-dtype", choices=WIRE_DTYPES, default=defaults.wire_dtype)
+    g.add_argument(
+        "--round-timeout",
+        type=float,
+        default=defaults.round_timeout_s,
+        help="seconds before a round closes on quorum (or fails)",
+    )
+    g.add_argument("--join-timeout", type=float, default=defaults.join_timeout_s)
+    g.add_argument("--quorum-retries", type=int, default=defaults.quorum_retries)
+
+
+def round_config(
+    a: argparse.Namespace, *, min_parties: int, expected: int
+) -> RoundConfig:
+    """The RoundConfig of the options :func:`add_training_options` added."""
+    return RoundConfig(
+        rounds=a.rounds,
+        min_parties=min_parties,
+        expected_parties=expected,
+        update_kind=UpdateKind(a.update_kind),
+        server_lr=a.server_lr,
+        lr=a.lr,
+        local_steps=a.local_steps,
+        local_epochs=a.local_epochs,
+        batch_size=a.batch_size,
+        round_timeout_s=a.round_timeout,
+        join_timeout_s=a.join_timeout,
+        aggregation=a.aggregation,
+        quorum_retries=a.quorum_retries,
+        seed=a.seed,
+        model=a.model,
+        model_hidden=a.hidden,
+        wire_dtype=a.wire_dtype,
+    )
+
+
+def add_data_options(
+    p: argparse.ArgumentParser, *, defaults: SplitConfig, holdout_help: str
+) -> None:
+    """Data set, partition, hold-out and attack options (``--seed`` is training's)."""
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data", default=defaults.data, help="digits, mnist:DIR, npz:FILE, mod:fn"
+    )
+    g.add_argument("--parties", type=int, default=defaults.parties)
+    g.add_argument(
+        "--partition",
+        default=defaults.partition,
+        help="iid, dirichlet:ALPHA, quantity:ALPHA, shards:K",
+    )
+    g.add_argument(
+        "--val-holdout",
+        type=int,
+        default=defaults.val_holdout,
+        help=f"samples held out for validation (0 = {holdout_help})",
+    )
+    g.add_argument(
+        "--train-count",
+        type=int,
+        default=defaults.train_count,
+        help="use only N training samples (0 = all)",
+    )
+    g.add_argument(
+        "--attack",
+        action="append",
+        default=list(defaults.attacks),
+        metavar="IDX=SPEC",
+        help="e.g. 3=label-flip:0.6, 1=mix:6->2:0.8, 2=free-rider, 4=scale:5",
+    )
+
+
+def split_config(a: argparse.Namespace) -> SplitConfig:
+    """The SplitConfig of the options :func:`add_data_options` added."""
+    return SplitConfig(
+        data=a.data,
+        parties=a.parties,
+        partition=a.partition,
+        val_holdout=a.val_holdout,
+        train_count=a.train_count,
+        attacks=tuple(a.attack),
+        seed=a.seed,
+    )
+
+
+def add_tls_client_options(p: argparse.ArgumentParser) -> None:
+    """How a party or an observer reaches the aggregator securely."""
+    g = p.add_argument_group("security")
+    g.add_argument(
+        "--insecure", action="store_true", help="plaintext (no TLS): tests only"
+    )
+    g.add_argument(
+        "--tls-ca", type=Path, help="CA certificate that signed the aggregator's"
+    )
+    g.add_argument(
+        "--tls-cert", type=Path, help="this party's certificate (mutual TLS)"
+    )
+    g.add_argument("--tls-key", type=Path, help="this party's private key (mutual TLS)")
+    g.add_argument(
+        "--token-file", type=Path, help="file holding this caller's bearer token"
+    )
+
+
+def add_timeout_options(p: argparse.ArgumentParser, defaults: ClientConfig) -> None:
+    """Per-call deadline and how long to keep trying to reach the aggregator."""
+    p.add_argument(
+        "--rpc-timeout",
+        type=float,
+        default=defaults.rpc_timeout_s,
+        help="deadline per call (s)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=defaults.connect_timeout_s,
+        help="give up after this long without reaching the aggregator (s)",
+    )
+
+
+def observer_config(a: argparse.Namespace) -> ObserverConfig:
+    """An ObserverConfig from the security and timeout options."""
+    return ObserverConfig(
+        server=a.server,
+        insecure=a.insecure,
+        tls=TlsConfig(cert=a.tls_cert, key=a.tls_key, ca=a.tls_ca),
+        token=read_token(a.token_file),
+        rpc_timeout_s=a.rpc_timeout,
+        connect_timeout_s=a.connect_timeout,
+    )
+
+
+def read_token(path: Path | None) -> str | None:
+    """The bearer token in ``path`` (stripped), or None without a file."""
+    return read_file(path, "token file").decode().strip() if path else None

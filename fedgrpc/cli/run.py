@@ -1,0 +1,195 @@
+"""``fedgrpc serve`` (the aggregator) and ``fedgrpc client`` (a party)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from fedgrpc.cli.options import (
+    add_timeout_options,
+    add_tls_client_options,
+    add_training_options,
+    read_token,
+    round_config,
+)
+from fedgrpc.config import (
+    VALIDATORS,
+    ClientConfig,
+    Limits,
+    RoundConfig,
+    ServerConfig,
+    TlsConfig,
+)
+
+_SERVER = ServerConfig(insecure=True)  # defaults only
+_ROUND = RoundConfig()
+_LIMITS = Limits()
+_CLIENT = ClientConfig(server="", party_id="", data="", insecure=True)
+
+
+def add_parsers(sub: Any) -> None:
+    """Add ``serve`` and ``client``."""
+    _serve_parser(sub)
+    _client_parser(sub)
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the aggregator")
+    p.add_argument(
+        "--address",
+        default=_SERVER.address,
+        help="host:port to listen on (port 0 = any free port)",
+    )
+    p.add_argument("--run-dir", type=Path, default=_SERVER.run_dir)
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last committed round",
+    )
+    p.add_argument(
+        "--val-data",
+        default=_SERVER.val_data,
+        help="digits, mnist:DIR, npz:FILE, mod:fn",
+    )
+    p.add_argument(
+        "--val-count",
+        type=int,
+        default=_SERVER.val_count,
+        help="use the first N samples only (0 = all)",
+    )
+    p.add_argument("--min-parties", type=int, default=_ROUND.min_parties, help="quorum")
+    p.add_argument(
+        "--expected-parties",
+        type=int,
+        default=_ROUND.expected_parties,
+        help="parties to wait for before round 0 (default: --min-parties)",
+    )
+    p.add_argument("--init-model", type=Path, help="start from these weights (.npz)")
+    p.add_argument(
+        "--validator",
+        choices=VALIDATORS,
+        default=_SERVER.validator,
+        help="where the validation passes (v_t, loss after the step) run: a worker "
+        "process sharing the model through memory, which keeps torch and the "
+        "validation set out of the aggregator (default), or a thread of the aggregator",
+    )
+    p.add_argument("--port-file", type=Path, help="write the bound port here")
+    p.add_argument(
+        "--keep-serving",
+        action="store_true",
+        help="after the last round keep answering queries until SIGTERM",
+    )
+    add_training_options(p, defaults=_ROUND)
+    g = p.add_argument_group("security")
+    g.add_argument(
+        "--insecure", action="store_true", help="plaintext (no TLS): tests only"
+    )
+    g.add_argument("--tls-cert", type=Path)
+    g.add_argument("--tls-key", type=Path)
+    g.add_argument(
+        "--tls-ca", type=Path, help="CA for client certificates (mutual TLS)"
+    )
+    g.add_argument(
+        "--require-client-cert",
+        action="store_true",
+        help="mutual TLS: party identity from its certificate",
+    )
+    g.add_argument("--parties-file", type=Path, help="TOML file of parties and tokens")
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-chunk-bytes", type=int, default=_LIMITS.max_chunk_bytes)
+    g.add_argument("--max-tensor-bytes", type=int, default=_LIMITS.max_tensor_bytes)
+    g.add_argument(
+        "--max-submission-bytes", type=int, default=_LIMITS.max_submission_bytes
+    )
+    g.add_argument(
+        "--max-streams-per-party", type=int, default=_LIMITS.max_streams_per_party
+    )
+    g.add_argument("--max-parties", type=int, default=_LIMITS.max_parties)
+    g.add_argument(
+        "--max-inflight-uploads",
+        type=int,
+        default=_LIMITS.max_inflight_uploads,
+        help="uploads buffered at once (memory: this many model-sized buffers)",
+    )
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from fedgrpc.server.app import serve
+
+    cfg = ServerConfig(
+        round=round_config(a, min_parties=a.min_parties, expected=a.expected_parties),
+        address=a.address,
+        run_dir=a.resume or a.run_dir,
+        val_data=a.val_data,
+        val_count=a.val_count,
+        insecure=a.insecure,
+        tls=TlsConfig(
+            cert=a.tls_cert,
+            key=a.tls_key,
+            ca=a.tls_ca,
+            require_client_cert=a.require_client_cert,
+        ),
+        parties_file=a.parties_file,
+        limits=Limits(
+            max_chunk_bytes=a.max_chunk_bytes,
+            max_tensor_bytes=a.max_tensor_bytes,
+            max_submission_bytes=a.max_submission_bytes,
+            max_streams_per_party=a.max_streams_per_party,
+            max_parties=a.max_parties,
+            max_inflight_uploads=a.max_inflight_uploads,
+        ),
+        port_file=a.port_file,
+        keep_serving=a.keep_serving,
+        init_model=a.init_model,
+        resume=a.resume is not None,
+        validator=a.validator,
+    )
+    return serve(cfg)
+
+
+def _client_parser(sub: Any) -> None:
+    p = sub.add_parser("client", help="run a party (client stub)")
+    p.add_argument("--server", required=True, help="aggregator HOST:PORT")
+    p.add_argument("--party-id", required=True)
+    p.add_argument("--data", required=True, help="digits, mnist:DIR, npz:FILE, mod:fn")
+    add_timeout_options(p, _CLIENT)
+    p.add_argument(
+        "--attack", default=_CLIENT.attack, help="simulated update attack (evaluation)"
+    )
+    p.add_argument("--threads", type=int, default=_CLIENT.threads, help="torch threads")
+    add_tls_client_options(p)
+    p.set_defaults(func=_cmd_client)
+
+
+def _cmd_client(a: argparse.Namespace) -> int:
+    from fedgrpc.client.party import run_party
+
+    cfg = ClientConfig(
+        server=a.server,
+        party_id=a.party_id,
+        data=a.data,
+        insecure=a.insecure,
+        tls=TlsConfig(cert=a.tls_cert, key=a.tls_key, ca=a.tls_ca),
+        token=read_token(a.token_file),
+        rpc_timeout_s=a.rpc_timeout,
+        connect_timeout_s=a.connect_timeout,
+        attack=a.attack,
+        threads=a.threads,
+    )
+    result = run_party(cfg)
+    print(
+        json.dumps(
+            {
+                "party_id": a.party_id,
+                "rounds_submitted": result.rounds_submitted,
+                "rounds_completed": result.rounds_completed,
+                "reason": result.reason,
+                "train_loss": result.last_train_loss,
+            }
+        )
+    )
+    return 0 if result.reason == "completed" else 1

@@ -1,0 +1,265 @@
+"""``fedgrpc shapley``: exact Shapley ground truth against DIG-FL, and its output.
+
+The parsed arguments go to :func:`run_shapley`, which imports the torch wing
+(:mod:`fedgrpc.learning.ground_truth`) only when the command runs. Output is data, so
+it goes to stdout (table or JSON); the progress bar and errors go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from fedgrpc.cli.options import (
+    add_data_options,
+    add_training_options,
+    round_config,
+    split_config,
+)
+from fedgrpc.config import SHAPLEY_METHODS, RoundConfig, ShapleyConfig, SplitConfig
+from fedgrpc.errors import ConfigError
+from fedgrpc.store.files import atomic_write
+
+if TYPE_CHECKING:
+    from fedgrpc.learning.ground_truth import ShapleyReport
+
+log = logging.getLogger(__name__)
+
+_SHAPLEY = ShapleyConfig()
+
+
+def add_parsers(sub: Any) -> None:
+    """Add ``shapley``; its ``func`` default is :func:`run_shapley`."""
+    p = sub.add_parser(
+        "shapley",
+        help="exact Shapley values by retraining every coalition, against DIG-FL",
+        description=(
+            "Train every coalition of the parties in process (2^n - 1 runs, same data, "
+            "seed and initial model), compute exact Shapley values of the validation-"
+            "loss drop, and compare them with DIG-FL's estimate from one full run and "
+            "with leave-one-out."
+        ),
+    )
+    add_data_options(
+        p,
+        defaults=SplitConfig(parties=_SHAPLEY.parties),
+        holdout_help=f"{_SHAPLEY.digits_val_holdout} for digits, else "
+        f"{_SHAPLEY.val_holdout}",
+    )
+    add_training_options(p, defaults=RoundConfig())
+    train = p.add_argument_group("evaluation run")
+    train.add_argument(
+        "--threads",
+        type=int,
+        default=_SHAPLEY.threads,
+        help="torch threads per training (default: %(default)s)",
+    )
+    ev = p.add_argument_group("evaluation")
+    ev.add_argument(
+        "--method",
+        choices=SHAPLEY_METHODS,
+        default=_SHAPLEY.method,
+        help="exact (all coalitions), permutation (Monte Carlo) or auto "
+        "(exact up to 10 parties) (default: %(default)s)",
+    )
+    ev.add_argument(
+        "--permutations",
+        type=int,
+        default=_SHAPLEY.permutations,
+        help="random orders for --method permutation (default: %(default)s)",
+    )
+    ev.add_argument(
+        "--format",
+        choices=("table", "json"),
+        default="table",
+        help="stdout format (default: %(default)s)",
+    )
+    ev.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write the JSON report to FILE",
+    )
+    ev.add_argument(
+        "--progress",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="progress bar on stderr: auto = when stderr is a terminal",
+    )
+    p.set_defaults(func=run_shapley)
+
+
+def run_shapley(args: argparse.Namespace) -> int:
+    """Run the evaluation described by ``args``; 0 on success, 2 on a config error."""
+    try:
+        doc, table = _evaluate(args)
+    except ConfigError as err:
+        sys.stderr.write(f"fedgrpc shapley: {err}\n")
+        return 2
+    if args.output is not None:
+        write_json(args.output, doc)
+        log.info("wrote %s", args.output)
+    if args.format == "json":
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    else:
+        sys.stdout.write(table + "\n")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from fedgrpc.datasets.attacks import parse_assignments
+    from fedgrpc.datasets.split import prepare_parties
+    from fedgrpc.learning.ground_truth import evaluate  # torch: only here
+
+    split = split_config(args)
+    holdout = split.val_holdout or _SHAPLEY.holdout_for(split.data)
+    attacks = parse_assignments(split.attacks)
+    parties, val = prepare_parties(split, holdout)
+    cfg = round_config(args, min_parties=args.parties, expected=args.parties)
+    show = args.progress != "never"
+    progress = (
+        partial(progress_bar, stream=sys.stderr, force=args.progress == "always")
+        if show
+        else None
+    )
+    report = evaluate(
+        cfg,
+        parties,
+        val,
+        attacks,
+        method=args.method,
+        permutations=args.permutations,
+        rng_seed=args.seed,
+        progress=progress,
+        threads=args.threads,
+    )
+    report.setup.update(
+        data=args.data,
+        parties=args.parties,
+        partition=args.partition,
+        val_holdout=holdout,
+        train_count=args.train_count,
+        attacks=list(args.attack),
+        seed=args.seed,
+    )
+    return report.to_json(), format_table(report)
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    """Write ``doc`` as JSON to ``path`` atomically (NaN refused: JSON has none)."""
+    text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
+    atomic_write(path, text.encode("utf-8"))
+
+
+def format_table(report: ShapleyReport) -> str:
+    """An aligned text table per party, then correlations and timings."""
+    rs, rd, rl = (
+        report.ranks(report.shapley),
+        report.ranks(report.digfl),
+        report.ranks(report.loo),
+    )
+    label = "exact" if report.method == "exact" else f"MC/{report.permutations}"
+    header = [
+        "party",
+        "attack",
+        "samples",
+        f"shapley({label})",
+        "shapley(acc)",
+        "dig-fl",
+        "loo",
+        "rank S",
+        "rank D",
+        "rank L",
+    ]
+    rows = [
+        [
+            p,
+            report.attacks.get(p) or "-",
+            str(report.samples[p]),
+            f"{report.shapley[p]:+.5f}",
+            f"{report.shapley_acc[p]:+.4f}",
+            f"{report.digfl[p]:+.5f}",
+            f"{report.loo[p]:+.5f}",
+            str(rs[p]),
+            str(rd[p]),
+            str(rl[p]),
+        ]
+        for p in report.parties
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    left = {0, 1}
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i in left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    out = [line(header), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    n = len(report.parties)
+    what = (
+        f"exact, {2**n - 1} coalitions"
+        if report.method == "exact"
+        else f"{report.permutations} permutations, "
+        f"{report.coalitions_trained} coalitions"
+    )
+    out += [
+        "",
+        f"Shapley ({what} x {report.rounds} rounds): sum "
+        f"{sum(report.shapley.values()):+.5f}"
+        f" = v(N) {report.grand_loss_drop:+.5f}; DIG-FL sum "
+        f"{sum(report.digfl.values()):+.5f}",
+        f"DIG-FL vs Shapley: Pearson {_fmt(report.pearson)}, Spearman "
+        f"{_fmt(report.spearman)}   (LOO vs Shapley: Pearson "
+        f"{_fmt(report.loo_pearson)}, "
+        f"Spearman {_fmt(report.loo_spearman)})",
+        f"validation (all parties): loss {report.val_loss0:.4f} -> "
+        f"{report.final_val_loss:.4f}, accuracy {report.val_acc0:.4f} -> "
+        f"{report.final_val_acc:.4f}",
+        f"time: DIG-FL run {report.digfl_run_s:.2f} s (scoring "
+        f"{report.digfl_scoring_s:.3f} s), Shapley {report.shapley_s:.2f} s, "
+        f"LOO {report.loo_s:.2f} s; "
+        f"Shapley/DIG-FL {_fmt(report.time_ratio, '.1f')}x "
+        f"({_fmt(report.scoring_ratio, '.0f')}x the scoring alone)",
+        f"CPU time: DIG-FL run {report.digfl_run_cpu_s:.2f} s, Shapley "
+        f"{report.shapley_cpu_s:.2f} s; Shapley/DIG-FL "
+        f"{_fmt(report.cpu_ratio, '.1f')}x",
+    ]
+    return "\n".join(out)
+
+
+def _fmt(x: float, spec: str = ".4f") -> str:
+    return "n/a" if not math.isfinite(x) else format(x, spec)
+
+
+def progress_bar(
+    done: int,
+    total: int,
+    *,
+    stream: TextIO | None = None,
+    force: bool = False,
+    width: int = 30,
+    unit: str = "coalitions",
+) -> None:
+    """Draw ``[#####.....] 12/63 coalitions`` over the line on ``stream`` (stderr).
+
+    Draws only when the stream is a TTY, unless ``force``; ends the line at
+    ``done >= total``.
+    """
+    out = sys.stderr if stream is None else stream
+    if not force and not (hasattr(out, "isatty") and out.isatty()):
+        return
+    frac = 1.0 if total <= 0 else min(1.0, done / total)
+    filled = round(frac * width)
+    out.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {unit}")
+    if done >= total:
+        out.write("\n")
+    out.flush()

@@ -1,0 +1,130 @@
+"""How a party trains in round t, and whole runs without a network (no grpc).
+
+The client stub and in-process runs share :func:`train_round`, and the aggregator and
+in-process runs share :mod:`fedgrpc.learning.validation`: that is what makes a gRPC run
+reproduce an in-process run of the same seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedgrpc.config import RoundConfig
+from fedgrpc.datasets.attacks import Attack, apply_update_attack
+from fedgrpc.datasets.sources import Dataset
+from fedgrpc.engine import RoundEngine, submit_arrays
+from fedgrpc.errors import ConfigError
+from fedgrpc.layout import FlatLayout
+from fedgrpc.learning.models import build_model
+from fedgrpc.learning.training import Evaluator, local_update
+from fedgrpc.learning.validation import FlatValidator, setup_model
+from fedgrpc.types import RoundResult, RunState
+
+log = logging.getLogger(__name__)
+
+
+def party_rng(seed: int, party_id: str, round_index: int) -> np.random.Generator:
+    """A party's RNG in a round: a function of (run seed, party id, round) only."""
+    pid = int.from_bytes(hashlib.sha256(party_id.encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, pid, round_index])
+
+
+def train_round(
+    model: nn.Module,
+    layout: FlatLayout,
+    theta: np.ndarray,
+    data: Dataset,
+    cfg: RoundConfig,
+    party_id: str,
+    round_index: int,
+    attack: Attack | None = None,
+) -> tuple[dict[str, np.ndarray], float]:
+    """One party's update from theta_t: local training, then any simulated attack."""
+    rng = party_rng(cfg.seed, party_id, round_index)
+    update, loss = local_update(
+        model,
+        layout.views(theta),
+        data.x,
+        data.y,
+        kind=cfg.update_kind,
+        lr=cfg.lr,
+        local_steps=cfg.local_steps,
+        local_epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        rng=rng,
+    )
+    if attack is not None:
+        update = apply_update_attack(attack, update, rng)
+    return update, loss
+
+
+def run_in_process(
+    cfg: RoundConfig,
+    parties: Mapping[str, Dataset],
+    val: Dataset,
+    *,
+    attacks: Mapping[str, Attack] | None = None,
+    theta0: np.ndarray | None = None,
+    on_round: Callable[[RoundResult], None] | None = None,
+    threads: int = 1,
+) -> tuple[RoundEngine, list[RoundResult]]:
+    """Run the same engine and training without any network (DESIGN §4 oracle).
+
+    Returns the finished engine (``engine.theta`` is the final model) and the round
+    results.
+    """
+    torch.set_num_threads(threads)
+    setup = setup_model(cfg)
+    start = setup.theta0 if theta0 is None else theta0
+    validator = FlatValidator(Evaluator(setup.model, val.x, val.y), setup.layout)
+    results: list[RoundResult] = []
+
+    def commit(result: RoundResult, _theta: np.ndarray) -> None:
+        results.append(result)
+        if on_round is not None:
+            on_round(result)
+
+    engine = RoundEngine(
+        cfg, setup.specs, start, validator, on_commit=commit, max_in_flight=1
+    )
+    # A separate module for party training keeps the validator's model untouched.
+    party_model = build_model(
+        cfg.model, cfg.input_shape, cfg.num_classes, cfg.model_hidden
+    )
+    for pid, ds in parties.items():
+        engine.join(pid, len(ds))
+    engine.tick()
+    attacks = attacks or {}
+    while not engine.finished:
+        t = engine.open_round
+        theta = engine.theta
+        for pid in sorted(parties):
+            update, loss = train_round(
+                party_model,
+                setup.layout,
+                theta,
+                parties[pid],
+                cfg,
+                pid,
+                t,
+                attacks.get(pid),
+            )
+            submit_arrays(
+                engine,
+                pid,
+                t,
+                len(parties[pid]),
+                update,
+                train_loss=loss,
+                submission_id=f"{pid}:{t}",
+            )
+        engine.tick()
+    if engine.state != RunState.DONE:
+        raise ConfigError(f"in-process run failed: {engine.reason}")
+    return engine, results

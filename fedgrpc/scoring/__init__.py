@@ -1,0 +1,1 @@
+"""Contribution math on NumPy arrays: DIG-FL (``digfl``) and Shapley (``shapley``)."""

@@ -1,0 +1,1 @@
+"""Identity without grpc: the CA (``pki``) and who may connect (``registry``)."""

@@ -1,0 +1,1 @@
+"""What a run keeps on disk: the ledger, checkpoints, the run directory, safe writes."""
