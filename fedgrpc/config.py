@@ -37,6 +37,10 @@ class Limits:
     max_inflight_uploads: int = 2
     """Uploads buffered at once (each holds one model-sized float32 buffer); further
     uploads wait for a slot, held back by HTTP/2 flow control."""
+    upload_slot_timeout_s: float = 60.0
+    """How long an upload waits for a free slot before RESOURCE_EXHAUSTED (s)."""
+    upload_idle_s: float = 60.0
+    """An upload sending nothing for this long is discarded, its slot freed (s)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -46,6 +50,8 @@ class Limits:
             "max_streams_per_party",
             "max_parties",
             "max_inflight_uploads",
+            "upload_slot_timeout_s",
+            "upload_idle_s",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(

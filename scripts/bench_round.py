@@ -153,12 +153,13 @@ class Probes:
 
             setattr(cls, name, wrapper)
 
-        def closing_round(obj: Any, *_a: Any) -> int:
-            rnd = getattr(obj, "_round", None)
+        def closing_round(_obj: Any, rnd: Any, *_a: Any) -> int:
             probes.closing = int(getattr(rnd, "index", -1))
             return probes.closing
 
-        wrap(eng.RoundEngine, "_close_round", closing_round, "close")
+        # _conclude(rnd, ending, now): the close of round rnd outside the engine lock
+        # (v_t wait, step, validation, commit), then publishing theta_{t+1}.
+        wrap(eng.RoundEngine, "_conclude", closing_round, "close")
         wrap(eng.RoundEngine, "_fold", lambda _o, rnd, *_a: int(rnd.index), "fold")
         wrap(
             broadcast.ModelBroadcaster, "publish", lambda _o, r, *_a: int(r), "publish"
@@ -248,9 +249,10 @@ def _server_main(
             "val_grad_s": getattr(r, "val_grad_s", float("nan")),
             "aggregate_s": getattr(r, "aggregate_s", float("nan")),
         }
-        for r in agg.engine.results
+        for r in agg.ledger.rounds()
     ]
     probes.stop()
+    worker_pid = agg.validation.pid if agg.validation is not None else None
     with probes.lock:
         report = {
             "finished": finished,
@@ -265,9 +267,7 @@ def _server_main(
             # The validation worker (``--validator process``): torch, the model and
             # the validation set live there; the shared regions count in both.
             "worker_peak_rss_mib": (
-                proc_status_mib("VmHWM", agg.validation.pid)
-                if agg.validation.pid
-                else float("nan")
+                proc_status_mib("VmHWM", worker_pid) if worker_pid else float("nan")
             ),
             "traced_peak_mib": probes.traced_peak_mib,
             "traced_top": probes.traced_top,
@@ -292,14 +292,14 @@ def _add_server_options(extra: list[tuple[str, int | str]]) -> None:
 def _validator_class(validator: str) -> type:
     """The class whose methods run the validation passes in the aggregator process.
 
-    ``thread``: ``runtime.FlatValidator`` (imports torch here); ``process``:
+    ``thread``: ``learning.validation.FlatValidator`` (imports torch here); ``process``:
     ``validation.RemoteValidator`` (the passes run in the worker; its methods include
     the request round trip).
     """
     if validator == "thread":
-        from fedgrpc import runtime
+        from fedgrpc.learning.validation import FlatValidator
 
-        return runtime.FlatValidator
+        return FlatValidator
     from fedgrpc.server import validation
 
     return validation.RemoteValidator

@@ -79,27 +79,30 @@ def _prebuilt(state: dict[str, Any], n_params: int) -> tuple[list[bytes], bytes]
         arr = np.random.default_rng(n_params).standard_normal(
             n_params, dtype=np.float32
         )
-        if hasattr(wire, "prepare_bundle"):
-            bundle = wire.prepare_bundle([("w", arr)])
-            digest, chunk_iter = bundle.digest, bundle.chunks()
-        else:  # older encoder: SHA-256 over the chunk bytes
-            import hashlib
-
-            h = hashlib.sha256()
-            pieces = list(wire.iter_bundle_chunks([("w", arr)]))
-            for chunk in pieces:
-                h.update(chunk.data)
-            digest, chunk_iter = h.digest(), iter(pieces)
-        chunks = [
-            aggregator_pb2.SubmitMessage(chunk=c).SerializeToString()
-            for c in chunk_iter
-        ]
+        bundle = wire.prepare_bundle([("w", arr)])
+        chunks = list(bundle.messages())  # serialized SubmitMessage chunks
         trailer = aggregator_pb2.SubmitMessage(
-            trailer=aggregator_pb2.SubmitTrailer(digest=digest)
+            trailer=aggregator_pb2.SubmitTrailer(digest=bundle.digest)
         ).SerializeToString()
         cached = (chunks, trailer)
         state[key] = cached
     return cached
+
+
+def _raw_channel(state: dict[str, Any], port: int) -> Any:
+    """An insecure channel to localhost:PORT with the client's options (cached)."""
+    import grpc
+
+    from fedgrpc.client.stub import CHANNEL_OPTIONS
+
+    key = f"channel:{port}"
+    channel = state.get(key)
+    if channel is None:
+        for old in [k for k in state if k.startswith("channel:")]:
+            state.pop(old).close()
+        channel = grpc.insecure_channel(f"localhost:{port}", options=CHANNEL_OPTIONS)
+        state[key] = channel
+    return channel
 
 
 def task_submit(
@@ -147,7 +150,7 @@ def task_submit(
             )
         ).SerializeToString()
         service = aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"].full_name
-        call = client.channel.stream_unary(
+        call = _raw_channel(state, port).stream_unary(
             f"/{service}/SubmitGradient",
             request_serializer=None,
             response_deserializer=aggregator_pb2.SubmitReply.FromString,

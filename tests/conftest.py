@@ -53,8 +53,8 @@ def make_server(tmp_path: Path) -> Iterator[MakeServer]:
             **({"validator": "thread"} | (server or {})),
         )
         agg = Aggregator(cfg)
+        started.append(agg)  # shut down at teardown even if start() raises
         agg.start()
-        started.append(agg)
         return agg
 
     yield make

@@ -83,6 +83,13 @@ def _serve_parser(sub: Any) -> None:
         help="after the last round keep answering queries until SIGTERM",
     )
     add_training_options(p, defaults=_ROUND)
+    _add_security_options(p)
+    _add_limit_options(p)
+    p.set_defaults(func=_cmd_serve)
+
+
+def _add_security_options(p: argparse.ArgumentParser) -> None:
+    """The ``security`` group: TLS, mutual TLS and the parties file."""
     g = p.add_argument_group("security")
     g.add_argument(
         "--insecure", action="store_true", help="plaintext (no TLS): tests only"
@@ -98,6 +105,10 @@ def _serve_parser(sub: Any) -> None:
         help="mutual TLS: party identity from its certificate",
     )
     g.add_argument("--parties-file", type=Path, help="TOML file of parties and tokens")
+
+
+def _add_limit_options(p: argparse.ArgumentParser) -> None:
+    """The ``limits`` group: sizes and counts that bound what parties can make us hold."""
     g = p.add_argument_group("limits")
     g.add_argument("--max-chunk-bytes", type=int, default=_LIMITS.max_chunk_bytes)
     g.add_argument("--max-tensor-bytes", type=int, default=_LIMITS.max_tensor_bytes)
@@ -114,7 +125,18 @@ def _serve_parser(sub: Any) -> None:
         default=_LIMITS.max_inflight_uploads,
         help="uploads buffered at once (memory: this many model-sized buffers)",
     )
-    p.set_defaults(func=_cmd_serve)
+    g.add_argument(
+        "--upload-slot-timeout",
+        type=float,
+        default=_LIMITS.upload_slot_timeout_s,
+        help="seconds an upload waits for a free slot before RESOURCE_EXHAUSTED",
+    )
+    g.add_argument(
+        "--upload-idle",
+        type=float,
+        default=_LIMITS.upload_idle_s,
+        help="seconds without data after which an upload is discarded",
+    )
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
@@ -141,6 +163,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
             max_streams_per_party=a.max_streams_per_party,
             max_parties=a.max_parties,
             max_inflight_uploads=a.max_inflight_uploads,
+            upload_slot_timeout_s=a.upload_slot_timeout,
+            upload_idle_s=a.upload_idle,
         ),
         port_file=a.port_file,
         keep_serving=a.keep_serving,

@@ -10,8 +10,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 from fedgrpc.cli.options import (
     add_data_options,
@@ -22,7 +23,11 @@ from fedgrpc.cli.options import (
 from fedgrpc.config import SIMULATE_ROUND, ObserverConfig, RoundConfig, SplitConfig
 from fedgrpc.errors import FedGrpcError, RemoteError
 from fedgrpc.store.files import atomic_write
-from fedgrpc.types import ContributionReport, RunState
+from fedgrpc.types import ContributionReport, RunState, RunStatus
+
+if TYPE_CHECKING:
+    from fedgrpc.client.stub import AggregatorClient
+    from fedgrpc.datasets.attacks import Attack
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +98,6 @@ def simulate(
     output_format: str = "table",
 ) -> int:
     """Split the data, start the aggregator and one client process per party, report."""
-    from fedgrpc.cli.reports import report_json, report_table
     from fedgrpc.client.stub import AggregatorClient
     from fedgrpc.datasets.attacks import parse_assignments
     from fedgrpc.datasets.split import prepare_parties, resolve_attacks, write_split
@@ -106,7 +110,74 @@ def simulate(
     write_split(data_dir, split, parties, val)  # the manifest records the attacks
     port_file = run_dir / "port"
     port_file.unlink(missing_ok=True)
-    server_cmd = [
+    server_cmd = _serve_cmd(
+        rcfg,
+        run_dir=run_dir,
+        data_dir=data_dir,
+        port_file=port_file,
+        n_parties=len(parties),
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    # Filled as processes and log files are opened, so `finally` cleans up whatever
+    # a failure half-way through the start-up left behind.
+    procs: list[subprocess.Popen[bytes]] = []
+    logs: list[IO[bytes]] = []
+    t_start = time.monotonic()
+    try:
+        server = _start_server(
+            server_cmd, run_dir / "server.log", env=env, procs=procs, logs=logs
+        )
+        address = f"localhost:{_wait_for_file(port_file, server, 60.0)}"
+        print(
+            f"aggregator on {address}, run dir {run_dir}; {len(parties)} parties "
+            f"({', '.join(f'{p}={len(d)}' for p, d in parties.items())}), "
+            f"validation {len(val)} samples",
+            flush=True,
+        )
+        clients = _start_clients(
+            list(parties),
+            attacks,
+            address=address,
+            data_dir=data_dir,
+            run_dir=run_dir,
+            env=env,
+            procs=procs,
+            logs=logs,
+        )
+        observer = AggregatorClient(ObserverConfig(server=address, insecure=True))
+        st = _watch(
+            observer,
+            server,
+            clients,
+            run_dir=run_dir,
+            t_start=t_start,
+            timeout_s=timeout_s,
+            min_parties=rcfg.min_parties,
+        )
+        results = _client_results(clients)
+        report = observer.contributions()
+        observer.close()
+        report = _with_attacks(report, attacks)
+        elapsed = time.monotonic() - t_start
+        _report(report, st, results, elapsed, run_dir, output_format)
+        return 0 if st.state is RunState.DONE else 1
+    finally:
+        _stop(procs)
+        for f in logs:
+            f.close()
+
+
+def _serve_cmd(
+    rcfg: RoundConfig,
+    *,
+    run_dir: Path,
+    data_dir: Path,
+    port_file: Path,
+    n_parties: int,
+) -> list[str]:
+    """The ``fedgrpc serve`` command line that runs ``rcfg`` for ``n_parties``."""
+    # repr() for floats: the child must parse back exactly the value we hold.
+    return [
         *_fedgrpc_cmd(),
         "serve",
         "--insecure",
@@ -122,7 +193,7 @@ def simulate(
         "--min-parties",
         str(rcfg.min_parties),
         "--expected-parties",
-        str(len(parties)),
+        str(n_parties),
         "--rounds",
         str(rcfg.rounds),
         "--update-kind",
@@ -154,122 +225,171 @@ def simulate(
         "--quorum-retries",
         str(rcfg.quorum_retries),
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    procs: list[subprocess.Popen[bytes]] = []
-    logs = []
-    t_start = time.monotonic()
-    try:
-        slog = (run_dir / "server.log").open("wb")
-        logs.append(slog)
-        server = subprocess.Popen(
-            server_cmd, stdout=slog, stderr=subprocess.STDOUT, env=env
-        )
-        procs.append(server)
-        port = _wait_for_file(port_file, server, 60.0)
-        address = f"localhost:{port}"
-        print(
-            f"aggregator on {address}, run dir {run_dir}; {len(parties)} parties "
-            f"({', '.join(f'{p}={len(d)}' for p, d in parties.items())}), "
-            f"validation {len(val)} samples",
-            flush=True,
-        )
-        clients: dict[str, subprocess.Popen[bytes]] = {}
-        for pid in parties:
-            att = attacks.get(pid)
-            cmd = [
-                *_fedgrpc_cmd(),
-                "client",
-                "--insecure",
-                "--server",
-                address,
-                "--party-id",
-                pid,
-                "--data",
-                f"npz:{data_dir / (pid + '.npz')}",
-            ]
-            if att is not None and not att.on_data:
-                cmd += ["--attack", att.spec]
-            clog = (run_dir / f"{pid}.log").open("wb")
-            logs.append(clog)
-            clients[pid] = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=clog, env=env
-            )
-            procs.append(clients[pid])
-        observer = AggregatorClient(ObserverConfig(server=address, insecure=True))
-        shown = 0
-        while True:
-            if time.monotonic() - t_start > timeout_s:
-                raise FedGrpcError(f"simulation did not finish within {timeout_s:g} s")
-            if server.poll() is not None:
-                raise FedGrpcError(
-                    f"aggregator exited with code {server.returncode}; see "
-                    f"{run_dir / 'server.log'}"
-                )
-            try:
-                st = observer.status()
-            except RemoteError as err:
-                raise FedGrpcError(f"cannot query the aggregator: {err}") from None
-            if st.rounds_done > shown:
-                _print_rounds(observer, shown, st.rounds_done, st.rounds_total)
-                shown = st.rounds_done
-            if st.state.finished:
-                break
-            dead = [p for p, c in clients.items() if c.poll() not in (None, 0)]
-            if dead and len(dead) > len(parties) - rcfg.min_parties:
-                raise FedGrpcError(
-                    f"parties {dead} exited with errors; see their logs in {run_dir}"
-                )
-            time.sleep(0.2)
-        results: dict[str, dict[str, Any]] = {}
-        for pid, c in clients.items():
-            out, _ = c.communicate(timeout=60)
-            line = out.decode().strip().splitlines()[-1:] if out else []
-            results[pid] = (
-                json.loads(line[0]) if line else {"reason": f"exit {c.returncode}"}
-            )
-        report = observer.contributions()
-        observer.close()
-        report = _with_attacks(report, attacks)
-        elapsed = time.monotonic() - t_start
-        summary = report_json(report)
-        summary.update(
-            state=st.state.value,
-            rounds_done=st.rounds_done,
-            val_acc=st.val_acc,
-            val_loss=st.val_loss,
-            elapsed_s=elapsed,
-            parties=results,
-        )
-        atomic_write(
-            run_dir / "contributions.json",
-            (json.dumps(summary, indent=2) + "\n").encode(),
-        )
-        try:
-            from fedgrpc.cli.plots import plot_contributions
 
-            plot_contributions(report, run_dir / "contributions.png")
-        except Exception as err:  # a plot must never fail the run
-            log.warning("could not write the plot: %s", err)
-        if output_format == "json":
-            print(json.dumps(summary, indent=2))
-        else:
-            print()
-            print(report_table(report))
-            print()
-            print(
-                f"{st.state.value}: {st.rounds_done} rounds in {elapsed:.1f} s "
-                f"({elapsed / max(1, st.rounds_done):.2f} s/round incl. start-up); "
-                f"final validation accuracy {st.val_acc:.4f}"
+
+def _start_server(
+    cmd: list[str],
+    log_path: Path,
+    *,
+    env: dict[str, str],
+    procs: list[subprocess.Popen[bytes]],
+    logs: list[IO[bytes]],
+) -> subprocess.Popen[bytes]:
+    """Start the aggregator with stdout and stderr going to ``log_path``.
+
+    The process and log file are appended to ``procs`` and ``logs`` for the caller
+    to clean up.
+    """
+    slog = log_path.open("wb")
+    logs.append(slog)
+    server = subprocess.Popen(cmd, stdout=slog, stderr=subprocess.STDOUT, env=env)
+    procs.append(server)
+    return server
+
+
+def _start_clients(
+    party_ids: list[str],
+    attacks: Mapping[str, Attack],
+    *,
+    address: str,
+    data_dir: Path,
+    run_dir: Path,
+    env: dict[str, str],
+    procs: list[subprocess.Popen[bytes]],
+    logs: list[IO[bytes]],
+) -> dict[str, subprocess.Popen[bytes]]:
+    """Start one ``fedgrpc client`` per party; stdout is piped for its result line.
+
+    Each process and log file is appended to ``procs`` and ``logs`` as soon as it
+    exists, so the caller can clean up after a failure part-way through.
+    """
+    clients: dict[str, subprocess.Popen[bytes]] = {}
+    for pid in party_ids:
+        att = attacks.get(pid)
+        cmd = [
+            *_fedgrpc_cmd(),
+            "client",
+            "--insecure",
+            "--server",
+            address,
+            "--party-id",
+            pid,
+            "--data",
+            f"npz:{data_dir / (pid + '.npz')}",
+        ]
+        # Data attacks are already baked into the party's split file.
+        if att is not None and not att.on_data:
+            cmd += ["--attack", att.spec]
+        clog = (run_dir / f"{pid}.log").open("wb")
+        logs.append(clog)
+        clients[pid] = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=clog, env=env
+        )
+        procs.append(clients[pid])
+    return clients
+
+
+def _watch(
+    observer: AggregatorClient,
+    server: subprocess.Popen[bytes],
+    clients: Mapping[str, subprocess.Popen[bytes]],
+    *,
+    run_dir: Path,
+    t_start: float,
+    timeout_s: float,
+    min_parties: int,
+) -> RunStatus:
+    """Poll the aggregator, printing each closed round, until the run finishes.
+
+    Raises:
+        FedGrpcError: the timeout passed, the aggregator died or cannot be reached,
+            or more parties failed than the quorum can spare.
+    """
+    shown = 0
+    while True:
+        if time.monotonic() - t_start > timeout_s:
+            raise FedGrpcError(f"simulation did not finish within {timeout_s:g} s")
+        if server.poll() is not None:
+            raise FedGrpcError(
+                f"aggregator exited with code {server.returncode}; see "
+                f"{run_dir / 'server.log'}"
             )
-            print(
-                f"plot: {run_dir / 'contributions.png'}  ledger: "
-                f"{run_dir / 'server' / 'ledger.sqlite'}"
+        try:
+            st = observer.status()
+        except RemoteError as err:
+            raise FedGrpcError(f"cannot query the aggregator: {err}") from None
+        if st.rounds_done > shown:
+            _print_rounds(observer, shown, st.rounds_done, st.rounds_total)
+            shown = st.rounds_done
+        if st.state.finished:
+            return st
+        dead = [p for p, c in clients.items() if c.poll() not in (None, 0)]
+        if dead and len(dead) > len(clients) - min_parties:
+            raise FedGrpcError(
+                f"parties {dead} exited with errors; see their logs in {run_dir}"
             )
-        return 0 if st.state is RunState.DONE else 1
-    finally:
-        _stop(procs)
-        for f in logs:
-            f.close()
+        time.sleep(0.2)
+
+
+def _client_results(
+    clients: Mapping[str, subprocess.Popen[bytes]],
+) -> dict[str, dict[str, Any]]:
+    """Each client's last stdout line (its JSON result), or its exit code."""
+    results: dict[str, dict[str, Any]] = {}
+    for pid, c in clients.items():
+        out, _ = c.communicate(timeout=60)
+        line = out.decode().strip().splitlines()[-1:] if out else []
+        results[pid] = (
+            json.loads(line[0]) if line else {"reason": f"exit {c.returncode}"}
+        )
+    return results
+
+
+def _report(
+    report: ContributionReport,
+    st: RunStatus,
+    results: dict[str, dict[str, Any]],
+    elapsed: float,
+    run_dir: Path,
+    output_format: str,
+) -> None:
+    """Write contributions.json and the plot to ``run_dir``, then print the report."""
+    from fedgrpc.cli.reports import report_json, report_table
+
+    summary = report_json(report)
+    summary.update(
+        state=st.state.value,
+        rounds_done=st.rounds_done,
+        val_acc=st.val_acc,
+        val_loss=st.val_loss,
+        elapsed_s=elapsed,
+        parties=results,
+    )
+    atomic_write(
+        run_dir / "contributions.json",
+        (json.dumps(summary, indent=2) + "\n").encode(),
+    )
+    try:
+        from fedgrpc.cli.plots import plot_contributions
+
+        plot_contributions(report, run_dir / "contributions.png")
+    except Exception as err:  # a plot must never fail the run
+        log.warning("could not write the plot: %s", err)
+    if output_format == "json":
+        print(json.dumps(summary, indent=2))
+        return
+    print()
+    print(report_table(report))
+    print()
+    print(
+        f"{st.state.value}: {st.rounds_done} rounds in {elapsed:.1f} s "
+        f"({elapsed / max(1, st.rounds_done):.2f} s/round incl. start-up); "
+        f"final validation accuracy {st.val_acc:.4f}"
+    )
+    print(
+        f"plot: {run_dir / 'contributions.png'}  ledger: "
+        f"{run_dir / 'server' / 'ledger.sqlite'}"
+    )
 
 
 def _print_rounds(observer: Any, first: int, done: int, total: int) -> None:

@@ -7,16 +7,13 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from fedgrpc.client.stub import AggregatorClient, ModelVersion
-from fedgrpc.config import ClientConfig, RoundConfig
+from fedgrpc.config import ClientConfig
 from fedgrpc.datasets.attacks import Attack, parse_attack
 from fedgrpc.datasets.sources import Dataset, load_dataset
 from fedgrpc.errors import ConfigError, ErrorCode, RemoteError
-from fedgrpc.layout import FlatLayout
-from fedgrpc.learning.inprocess import train_round
-from fedgrpc.learning.models import build_model, model_specs
+from fedgrpc.learning.inprocess import LocalTrainer
 from fedgrpc.types import TrainingDone
 
 log = logging.getLogger(__name__)
@@ -45,7 +42,6 @@ class PartyResult:
 
 def run_party(cfg: ClientConfig, data: Dataset | None = None) -> PartyResult:
     """Take part in a run until the aggregator says training is over."""
-    torch.set_num_threads(cfg.threads)
     data = data if data is not None else load_dataset(cfg.data)
     attack = parse_attack(cfg.attack)
     with AggregatorClient(cfg) as client:
@@ -57,15 +53,7 @@ def run_party(cfg: ClientConfig, data: Dataset | None = None) -> PartyResult:
                 f"{list(data.x.shape[1:])}; "
                 f"the run's model expects {list(rcfg.input_shape)}"
             )
-        model = build_model(
-            rcfg.model, rcfg.input_shape, rcfg.num_classes, rcfg.model_hidden
-        )
-        if tuple(model_specs(model)) != client.specs:
-            raise ConfigError(
-                f"party {cfg.party_id}: local model {rcfg.model!r} does not match "
-                "the aggregator's model spec"
-            )
-        layout = FlatLayout.of(client.specs)
+        trainer = LocalTrainer(rcfg, client.specs, cfg.party_id, cfg.threads)
         log.info(
             "party %s joined run %s at round %d (%d samples)",
             cfg.party_id,
@@ -91,9 +79,7 @@ def run_party(cfg: ClientConfig, data: Dataset | None = None) -> PartyResult:
                             submitted, item.rounds_completed, item.reason, last_loss
                         )
                     last_loss = (
-                        _train_and_submit(
-                            client, item, layout, model, data, rcfg, cfg, attack
-                        )
+                        _train_and_submit(client, item, trainer, data, cfg, attack)
                         or last_loss
                     )
                     submitted += 1
@@ -113,17 +99,13 @@ def run_party(cfg: ClientConfig, data: Dataset | None = None) -> PartyResult:
 def _train_and_submit(
     client: AggregatorClient,
     item: ModelVersion,
-    layout: FlatLayout,
-    model: torch.nn.Module,
+    trainer: LocalTrainer,
     data: Dataset,
-    rcfg: RoundConfig,
     cfg: ClientConfig,
     attack: Attack | None,
 ) -> float | None:
     t0 = time.perf_counter()
-    update, loss = train_round(
-        model, layout, item.flat, data, rcfg, cfg.party_id, item.round, attack
-    )
+    update, loss = trainer.train(item.flat, data, item.round, attack)
     train_s = time.perf_counter() - t0
     try:
         outcome = client.submit(
@@ -131,7 +113,7 @@ def _train_and_submit(
             update,
             len(data),
             train_loss=loss,
-            kind=rcfg.update_kind,
+            kind=trainer.cfg.update_kind,
             model_digest=item.digest,
         )
     except RemoteError as err:

@@ -22,14 +22,14 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from fedgrpc.config import RoundConfig
+from fedgrpc.config import Limits, RoundConfig
 from fedgrpc.engine import aggregate
 from fedgrpc.engine.parties import PartyTable
+from fedgrpc.engine.round_state import Ending, OpenRound
 from fedgrpc.engine.uploads import (
     AcceptedUpdate,
     Resend,
@@ -45,7 +45,6 @@ from fedgrpc.errors import (
 )
 from fedgrpc.layout import FlatLayout, update_digest
 from fedgrpc.types import (
-    PartyRound,
     RoundOutcome,
     RoundResult,
     RunState,
@@ -57,8 +56,7 @@ from fedgrpc.types import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SLOT_TIMEOUT_S = 60.0
-"""How long an upload waits for a free slot before RESOURCE_EXHAUSTED."""
+_LIMITS = Limits()  # the defaults of the engine's limits
 
 
 class Validator(Protocol):
@@ -71,30 +69,6 @@ class Validator(Protocol):
     def evaluate(self, flat: np.ndarray) -> tuple[float, float]:
         """Validation loss and accuracy at ``flat``."""
         ...
-
-
-@dataclass(frozen=True)
-class _Ending:
-    """How the open round ends."""
-
-    outcome: RoundOutcome
-    reason: str = ""
-    what: str = ""  # the run's failure, if the run stops over it
-    stop_run: bool = False  # v_t failed: nothing can be scored; stop at once
-
-
-@dataclass
-class _Round:
-    index: int
-    opened_at: float
-    deadline: float
-    val_grad: ValGrad
-    model_digest: str
-    weight_ref: float  # sum of the joined parties' samples when the round opened
-    accepted: dict[str, AcceptedUpdate] = field(default_factory=dict)
-    folded: int = 0  # updates already in the accumulator
-    weight_sum: float = 0.0
-    closing: bool = False  # decided to close or fail: no update is taken any more
 
 
 class RoundEngine:
@@ -140,29 +114,14 @@ class RoundEngine:
         on_join: Callable[[str, int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         start_round: int = 0,
-        max_in_flight: int = 4,
-        max_parties: int = 1024,
-        upload_idle_s: float = 60.0,
+        max_in_flight: int = _LIMITS.max_inflight_uploads,
+        max_parties: int = _LIMITS.max_parties,
+        upload_idle_s: float = _LIMITS.upload_idle_s,
         theta_buffers: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         self.cfg = cfg
         self.layout = FlatLayout.of(specs)
-        size = self.layout.size
-        if init_flat.shape != (size,):
-            raise InvalidUpdateError(
-                f"initial model has {init_flat.size} elements; specs need {size}"
-            )
-        if theta_buffers is None:
-            theta_buffers = (
-                np.empty(size, dtype=np.float32),
-                np.empty(size, dtype=np.float32),
-            )
-        for buf in theta_buffers:
-            if buf.shape != (size,) or buf.dtype != np.float32:
-                raise InvalidUpdateError(
-                    f"theta buffers must be float32 vectors of {size}"
-                )
-        np.copyto(theta_buffers[0], init_flat, casting="same_kind")
+        theta_buffers = _theta_buffers(self.layout.size, init_flat, theta_buffers)
         self.theta = theta_buffers[0]  # theta_t
         self._spare = theta_buffers[1]  # the accumulator, then theta_{t+1}
         self._validator = validator
@@ -174,13 +133,13 @@ class RoundEngine:
         self._clock = clock
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
-        self.uploads = UploadPool(size, max_in_flight, upload_idle_s, clock)
+        self.uploads = UploadPool(self.layout.size, max_in_flight, upload_idle_s, clock)
         self.parties = PartyTable(max_parties, clock)
         self.state = RunState.WAITING
         self.reason = ""
         self.round_index = start_round
         self.rounds_done = start_round
-        self._round: _Round | None = None
+        self._round: OpenRound | None = None
         self._retries = 0
         # Accepted digests of the last two rounds: resends after a close get their OK.
         self._history: dict[tuple[int, str], AcceptedUpdate] = {}
@@ -258,7 +217,7 @@ class RoundEngine:
         train_loss: float = float("nan"),
         update_kind: UpdateKind | None = None,
         submission_id: str = "",
-        slot_timeout_s: float = DEFAULT_SLOT_TIMEOUT_S,
+        slot_timeout_s: float = _LIMITS.upload_slot_timeout_s,
     ) -> Submission | Resend:
         """Start receiving one update; refuse wrong round, unknown party, duplicates."""
         label = f"party {party_id}, round {round_index}"
@@ -315,7 +274,7 @@ class RoundEngine:
                 self._clock,
             )
 
-    def _open_for_updates(self, label: str, round_index: int) -> _Round:
+    def _open_for_updates(self, label: str, round_index: int) -> OpenRound:
         """The open round if ``round_index`` is it and it takes updates; else raise."""
         if self.state == RunState.DONE:
             raise StaleRoundError(
@@ -341,60 +300,17 @@ class RoundEngine:
 
     def accept(self, sub: Submission, digest: str) -> SubmitOutcome:
         """Take a whole, validated update into its round (called by ``finish``)."""
-        label = sub.label
         with self._lock:
             rnd = self._round
-            if (
-                rnd is None
-                or rnd.index != sub.round
-                or rnd.closing
-                or self.state != RunState.TRAINING
-            ):
+            if rnd is None or rnd.index != sub.round or rnd.closing or self.finished:
                 raise StaleRoundError(
-                    f"{label}: the round closed while the update was in flight; open "
-                    f"round is {self.round_index}"
+                    f"{sub.label}: the round closed while the update was in flight; "
+                    f"open round is {self.round_index}"
                 )
-            prev = rnd.accepted.get(sub.party_id)
-            if prev is not None:
-                if prev.digest == digest and prev.submission_id == sub.submission_id:
-                    return SubmitOutcome(
-                        True,
-                        sub.round,
-                        f"{label}: already accepted",
-                        sub.submission_id,
-                        duplicate=True,
-                    )
-                raise DuplicateSubmissionError(
-                    f"{label}: a different update was already accepted for this round"
-                )
-            entry = AcceptedUpdate(
-                sub.submission_id,
-                digest,
-                sub.num_samples,
-                sub.train_loss,
-                sub.dot,
-                sub.norm_sq,
-            )
-            if sub.weight is None:  # digfl: weights only at the close
-                entry.buffer = sub.keep_buffer()
-            else:  # the buffer holds w * update: one add
-                self._fold(rnd, sub.weighted_update, None)
-                rnd.weight_sum += sub.weight
-            rnd.accepted[sub.party_id] = entry
-            self._history[(rnd.index, sub.party_id)] = entry
-            log.debug("%s: accepted (%d samples)", label, sub.num_samples)
+            outcome = rnd.take(sub, digest, self._spare)
+            self._history[(rnd.index, sub.party_id)] = rnd.accepted[sub.party_id]
             self._changed.notify_all()
-            return SubmitOutcome(
-                True, rnd.index, f"{label}: accepted", sub.submission_id
-            )
-
-    def _fold(self, rnd: _Round, update: np.ndarray, weight: float | None) -> None:
-        """Add weight * update to the accumulator (``None``: already weighted)."""
-        if rnd.folded == 0:  # the first update of the round: write, don't add
-            aggregate.start_fold(self._spare, update, weight)
-        else:
-            aggregate.fold(self._spare, update, weight)
-        rnd.folded += 1
+            return outcome
 
     # ----------------------------------------------------------------- rounds
     def wait(self, timeout_s: float) -> None:
@@ -417,7 +333,7 @@ class RoundEngine:
         else:
             self._conclude(*ending, now)
 
-    def _step(self, now: float) -> tuple[_Round, _Ending] | None:
+    def _step(self, now: float) -> tuple[OpenRound, Ending] | None:
         """Start or fail the run, or decide the open round ends (under the lock)."""
         if self.state == RunState.WAITING:
             if len(self.parties) >= self.cfg.start_parties:
@@ -433,35 +349,13 @@ class RoundEngine:
         rnd = self._round
         if self.state != RunState.TRAINING or rnd is None or rnd.closing:
             return None
-        decision = self._decide(rnd, now)
+        decision = rnd.ending(self.cfg, self.parties.active(), now)
         if decision is None:
             return None
         rnd.closing = True
         return rnd, decision
 
-    def _decide(self, rnd: _Round, now: float) -> _Ending | None:
-        """Whether (and how) the open round ends now."""
-        if rnd.val_grad.done() and rnd.val_grad.exception() is not None:
-            # Nothing can be scored or closed without v_t: stop, naming why.
-            return _Ending(
-                RoundOutcome.FAILED, f"{rnd.val_grad.exception()}", stop_run=True
-            )
-        active = self.parties.active()
-        # Close early only with quorum: after a failed round the inactive parties must
-        # not let a single resubmission close the retry.
-        quorum = len(rnd.accepted) >= self.cfg.min_parties
-        if (quorum and active <= set(rnd.accepted)) or (now >= rnd.deadline and quorum):
-            return _Ending(RoundOutcome.OK)
-        if now >= rnd.deadline:
-            return _Ending(
-                RoundOutcome.FAILED,
-                f"round {rnd.index}: {len(rnd.accepted)} of {self.cfg.min_parties} "
-                f"required submissions by the {self.cfg.round_timeout_s:g} s deadline",
-                "quorum lost",
-            )
-        return None
-
-    def _conclude(self, rnd: _Round, ending: _Ending, now: float) -> None:
+    def _conclude(self, rnd: OpenRound, ending: Ending, now: float) -> None:
         """Close, commit and advance, or record the failure (outside the lock)."""
         reason, what = ending.reason, ending.what
         if ending.stop_run:
@@ -481,7 +375,7 @@ class RoundEngine:
             reason, what = result.reason, "aggregation failed"
         self._round_failed(rnd, now, reason, what)
 
-    def _close(self, rnd: _Round, now: float) -> tuple[RoundResult, np.ndarray]:
+    def _close(self, rnd: OpenRound, now: float) -> tuple[RoundResult, np.ndarray]:
         """The step and the validation pass of a closing round (outside the lock)."""
         t0 = time.perf_counter()
         _, loss_before, acc_before = rnd.val_grad.result()
@@ -496,37 +390,19 @@ class RoundEngine:
         )
         with self._lock:
             late = tuple(p for p in self.parties.ids() if p not in rnd.accepted)
+        before = (loss_before, acc_before)
         if not np.isfinite(step.theta).all():
-            failed = _failed_result(
-                rnd,
-                now,
+            reason = (
                 f"round {rnd.index}: the aggregated model is not finite (updates too "
-                "large); nothing was applied",
-                late,
-                loss_before,
-                acc_before,
+                "large); nothing was applied"
             )
-            return failed, self.theta
-        loss_after, acc_after = self._validator.evaluate(step.theta)
-        result = RoundResult(
-            round=rnd.index,
-            outcome=RoundOutcome.OK,
-            parties=tuple(
-                _party_round(p, rnd.accepted[p], step) for p in sorted(rnd.accepted)
-            ),
-            late=late,
-            val_loss_before=loss_before,
-            val_acc_before=acc_before,
-            val_loss_after=loss_after,
-            val_acc_after=acc_after,
-            model_digest=rnd.model_digest,
-            duration_s=now - rnd.opened_at,
-            val_grad_s=val_grad_s,
-            aggregate_s=step.seconds,
-        )
-        return result, step.theta
+            return rnd.failed(reason, late, before, now), self.theta
+        after = self._validator.evaluate(step.theta)
+        return rnd.result(step, late, before, after, now, val_grad_s), step.theta
 
-    def _advance(self, rnd: _Round, result: RoundResult, new_theta: np.ndarray) -> None:
+    def _advance(
+        self, rnd: OpenRound, result: RoundResult, new_theta: np.ndarray
+    ) -> None:
         """After the commit (under the lock): theta_{t+1} is current; open round t+1."""
         self.parties.deactivate(result.late)
         self._spare, self.theta = self.theta, new_theta
@@ -559,7 +435,7 @@ class RoundEngine:
         if self._on_commit is not None:
             self._on_commit(result, theta_next)
 
-    def _round_failed(self, rnd: _Round, now: float, reason: str, what: str) -> None:
+    def _round_failed(self, rnd: OpenRound, now: float, reason: str, what: str) -> None:
         """Record the open round as failed; retry it or stop the run (DESIGN §3)."""
         loss_before, acc_before = (float("nan"), float("nan"))
         if rnd.val_grad.done() and rnd.val_grad.exception() is None:
@@ -574,7 +450,7 @@ class RoundEngine:
                     entry.buffer = None
             for key in [k for k in self._history if k[0] == rnd.index]:
                 del self._history[key]
-        result = _failed_result(rnd, now, reason, late, loss_before, acc_before)
+        result = rnd.failed(reason, late, (loss_before, acc_before), now)
         result.extra["attempt"] = self._retries
         self._commit(result, self.theta)
         log.warning("%s", reason)
@@ -605,7 +481,7 @@ class RoundEngine:
             # v_t is computed while the parties train; theta is never modified in place.
             fut = self._executor.submit(self._validator.gradient, theta)
         weight_ref = float(self.parties.total_samples() or 1)
-        self._round = _Round(
+        self._round = OpenRound(
             self.round_index,
             now,
             now + self.cfg.round_timeout_s,
@@ -651,6 +527,24 @@ class RoundEngine:
         self._run_effects()
 
 
+def _theta_buffers(
+    size: int,
+    init_flat: np.ndarray,
+    given: tuple[np.ndarray, np.ndarray] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The two theta buffers, checked (or allocated), the first holding theta_0."""
+    if init_flat.shape != (size,):
+        raise InvalidUpdateError(
+            f"initial model has {init_flat.size} elements; specs need {size}"
+        )
+    pair = given or (np.empty(size, np.float32), np.empty(size, np.float32))
+    for buf in pair:
+        if buf.shape != (size,) or buf.dtype != np.float32:
+            raise InvalidUpdateError(f"theta buffers must be float32 vectors of {size}")
+    np.copyto(pair[0], init_flat, casting="same_kind")
+    return pair
+
+
 def _check_header(
     label: str,
     num_samples: int,
@@ -667,44 +561,6 @@ def _check_header(
         )
     if not np.isfinite(train_loss) and not np.isnan(train_loss):
         raise InvalidUpdateError(f"{label}: train loss {train_loss} is not finite")
-
-
-def _party_round(party: str, entry: AcceptedUpdate, step: aggregate.Step) -> PartyRound:
-    return PartyRound(
-        party_id=party,
-        num_samples=entry.num_samples,
-        weight=step.weights[party],
-        score=step.scores[party],
-        dot=entry.dot,
-        update_norm=float(np.sqrt(entry.norm_sq)),
-        train_loss=entry.train_loss,
-        submission_id=entry.submission_id,
-        digest=entry.digest,
-    )
-
-
-def _failed_result(
-    rnd: _Round,
-    now: float,
-    reason: str,
-    late: tuple[str, ...],
-    loss_before: float,
-    acc_before: float,
-) -> RoundResult:
-    """A failed round: nothing applied, the model (and its metrics) unchanged."""
-    return RoundResult(
-        round=rnd.index,
-        outcome=RoundOutcome.FAILED,
-        reason=reason,
-        parties=(),
-        late=late,
-        val_loss_before=loss_before,
-        val_acc_before=acc_before,
-        val_loss_after=loss_before,
-        val_acc_after=acc_before,
-        model_digest=rnd.model_digest,
-        duration_s=now - rnd.opened_at,
-    )
 
 
 def submit_arrays(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,10 +21,10 @@ from fedgrpc.datasets.sources import Dataset
 from fedgrpc.engine import RoundEngine, submit_arrays
 from fedgrpc.errors import ConfigError
 from fedgrpc.layout import FlatLayout
-from fedgrpc.learning.models import build_model
+from fedgrpc.learning.models import build_model, model_specs
 from fedgrpc.learning.training import Evaluator, local_update
 from fedgrpc.learning.validation import FlatValidator, setup_model
-from fedgrpc.types import RoundResult, RunState
+from fedgrpc.types import RoundResult, RunState, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,55 @@ def train_round(
     if attack is not None:
         update = apply_update_attack(attack, update, rng)
     return update, loss
+
+
+class LocalTrainer:
+    """A party's local model, built once, trained from each global theta_t.
+
+    What the client stub needs of torch, kept here: the party loop deals in NumPy.
+
+    Raises:
+        ConfigError: the local model's tensors differ from the aggregator's ``specs``.
+    """
+
+    def __init__(
+        self,
+        cfg: RoundConfig,
+        specs: Sequence[TensorSpec],
+        party_id: str,
+        threads: int = 1,
+    ) -> None:
+        torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.party_id = party_id
+        self.model = build_model(
+            cfg.model, cfg.input_shape, cfg.num_classes, cfg.model_hidden
+        )
+        if tuple(model_specs(self.model)) != tuple(specs):
+            raise ConfigError(
+                f"party {party_id}: local model {cfg.model!r} does not match the "
+                "aggregator's model spec"
+            )
+        self.layout = FlatLayout.of(specs)
+
+    def train(
+        self,
+        theta: np.ndarray,
+        data: Dataset,
+        round_index: int,
+        attack: Attack | None = None,
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """This party's update from theta_t in round ``round_index``."""
+        return train_round(
+            self.model,
+            self.layout,
+            theta,
+            data,
+            self.cfg,
+            self.party_id,
+            round_index,
+            attack,
+        )
 
 
 def run_in_process(

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -311,15 +310,3 @@ def issue_party_cert(
     atomic_write(paths["cert"], _cert_pem(cert), _CERT_MODE)
     log.info("issued certificate for party %s in %s", party_id, parties)
     return paths
-
-
-def verify_issued(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
-    """Whether ``cert`` was signed by ``ca_cert`` (signature and issuer name only).
-
-    A diagnostic for tools and tests; TLS itself does full chain validation.
-    """
-    try:
-        cert.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True

@@ -189,6 +189,7 @@ class Aggregator:
             start_round=start_round,
             max_in_flight=cfg.limits.max_inflight_uploads,
             max_parties=cfg.limits.max_parties,
+            upload_idle_s=cfg.limits.upload_idle_s,
         )
         for p in self.ledger.parties():
             self.engine.join(str(p["party_id"]), max(1, int(p["num_samples"])))

@@ -267,6 +267,7 @@ class AggregatorServicer:
             train_loss=hdr.train_loss,
             update_kind=hdr.update_kind,
             submission_id=hdr.submission_id,
+            slot_timeout_s=self._limits.upload_slot_timeout_s,
         )
         try:
             sub.reserve()  # before reading any chunk: waiting uploads pin no data

@@ -29,7 +29,7 @@ from fedgrpc.types import (
     UpdateKind,
     round_status_parse,
 )
-from fedgrpc.wire.tensors import dtype_from_proto, dtype_to_proto
+from fedgrpc.wire.tensors import dtype_from_proto, dtype_to_proto, itemsize
 
 _ROUND = RoundConfig()  # the defaults of fields a TrainingConfig leaves unset
 
@@ -69,9 +69,14 @@ def spec_from_proto(msg: tensor_pb2.TensorSpec) -> TensorSpec:
         raise InvalidUpdateError(
             f"tensor {msg.name!r} has a negative dimension {list(msg.shape)}"
         )
-    return TensorSpec(
-        msg.name, dtype_from_proto(msg.dtype), tuple(int(d) for d in msg.shape)
-    )
+    dtype = dtype_from_proto(msg.dtype)
+    # Even an empty tensor (a zero dimension) cannot have others no array can address.
+    if math.prod(d for d in msg.shape if d) * itemsize(dtype) >= 2**63:
+        raise InvalidUpdateError(
+            f"tensor {msg.name!r} declares shape {list(msg.shape)}: too large to "
+            "address"
+        )
+    return TensorSpec(msg.name, dtype, tuple(int(d) for d in msg.shape))
 
 
 def training_config_to_proto(cfg: RoundConfig) -> aggregator_pb2.TrainingConfig:

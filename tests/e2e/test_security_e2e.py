@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sqlite3
 from pathlib import Path
@@ -303,8 +304,14 @@ def test_sigterm_shuts_down_gracefully_and_saves_open_round(tmp_path: Path) -> N
         server = procs.start(_serve(run_dir, data, port_file, "--insecure"), log)
         read_port(port_file, server, log)
         wait_for(lambda: "listening" in log.read_text(), 30, "the server to listen")
+        # The port is live before the run is set up: wait until the worker is ready.
+        wait_for(
+            lambda: re.search(r"run \w+ ready", log.read_text()),
+            60,
+            "the run to be set up",
+        )
 
-        workers = child_pids(server.pid, b"validation_worker")
+        workers = child_pids(server.pid, b"fedgrpc.learning.worker")
         assert len(workers) == 1
 
         server.send_signal(signal.SIGTERM)

@@ -11,7 +11,7 @@ import pytest
 from fedgrpc import wire
 from fedgrpc.client.stub import CHANNEL_OPTIONS, AggregatorClient, ModelVersion
 from fedgrpc.proto import aggregator_pb2
-from fedgrpc.types import RunState, TrainingDone, UpdateKind
+from fedgrpc.types import RunState, SubmitOutcome, TrainingDone, UpdateKind
 from tests.conftest import MakeServer, client_config
 
 pytestmark = pytest.mark.integration
@@ -22,13 +22,25 @@ _DEFAULT_CAP = 4 << 20  # gRPC's default max receive message length (bytes)
 _FRAMING = 256  # generous bound on a ModelMessage's bytes besides the chunk data
 
 
-def test_big_model_moves_both_ways_in_chunks(make_server: MakeServer) -> None:
+def test_big_model_moves_both_ways_in_chunks(
+    make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     agg = make_server(
         model="mlp", model_hidden=230_000, rounds=1, update_kind="gradient"
     )
     assert agg.layout.size * 4 >= 64 << 20
     theta0 = agg.engine.theta.copy()  # (n_params,) ~ 66 MiB
     rng = np.random.default_rng(1234)
+    # SubmitOutcome has no byte count: record what the client decodes from the reply.
+    decoded: list[tuple[SubmitOutcome, int]] = []
+    from_proto = wire.submit_reply_from_proto
+
+    def recording(msg: aggregator_pb2.SubmitReply) -> tuple[SubmitOutcome, int]:
+        out = from_proto(msg)
+        decoded.append(out)
+        return out
+
+    monkeypatch.setattr(wire, "submit_reply_from_proto", recording)
 
     with AggregatorClient(
         client_config(agg, "big", rpc_timeout_s=_TIMEOUT_S)
@@ -54,7 +66,7 @@ def test_big_model_moves_both_ways_in_chunks(make_server: MakeServer) -> None:
     assert first.round == 0
     np.testing.assert_array_equal(first.flat, theta0)
     assert reply.accepted, reply.message
-    assert reply.bytes_received == agg.layout.size * 4
+    assert decoded == [(reply, agg.layout.size * 4)]  # the server's bytes_received
     assert last == TrainingDone(1, "completed")
     assert agg.engine.state == RunState.DONE
     np.testing.assert_allclose(agg.engine.theta, expected, rtol=1e-6)

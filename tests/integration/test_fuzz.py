@@ -21,12 +21,14 @@ from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from fedgrpc import wire
+from fedgrpc.config import Limits
 from fedgrpc.errors import FedGrpcError
 from fedgrpc.proto import aggregator_pb2, tensor_pb2
 from fedgrpc.server.app import Aggregator
-from fedgrpc.types import TensorSpec
+from fedgrpc.types import RunState, TensorSpec
 from fedgrpc.wire import parse_message
 from tests.conftest import MakeServer
+from tests.wirehelp import bundle_chunks
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -207,9 +209,7 @@ def _valid_chunks(wire_dtype: str, chunk_bytes: int) -> list[tensor_pb2.TensorCh
             arrays.append((s.name, rng.integers(0, 2, s.shape).astype(bool)))
         else:
             arrays.append((s.name, rng.integers(-9, 9, s.shape).astype(s.dtype)))
-    return list(
-        wire.iter_bundle_chunks(arrays, chunk_bytes=chunk_bytes, wire_dtype=wire_dtype)
-    )
+    return bundle_chunks(arrays, chunk_bytes=chunk_bytes, wire_dtype=wire_dtype)
 
 
 _FIELDS = ("name", "dtype", "shape", "offset", "total_bytes", "data")
@@ -258,8 +258,8 @@ def _decode_all(
     dec = wire.BundleDecoder(
         _SPECS,
         wire_dtype=wire_dtype,
-        limits=wire.DecodeLimits(
-            max_chunk_bytes=64, max_tensor_bytes=1 << 10, max_total_bytes=1 << 12
+        limits=Limits(
+            max_chunk_bytes=64, max_tensor_bytes=1 << 10, max_submission_bytes=1 << 12
         ),
         label="fuzz",
     )
@@ -323,15 +323,31 @@ def _chunk(shape: list[int], data: bytes = b"") -> tensor_pb2.TensorChunk:
 @example(chunks=[_chunk([2**31, 2**32])])  # int64 product wraps to -2**63
 @example(chunks=[_chunk([2**32, 2**32])])  # wraps to 0 elements
 @example(chunks=[_chunk([0, 2**62])])  # 0 elements, but no array has this shape
-def test_decode_tensor_declared_shapes_raise_only_fedgrpc_errors(
+def test_bundle_decoder_declared_specs_raise_only_fedgrpc_errors(
     chunks: list[tensor_pb2.TensorChunk],
 ) -> None:
-    limits = wire.DecodeLimits(max_chunk_bytes=64, max_tensor_bytes=1 << 10)
+    """A spec as a party gets it (first chunk's declaration) is checked, never trusted.
+
+    The declared name, dtype and shape travel as a TensorSpec message and become the
+    decoder's spec; the decoder must refuse what breaks the limits before allocating.
+    """
+    first = chunks[0]
+    limits = Limits(max_chunk_bytes=64, max_tensor_bytes=1 << 10)
     try:
-        arr = wire.decode_tensor(chunks, limits=limits)
+        spec = wire.spec_from_proto(
+            tensor_pb2.TensorSpec(name=first.name, dtype=first.dtype, shape=first.shape)
+        )
+        dec = wire.BundleDecoder([spec], limits=limits)  # float16 stays float16
+        for c in chunks:
+            idx, off, view = dec.feed(c)
+            assert idx == 0
+            assert off >= 0 and off + view.size <= spec.numel
+        dec.finish()
     except FedGrpcError:
         return
-    assert list(arr.shape) == list(chunks[0].shape)
+    assert tuple(first.shape) == spec.shape
+    need = spec.numel * wire.itemsize(spec.dtype)
+    assert dec.bytes_received == need <= limits.max_tensor_bytes
 
 
 @settings(max_examples=_EXAMPLES * 2, deadline=5000, database=None)
@@ -390,7 +406,7 @@ def _started(make_server: MakeServer) -> tuple[Aggregator, grpc.Channel]:
         code, _ = _raw_call(channel, "Join", req.SerializeToString())
         assert code == grpc.StatusCode.OK
     end = time.monotonic() + _TIMEOUT_S
-    while agg.engine.status()["state"] != "training":
+    while agg.engine.status().state != RunState.TRAINING:
         assert time.monotonic() < end, "round 0 did not open"
         time.sleep(0.02)
     return agg, channel
@@ -403,7 +419,7 @@ def _valid_upload(agg: Aggregator, party: str, sid: str, seed: int) -> list[byte
         (s.name, (0.01 * rng.standard_normal(s.shape)).astype(np.float32))
         for s in specs
     ]
-    chunks = list(wire.iter_bundle_chunks(arrays, chunk_bytes=1024))
+    chunks = bundle_chunks(arrays, chunk_bytes=1024)
     digest = _xxh(b"".join(c.data for c in chunks))
     msgs: list[Message] = [
         aggregator_pb2.SubmitMessage(
@@ -580,10 +596,13 @@ def test_live_submit_fuzz_rejects_garbage_and_keeps_serving(
 
         # Nothing garbage counts: the fuzz party's update, if any, was well formed.
         status = agg.engine.status()
-        assert status["open_round"] == 0
-        accepted = agg.engine._round.accepted if agg.engine._round else {}
+        assert status.open_round == 0
+        accepted = status.submitted
         if _FUZZ in accepted:
-            assert accepted[_FUZZ].digest in good_digests
+            # The accepted update's digest is only on the open round (private).
+            rnd = agg.engine._round
+            assert rnd is not None
+            assert rnd.accepted[_FUZZ].digest in good_digests
         else:
             assert not good_digests
         assert _HONEST not in accepted
@@ -636,6 +655,6 @@ def test_live_unary_random_bytes_are_invalid_argument(
         fuzz()
         code, _ = _raw_call(channel, "GetStatus", b"")
         assert code == grpc.StatusCode.OK
-        assert agg.engine.status()["state"] == "training"
+        assert agg.engine.status().state == RunState.TRAINING
     finally:
         channel.close()

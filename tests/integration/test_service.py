@@ -27,6 +27,7 @@ from fedgrpc.proto import aggregator_pb2, aggregator_pb2_grpc, tensor_pb2
 from fedgrpc.server.app import Aggregator
 from fedgrpc.types import RunState, TensorSpec, TrainingDone
 from tests.conftest import MakeServer, client_config
+from tests.wirehelp import bundle_chunks, tensor_chunks
 
 pytestmark = pytest.mark.integration
 
@@ -92,6 +93,12 @@ def _training(
     for party in parties:
         _join(stub, party)
     _wait_for("round 0 to open", lambda: _state(stub).state == "training")
+
+    def published() -> bool:
+        latest = agg.broadcaster.latest
+        return latest is not None and latest.round == 0
+
+    _wait_for("round 0's model to be published", published)
     return agg, stub
 
 
@@ -128,7 +135,7 @@ def _chunks(
     arrays = [(s.name, update[s.name]) for s in specs]
     return [
         aggregator_pb2.SubmitMessage(chunk=c)
-        for c in wire.iter_bundle_chunks(arrays, chunk_bytes=chunk_bytes)
+        for c in bundle_chunks(arrays, chunk_bytes=chunk_bytes)
     ]
 
 
@@ -201,17 +208,19 @@ def _wait_done(agg: Aggregator) -> None:
 def _probe_open_upload(stub: aggregator_pb2_grpc.AggregatorStub, party: str) -> None:
     """Wait until the server holds an upload of ``party`` open (one stream per party).
 
-    The probe names no update kind, so if it slips past the stream limit it is refused
-    before the engine sees it and leaves no trace.
+    The probe claims a model digest that is not round 0's, so if it slips past the
+    stream limit it is refused (stale model) before the engine sees it and leaves no
+    trace. (A header without an update kind no longer works as a probe: it is
+    refused while parsing the header, before the stream limit is checked.)
     """
+    probe = _header(party, 0)
+    probe.header.model_digest = bytes(16)
 
     def limited() -> bool:
-        code, _ = _rejected(
-            stub, [_header(party, 0, kind=aggregator_pb2.UPDATE_KIND_UNSPECIFIED)]
-        )
+        code, _ = _rejected(stub, [probe])
         assert code in (
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.FAILED_PRECONDITION,
         )
         return code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -410,22 +419,28 @@ def test_run_with_two_parties_records_contributions(
     assert everyone.rounds_done == 2
     assert [r.round for r in everyone.rounds] == [0, 1]
     assert all(
-        r.status == "ok" and set(r.submitted) == {"p0", "p1"} for r in everyone.rounds
+        r.status == "ok" and {p.party_id for p in r.parties} == {"p0", "p1"}
+        for r in everyone.rounds
     )
     by_party = {p.party_id: p for p in everyone.parties}
     assert set(by_party) == {"p0", "p1"}
     for pid, n in (("p0", 150), ("p1", 250)):
         rows = by_party[pid].rounds
-        assert [r.round for r in rows] == [0, 1]
+        assert list(by_party[pid].round_indices) == [0, 1]
+        assert len(rows) == 2
         assert all(r.num_samples == n and r.update_norm > 0 for r in rows)
         assert all(r.weight == pytest.approx(n / 400) for r in rows)
         assert by_party[pid].total == pytest.approx(sum(r.score for r in rows))
     assert [p.party_id for p in only_p1.parties] == ["p1"]
-    assert [r.round for r in only_p1.parties[0].rounds] == [0, 1]
+    assert list(only_p1.parties[0].round_indices) == [0, 1]
     assert [r.round for r in round1.rounds] == [1]
-    assert all([r.round for r in p.rounds] == [1] for p in round1.parties)
+    assert all(
+        list(p.round_indices) == [1] and len(p.rounds) == 1 for p in round1.parties
+    )
     assert [r.round for r in round0.rounds] == [0]
-    assert all([r.round for r in p.rounds] == [0] for p in round0.parties)
+    assert all(
+        list(p.round_indices) == [0] and len(p.rounds) == 1 for p in round0.parties
+    )
 
 
 # ------------------------------------------------------------- bad uploads
@@ -438,10 +453,7 @@ def _with_tensor(
     name: str, arr: np.ndarray, specs: Sequence[TensorSpec], bad: Update
 ) -> Messages:
     """A submission whose first tensor is replaced by ``name``/``arr`` as encoded."""
-    first = [
-        aggregator_pb2.SubmitMessage(chunk=c)
-        for c in wire.iter_tensor_chunks(name, arr)
-    ]
+    first = [aggregator_pb2.SubmitMessage(chunk=c) for c in tensor_chunks(name, arr)]
     chunks = first + _chunks(specs[1:], bad)
     return [_header("alice", 0), *chunks, _trailer(chunks)]
 
@@ -998,7 +1010,7 @@ def test_garbage_between_good_uploads_does_not_corrupt_round(
     assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * len(garbage)
     assert list(mid.submitted) == ["alice"]
     assert reply.accepted
-    result = agg.engine.results[0]
+    result = agg.ledger.rounds()[0]
     assert {p.party_id: p.weight for p in result.parties} == pytest.approx(
         {"alice": 0.25, "bob": 0.75}
     )
@@ -1025,7 +1037,7 @@ def test_party_killed_mid_upload_is_discarded(
     ub = _update(specs, 31)
 
     def discarded(party: str) -> Callable[[], bool]:
-        return lambda: f"party {party} round 0: upload discarded" in caplog.messages
+        return lambda: f"party {party}, round 0: upload discarded" in caplog.messages
 
     # alice's connection is cancelled after the header and two chunks.
     msgs = _submission("alice", 0, specs, loud, chunk_bytes=512)
@@ -1058,7 +1070,7 @@ def test_party_killed_mid_upload_is_discarded(
     assert crashed.exception(timeout=_TIMEOUT_S) is not None
     assert list(mid.submitted) == []
     assert reply.accepted
-    result = agg.engine.results[0]
+    result = agg.ledger.rounds()[0]
     assert [p.party_id for p in result.parties] == ["bob"]
     assert result.late == ("alice", "carol")
     _assert_theta(agg, _expected_theta(theta0, specs, [(ub, _SAMPLES)]))

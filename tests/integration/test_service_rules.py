@@ -32,7 +32,7 @@ def test_submit_num_samples_must_match_join(
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "party alice, round 0" in details
     assert "num_samples 1000000000 differs from the 100 declared at Join" in details
-    assert agg.engine.submitted() == []
+    assert agg.engine.status().submitted == ()
 
 
 def test_submit_from_another_model_version_is_refused(

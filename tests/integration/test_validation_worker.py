@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fedgrpc.client.party import run_party
-from fedgrpc.config import RoundConfig, ServerConfig
+from fedgrpc.config import RoundConfig, ServerConfig, round_config_to_json
 from fedgrpc.datasets.sources import load_dataset, subset
 from fedgrpc.errors import ConfigError
 from fedgrpc.learning.validation import local_validation
@@ -27,10 +27,12 @@ from fedgrpc.server.validation import (
     open_validation,
     shm_dirs,
 )
+from fedgrpc.store.ledger import LEDGER_FILE, Ledger
 from fedgrpc.types import RunState
 from tests.conftest import MakeServer, client_config
 from tests.e2e.helpers import child_pids, running
 
+WORKER_CMD = b"fedgrpc.learning.worker"  # in the worker's command line
 CFG = RoundConfig(rounds=2, min_parties=1, model="mlp", model_hidden=16, seed=7)
 
 
@@ -135,7 +137,7 @@ def test_process_and_thread_validators_give_the_same_run(
             agg.engine.theta.copy(),
             [
                 (r.val_loss_before, r.val_loss_after, [p.score for p in r.parties])
-                for r in agg.engine.results
+                for r in agg.ledger.rounds()
             ],
         )
     np.testing.assert_allclose(finals["process"][0], finals["thread"][0], rtol=1e-6)
@@ -148,6 +150,7 @@ def test_killed_worker_stops_the_run_with_its_reason(
     make_server: MakeServer,
 ) -> None:
     agg = make_server(server={"validator": "process"}, rounds=3, min_parties=1)
+    assert agg.validation is not None
     pid = agg.validation.pid
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
@@ -165,10 +168,11 @@ def _aggregator_script(run_dir: Path, then: str) -> str:
         f"""
         import sys, time
         from pathlib import Path
-        from fedgrpc.config import RoundConfig, ServerConfig
+        from fedgrpc.config import RoundConfig, ServerConfig, round_config_to_json
         from fedgrpc.server.app import Aggregator
         cfg = ServerConfig(
             round=RoundConfig(rounds=1, model="logreg"),
+            address="localhost:0",
             run_dir=Path({str(run_dir)!r}),
             insecure=True,
         )
@@ -202,26 +206,59 @@ def test_server_config_rejects_unknown_validator() -> None:
         ServerConfig(insecure=True, validator="gpu")
 
 
+def _worker_children() -> list[int]:
+    return child_pids(os.getpid(), WORKER_CMD)
+
+
+def _no_worker_children() -> bool:
+    deadline = time.monotonic() + 10
+    while _worker_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _worker_children() == []
+
+
 def test_aggregator_start_failure_stops_the_worker(tmp_path: Path) -> None:
-    """A failure after the worker started (here: a missing parties file) stops it."""
-    cfg = ServerConfig(
+    """A failure after the worker started (here: --resume of a run without a
+    committed checkpoint) stops it; a bad parties file fails before one starts."""
+    bad_parties = ServerConfig(
         round=RoundConfig(rounds=1, model="mlp"),
+        address="localhost:0",
         run_dir=tmp_path / "run",
         insecure=True,
         parties_file=tmp_path / "missing.toml",
     )
     with pytest.raises(ConfigError, match=r"missing\.toml"):
-        Aggregator(cfg)
-    deadline = time.monotonic() + 10
-    while child_pids(os.getpid(), b"validation_worker") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert child_pids(os.getpid(), b"validation_worker") == []
+        Aggregator(bad_parties)
+    assert _no_worker_children()
+
+    run_dir = tmp_path / "resume"
+    run_dir.mkdir()
+    ledger = Ledger(run_dir / LEDGER_FILE)
+    config = {
+        "round": round_config_to_json(RoundConfig(rounds=1, model="mlp")),
+        "val_data": "digits",
+        "val_count": 100,
+    }
+    ledger.start_run("norun", config, "digest")  # no resume pointer committed
+    ledger.close()
+    agg = Aggregator(
+        ServerConfig(address="localhost:0", run_dir=run_dir, insecure=True, resume=True)
+    )
+    try:
+        with pytest.raises(ConfigError, match="no committed checkpoint"):
+            agg.start()
+        assert agg.validation is not None  # the worker had started
+        assert agg.validation.pid in _worker_children()
+    finally:
+        agg.shutdown(grace_s=0.1, save_open_round=False)
+    assert _no_worker_children()
 
 
 def test_worker_exits_when_the_aggregator_is_killed(tmp_path: Path) -> None:
     script = _aggregator_script(
         tmp_path / "run",
         """
+        agg.start()
         print(agg.validation.pid, flush=True)
         time.sleep(600)
         """,

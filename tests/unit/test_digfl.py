@@ -15,6 +15,10 @@ def _flat(tensors: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([tensors[name].reshape(-1) for name in SHAPES])
 
 
+def _dot64(v: np.ndarray, u: np.ndarray) -> float:
+    return float(np.dot(v.astype(np.float64), u.astype(np.float64)))
+
+
 def _random_model(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {
         name: rng.normal(size=shape).astype(np.float32)
@@ -55,7 +59,7 @@ def test_digfl_scores_match_naive_loop_oracle(kind: UpdateKind) -> None:
     num_samples = {"p0": 10, "p1": 30, "p2": 5, "p3": 55}
 
     weights = c.sample_weights(num_samples)
-    dots = {p: c.dot_chunked(_flat(v), _flat(u), 0) for p, u in updates.items()}
+    dots = {p: _dot64(_flat(v), _flat(u)) for p, u in updates.items()}
     got = c.digfl_scores(dots, weights, kind, server_lr=0.3)
 
     want = _naive_scores(v, updates, num_samples, kind, server_lr=0.3)
@@ -111,7 +115,7 @@ def test_digfl_scores_negative_for_update_that_increases_quadratic_loss() -> Non
     updates = {"honest": v.copy(), "flipped": -v, "noise": rng.normal(size=6)}
     weights = c.uniform_weights(updates)
     eta = 1e-3
-    dots = {p: c.dot_chunked(v, u, 0) for p, u in updates.items()}
+    dots = {p: _dot64(v, u) for p, u in updates.items()}
 
     scores = c.digfl_scores(dots, weights, UpdateKind.GRADIENT, eta)
 

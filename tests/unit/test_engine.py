@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,9 +17,8 @@ from fedgrpc.errors import (
     StaleRoundError,
     UnknownPartyError,
 )
-from fedgrpc.layout import update_digest
+from fedgrpc.layout import FlatLayout, update_digest
 from fedgrpc.types import RoundResult, RunState, SubmitOutcome, TensorSpec, UpdateKind
-from fedgrpc.wire import FlatLayout, digest_hex
 
 SPECS = (TensorSpec("w", "float32", (2, 3)), TensorSpec("b", "float32", (3,)))
 SIZE = 9
@@ -70,12 +70,15 @@ class Run:
     published: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)
     commits: list[tuple[RoundResult, np.ndarray]] = field(default_factory=list)
     finished: list[tuple[RunState, str]] = field(default_factory=list)
+    commit_hook: Callable[[RoundResult], None] | None = None  # runs inside on_commit
 
     def on_publish(self, round_index: int, theta: np.ndarray) -> None:
         self.events.append(("publish", round_index))
         self.published.append((round_index, theta, theta.copy()))
 
     def on_commit(self, result: RoundResult, theta: np.ndarray) -> None:
+        if self.commit_hook is not None:
+            self.commit_hook(result)
         self.events.append(("commit", result.round))
         self.commits.append((result, theta.copy()))  # the engine reuses the buffer
 
@@ -148,7 +151,7 @@ def _submit(
     try:
         for i, off in enumerate(engine.layout.offsets):
             sub.add(i, 0, flat[off : off + engine.layout.specs[i].numel])
-        return sub.finish(digest_hex(flat))
+        return sub.finish(update_digest(flat))
     except BaseException:
         sub.abort()
         raise
@@ -178,7 +181,9 @@ def _state(engine: RoundEngine) -> RunState:
 
 
 def _active(engine: RoundEngine, party: str) -> bool:
-    return engine.parties[party].active
+    info = engine.parties.get(party)
+    assert info is not None, f"party {party} has not joined"
+    return info.active
 
 
 def _party(result: RoundResult, pid: str) -> Any:
@@ -303,7 +308,7 @@ def test_engine_round_closes_when_all_submitted_sample_weights_exact() -> None:
     _submit_all(run, dict(list(G3.items())[:2]), N3)
     run.engine.tick()
     assert run.engine.open_round == 0  # c is still missing
-    assert run.engine.submitted() == ["a", "b"]
+    assert run.engine.status().submitted == ("a", "b")
 
     _submit(run.engine, "c", 0, N3["c"], G3["c"])
     run.engine.tick()
@@ -462,7 +467,7 @@ def test_engine_deadline_with_quorum_closes_and_marks_late() -> None:
     assert result.status == "ok"
     assert result.late == ("c",)
     assert result.duration_s == TIMEOUT_S
-    assert run.engine.late == ("c",)
+    assert run.engine.status().late == ("c",)
     assert not _active(run.engine, "c")
     assert _active(run.engine, "a")
     want = _expected(THETA_0, {p: G3[p] for p in "ab"}, {"a": 1 / 4, "b": 3 / 4}, LR)
@@ -535,7 +540,7 @@ def test_engine_quorum_retry_reopens_round() -> None:
     assert [r for r, _, _ in run.published] == [0, 0]
     assert run.results[0].status.startswith("failed")
     assert run.results[0].extra == {"attempt": 0}
-    assert run.engine.submitted() == []  # the failed attempt's update is dropped
+    assert run.engine.status().submitted == ()  # the failed attempt's update is dropped
     # Both submit again (a with the same id: the failed attempt is forgotten).
     outcome = _submit(run.engine, "a", 0, 1, G3["b"], submission_id="a-0")
     assert not outcome.duplicate
@@ -694,7 +699,7 @@ def test_engine_identical_resend_after_close() -> None:
     assert again.duplicate
     assert again.round == 0
     np.testing.assert_array_equal(run.engine.theta, theta)
-    assert run.engine.submitted() == []
+    assert run.engine.status().submitted == ()
     with pytest.raises(DuplicateSubmissionError, match="different bytes"):
         _submit(run.engine, "a", 0, 1, G3["b"], submission_id="a-0")
 
@@ -752,7 +757,7 @@ def test_engine_non_finite_value_refused(bad: float) -> None:
         sub.add(0, 3, chunk)
     sub.abort()
 
-    assert run.engine.submitted() == []
+    assert run.engine.status().submitted == ()
     _submit_all(run, G3, N3)  # the slot is free and a may submit afresh
     run.engine.tick()
     np.testing.assert_array_equal(
@@ -790,7 +795,7 @@ def test_engine_in_flight_submission_of_closed_round() -> None:
         match=r"party c, round 0: the round closed while the update was in flight; "
         r"open round is 1",
     ):
-        sub.finish(digest_hex(G3["c"]))
+        sub.finish(update_digest(G3["c"]))
 
     assert run.results[0].status == "ok"
     assert run.results[0].late == ("c",)
@@ -808,14 +813,14 @@ def test_engine_streaming_add_matches_whole_add() -> None:
     whole = runs[0].engine.begin_submission("a", 0, 2)
     whole.add(0, 0, g[:6])
     whole.add(1, 0, g[6:])
-    whole.finish(digest_hex(g))
+    whole.finish(update_digest(g))
     pieces = runs[1].engine.begin_submission("a", 0, 2)
     pieces.add(1, 2, g[8:9])  # any order the caller validated
     pieces.add(0, 0, g[0:1])
     pieces.add(0, 1, g[1:5])
     pieces.add(1, 0, g[6:8])
     pieces.add(0, 5, g[5:6])
-    pieces.finish(digest_hex(g))
+    pieces.finish(update_digest(g))
 
     for run in runs:
         _submit(run.engine, "b", 0, 2, G3["b"])
@@ -855,6 +860,46 @@ def test_engine_commit_before_next_publish() -> None:
         ("commit", 1),
         ("finish", RunState.DONE),
     ]
+
+
+def test_engine_commit_runs_outside_the_lock_closing_round_refuses() -> None:
+    """The close (and its commit) runs outside the engine lock: other threads get a
+    status and a refusal meanwhile, and see round 0 whole, none of round 1."""
+    run = _run(N3, rounds=2)
+    seen: dict[str, Any] = {}
+
+    def probe() -> None:
+        seen["status"] = run.engine.status()
+        seen["theta"] = run.engine.theta.copy()
+        with pytest.raises(StaleRoundError) as err:
+            run.engine.begin_submission("a", 0, 1, submission_id="new")
+        seen["refused"] = str(err.value)
+
+    def from_another_thread(result: RoundResult) -> None:
+        worker = threading.Thread(target=probe)
+        worker.start()
+        worker.join(5.0)
+        assert not worker.is_alive(), "status() waited for the round's commit"
+
+    run.commit_hook = from_another_thread
+    _submit_all(run, G3, N3)
+
+    run.engine.tick()
+
+    status = seen["status"]
+    assert status.state == RunState.TRAINING
+    assert status.open_round == 0
+    assert status.rounds_done == 0
+    assert status.submitted == ("a", "b", "c")
+    np.testing.assert_array_equal(seen["theta"], THETA_0)  # nothing applied yet
+    assert seen["refused"] == (
+        "party a, round 0: round 0 is closing; the next round is 1"
+    )
+    assert run.events == [("publish", 0), ("commit", 0), ("publish", 1)]
+    assert run.engine.open_round == 1
+    np.testing.assert_array_equal(
+        run.engine.theta, _expected(THETA_0, G3, _sample_weights(N3), LR)
+    )
 
 
 def test_engine_theta_stays_intact_through_its_round_in_two_buffers() -> None:
@@ -935,11 +980,11 @@ def test_engine_status_snapshot() -> None:
 
     status = run.engine.status()
 
-    assert status["state"] == "training"
-    assert status["open_round"] == 0
-    assert status["joined"] == ["a", "b", "c"]
-    assert status["submitted"] == ["a"]
-    assert status["elapsed_s"] == 2.0
+    assert status.state == RunState.TRAINING
+    assert status.open_round == 0
+    assert status.joined == ("a", "b", "c")
+    assert status.submitted == ("a",)
+    assert status.elapsed_s == 2.0
 
 
 def test_engine_stop_ends_run() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from fedgrpc.engine import RoundEngine
 from fedgrpc.errors import LimitError
-from fedgrpc.layout import digest_hex, update_digest
+from fedgrpc.layout import update_digest
 from fedgrpc.types import RunState
 from tests.unit.test_engine import (
     G3,
@@ -30,23 +30,23 @@ def test_engine_idle_upload_expires_and_frees_its_slot() -> None:
     stalled = run.engine.begin_submission("a", 0, 1, slot_timeout_s=0.01)
     stalled.add(0, 0, np.full(6, 1.0, np.float32))
 
-    run.clock.advance(run.engine.upload_idle_s + 1)
+    run.clock.advance(run.engine.uploads.idle_s + 1)
     run.engine.tick()
 
     with pytest.raises(LimitError, match="party a, round 0: upload idle"):
         stalled.add(1, 0, np.full(3, 1.0, np.float32))
     assert _submit(run.engine, "b", 0, 3, G3["b"]).accepted  # the slot is free again
-    assert run.engine.submitted() == ["b"]
+    assert run.engine.status().submitted == ("b",)
 
 
 def test_engine_active_upload_is_not_expired() -> None:
     run = _run(N3, max_in_flight=1, round_timeout_s=1000.0)
     sub = run.engine.begin_submission("a", 0, 1, slot_timeout_s=0.01)
     sub.add(0, 0, np.full(6, 1.0, np.float32))
-    run.clock.advance(run.engine.upload_idle_s - 1)
+    run.clock.advance(run.engine.uploads.idle_s - 1)
     run.engine.tick()
     sub.add(1, 0, np.full(3, 1.0, np.float32))
-    run.clock.advance(run.engine.upload_idle_s - 1)
+    run.clock.advance(run.engine.uploads.idle_s - 1)
 
     run.engine.tick()
 
@@ -131,4 +131,4 @@ def test_engine_reserve_for_a_resend_needs_no_slot() -> None:
     flat = G3["a"]
     resend.add(0, 0, flat[:6])
     resend.add(1, 0, flat[6:])
-    assert resend.finish(digest_hex(flat)).duplicate
+    assert resend.finish(update_digest(flat)).duplicate

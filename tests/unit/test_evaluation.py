@@ -4,6 +4,7 @@ import argparse
 import io
 import json
 import math
+from collections.abc import Mapping
 from itertools import combinations
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from fedgrpc.cli.shapley import add_parsers, format_table, progress_bar, run_shapley
 from fedgrpc.config import RoundConfig, SplitConfig
 from fedgrpc.datasets import split
-from fedgrpc.datasets.attacks import parse_assignments
+from fedgrpc.datasets.attacks import Attack, parse_assignments
 from fedgrpc.datasets.sources import Dataset
 from fedgrpc.errors import ConfigError
 from fedgrpc.learning.ground_truth import (

@@ -1,11 +1,21 @@
+"""The package's architecture, enforced: which part may import which (STYLE.md).
+
+Every module of the package is parsed (AST) and every import it makes, at module level,
+inside functions or under TYPE_CHECKING, is checked against the allowed dependencies of
+its part. A second check runs in a fresh interpreter: importing each part pulls in
+neither grpc nor torch where the rules forbid them.
+"""
+
 from __future__ import annotations
 
+import ast
 import io
 import json
 import re
 import subprocess
 import sys
 import tokenize
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,104 +23,237 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "fedgrpc"
 
-PURE_MODULES = (
-    "fedgrpc.types",
-    "fedgrpc.config",
-    "fedgrpc.errors",
-    "fedgrpc.engine",
-    "fedgrpc.contribution",
-    "fedgrpc.ledger",
-    "fedgrpc.checkpoint",
-    "fedgrpc.models",
-    "fedgrpc.training",
-    "fedgrpc.runtime",
-    "fedgrpc.datasets",
-    "fedgrpc.datasets.sources",
-    "fedgrpc.datasets.partition",
-    "fedgrpc.datasets.attacks",
-    "fedgrpc.layout",
-    "fedgrpc.evaluation",
-)
+GROUND = {"fedgrpc", "types", "errors", "config", "factories", "layout"}
+"""The ground floor: pure domain types, errors, config, import strings, flat layout."""
 
-# Heavy third-party imports happen once in the parent; each module is then imported in a
-# forked child, so every module is judged on its own import closure.
-_PROBE = r"""
-import importlib, json, os, sys
-import numpy, torch  # noqa: F401  (pre-loaded: neither imports grpc)
+# part -> the parts it may import (itself always). "grpc" and "torch" stand for the
+# third-party packages; "proto" for fedgrpc/proto (generated).
+ALLOWED: dict[str, set[str]] = {
+    "ground": set(),
+    "scoring": {"ground"},
+    "engine": {"ground", "scoring"},
+    "wire": {"ground", "proto"},
+    "store": {"ground", "scoring"},
+    "datasets": {"ground", "store"},
+    "security": {"ground", "store"},
+    "learning": {"ground", "engine", "scoring", "store", "datasets", "torch"},
+    "server": {
+        "ground", "engine", "scoring", "store", "wire", "security", "learning",
+        "proto", "grpc",
+    },
+    "client": {
+        "ground", "store", "wire", "security", "learning", "datasets", "proto", "grpc",
+    },
+    "cli": {
+        "ground", "engine", "scoring", "store", "datasets", "learning", "security",
+        "server", "client",
+    },
+    "proto": {"proto", "grpc"},
+    "main": {"cli"},
+}  # fmt: skip
+THIRD_PARTY = {
+    "grpc": "grpc",
+    "grpc_health": "grpc",
+    "grpc_reflection": "grpc",
+    "grpc_tools": "grpc",
+    "google": "proto",  # protobuf runtime: only next to the generated code
+    "torch": "torch",
+}
 
-def forbidden():
-    return sorted(
-        m for m in sys.modules
-        if m == "grpc" or m.startswith("grpc.")
-        or m == "fedgrpc.proto" or m.startswith("fedgrpc.proto.")
+
+def part_of(module: str) -> str:
+    """The part a fedgrpc module belongs to."""
+    parts = module.split(".")
+    if parts[0] != "fedgrpc":
+        raise ValueError(module)
+    if len(parts) == 1 or parts[1] in GROUND:
+        return "ground"
+    if parts[1] == "__main__":
+        return "main"
+    return parts[1]
+
+
+def modules() -> Iterator[tuple[str, Path]]:
+    """(dotted name, path) of every module of the package, generated code included."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(REPO).with_suffix("")
+        names = list(rel.parts)
+        if names[-1] == "__init__":
+            names.pop()
+        yield ".".join(names), path
+
+
+def imports_of(module: str, path: Path) -> set[str]:
+    """Every module ``module`` imports, anywhere in its source (absolute names)."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join([*base, node.module] if node.module else base)
+            else:
+                mod = node.module or ""
+            found.add(mod)
+            # ``from fedgrpc import wire`` imports the module fedgrpc.wire.
+            if mod.split(".")[0] == "fedgrpc":
+                for a in node.names:
+                    sub = PACKAGE.parent / mod.replace(".", "/") / a.name
+                    if sub.is_dir() or sub.with_suffix(".py").is_file():
+                        found.add(f"{mod}.{a.name}")
+    return found
+
+
+GRAPH = {name: imports_of(name, path) for name, path in modules()}
+
+
+def _target(imported: str) -> str | None:
+    """The part (or third-party stand-in) an imported name belongs to."""
+    if imported == "fedgrpc.proto" or imported.startswith("fedgrpc.proto."):
+        return "proto"
+    if imported.split(".")[0] == "fedgrpc":
+        return part_of(imported)
+    return THIRD_PARTY.get(imported.split(".")[0])
+
+
+def test_layering_walks_every_module() -> None:
+    names = set(GRAPH)
+
+    assert len(names) > 50
+    assert {
+        "fedgrpc.engine.rounds",
+        "fedgrpc.wire.messages",
+        "fedgrpc.cli.main",
+        "fedgrpc.learning.worker",
+    } <= names
+    assert "fedgrpc.wire" in GRAPH["fedgrpc.server.servicer"]
+
+
+@pytest.mark.parametrize("module", sorted(GRAPH))
+def test_layering_imports_only_allowed_parts(module: str) -> None:
+    part = part_of(module) if not module.startswith("fedgrpc.proto") else "proto"
+    allowed = ALLOWED[part] | {part}
+
+    bad = sorted(
+        f"{imported} ({target})"
+        for imported in GRAPH[module]
+        if (target := _target(imported)) is not None and target not in allowed
     )
 
-results = {"<parent>": {"forbidden": forbidden()}}
-for name in sys.argv[1:]:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            importlib.import_module(name)
-            res = {"forbidden": forbidden()}
-        except BaseException as err:
-            res = {"error": repr(err)}
-        os.write(w, json.dumps(res).encode())
-        os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 1 << 16):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    results[name] = json.loads(data)
-print(json.dumps(results))
+    assert bad == [], f"{module} ({part}) may not import {bad}"
+
+
+def test_layering_rules_catch_a_forbidden_import() -> None:
+    # The checker itself must fail on what it forbids.
+    assert _target("fedgrpc.server.app") == "server"
+    assert "server" not in ALLOWED["client"]
+    assert "torch" not in ALLOWED["engine"] | ALLOWED["server"] | ALLOWED["cli"]
+    assert "grpc" not in ALLOWED["cli"] | ALLOWED["store"] | ALLOWED["wire"]
+    assert _target("grpc_health.v1") == "grpc"
+    assert _target("google.protobuf.json_format") == "proto"
+
+
+def test_layering_no_import_cycles() -> None:
+    inside = {
+        name: {m for m in deps if m in GRAPH and m != name}
+        for name, deps in GRAPH.items()
+    }
+    # A package imports its own submodules through __init__; that is no cycle.
+    for name, deps in inside.items():
+        inside[name] = {d for d in deps if not name.startswith(d + ".")}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(inside[node]):
+            if state.get(dep) == 1:
+                cycles.append([*stack[stack.index(dep) :], dep])
+            elif dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(inside):
+        if node not in state:
+            visit(node)
+
+    assert cycles == [], "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+# Each part imported alone in a fresh interpreter: what it pulls in at run time.
+_PROBE = r"""
+import importlib, json, sys
+importlib.import_module(sys.argv[1])
+heavy = ("torch", "grpc", "sklearn", "matplotlib")
+print(json.dumps(sorted(m for m in heavy if m in sys.modules)))
 """
 
+TORCH_FREE = (
+    "fedgrpc.engine",
+    "fedgrpc.scoring.digfl",
+    "fedgrpc.scoring.shapley",
+    "fedgrpc.wire",
+    "fedgrpc.store.ledger",
+    "fedgrpc.store.run_dir",
+    "fedgrpc.datasets.split",
+    "fedgrpc.security.pki",
+    "fedgrpc.security.registry",
+    "fedgrpc.server.app",
+    "fedgrpc.client.stub",
+    "fedgrpc.cli.main",
+    "fedgrpc.learning.worker",
+)
+GRPC_FREE = {
+    "fedgrpc.engine",
+    "fedgrpc.scoring.digfl",
+    "fedgrpc.scoring.shapley",
+    "fedgrpc.store.ledger",
+    "fedgrpc.store.run_dir",
+    "fedgrpc.datasets.split",
+    "fedgrpc.security.pki",
+    "fedgrpc.security.registry",
+    "fedgrpc.cli.main",
+    "fedgrpc.learning.worker",
+    "fedgrpc.wire",
+}
 
-@pytest.fixture(scope="module")
-def imports() -> dict[str, dict[str, list[str] | str]]:
-    proc = subprocess.run(
-        [sys.executable, "-c", _PROBE, *PURE_MODULES],
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_layering_import_loads_no_torch(module: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, module],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    results: dict[str, dict[str, list[str] | str]] = json.loads(proc.stdout)
-    assert results.pop("<parent>") == {"forbidden": []}
-    return results
+        check=True,
+    ).stdout
+    loaded = json.loads(out)
+
+    assert "torch" not in loaded
+    assert "matplotlib" not in loaded
+    if module in GRPC_FREE:
+        assert "grpc" not in loaded
 
 
-def _loaded(imports: dict[str, dict[str, list[str] | str]], module: str) -> list[str]:
-    res = imports[module]
-    assert "error" not in res, f"importing {module} failed: {res['error']}"
-    forbidden = res["forbidden"]
-    assert isinstance(forbidden, list)
-    return forbidden
+def test_layering_probe_sees_torch_where_it_is() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, "fedgrpc.learning.training"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
 
-
-@pytest.mark.parametrize("module", PURE_MODULES)
-def test_layering_pure_module_does_not_load_grpc(
-    imports: dict[str, dict[str, list[str] | str]], module: str
-) -> None:
-    loaded = _loaded(imports, module)
-
-    grpc = [m for m in loaded if m == "grpc" or m.startswith("grpc.")]
-    assert grpc == [], f"{module} loads {grpc}"
-
-
-@pytest.mark.parametrize("module", PURE_MODULES)
-def test_layering_pure_module_does_not_load_proto(
-    imports: dict[str, dict[str, list[str] | str]], module: str
-) -> None:
-    loaded = _loaded(imports, module)
-
-    proto = [m for m in loaded if m.startswith("fedgrpc.proto")]
-    assert proto == [], f"{module} loads {proto}"
+    assert "torch" in json.loads(out)
 
 
 # ------------------------------------------------------------------ no pickle etc.

@@ -14,9 +14,14 @@ import pytest
 
 from fedgrpc.errors import ConfigError, FedGrpcError
 from fedgrpc.store.ledger import LEDGER_FILE, Ledger
-from fedgrpc.types import PartyRound, RoundResult
+from fedgrpc.types import PartyRound, RoundOutcome, RoundResult
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _last_round(led: Ledger) -> int | None:
+    """The last recorded round, or None (what the deleted ``last_round()`` gave)."""
+    return max((r.round for r in led.rounds()), default=None)
 
 
 class FakeClock:
@@ -42,10 +47,16 @@ def _party(pid: str, score: float, n: int = 10) -> PartyRound:
     )
 
 
-def _round(t: int, scores: dict[str, float], status: str = "ok") -> RoundResult:
+def _round(
+    t: int,
+    scores: dict[str, float],
+    outcome: RoundOutcome = RoundOutcome.OK,
+    reason: str = "",
+) -> RoundResult:
     return RoundResult(
         round=t,
-        status=status,
+        outcome=outcome,
+        reason=reason,
         parties=tuple(_party(p, s) for p, s in scores.items()),
         late=("late-party",) if t % 2 else (),
         val_loss_before=2.0 - 0.1 * t,
@@ -84,7 +95,7 @@ def test_ledger_round_trip(ledger: Ledger) -> None:
     got = ledger.rounds()
 
     assert got == ROUNDS
-    assert ledger.last_round() == 3
+    assert _last_round(ledger) == 3
     assert ledger.rounds(1, 2) == ROUNDS[1:3]
     assert ledger.rounds(from_round=3) == ROUNDS[3:]
 
@@ -92,7 +103,8 @@ def test_ledger_round_trip(ledger: Ledger) -> None:
 def test_ledger_nan_round_trips_as_nan(ledger: Ledger) -> None:
     r = RoundResult(
         round=0,
-        status="failed: quorum 1 of 2",
+        outcome=RoundOutcome.FAILED,
+        reason="quorum 1 of 2",
         parties=(),
         late=("a", "b"),
         val_loss_before=1.0,
@@ -115,7 +127,7 @@ def test_ledger_record_round_is_one_transaction(ledger: Ledger) -> None:
     ledger.record_round(ROUNDS[0], state={"next_round": 1})
     broken = RoundResult(
         round=1,
-        status="ok",
+        outcome=RoundOutcome.OK,
         parties=(_party("a", 0.1), _party("a", 0.2)),  # same party twice: PK violation
         late=(),
         val_loss_before=1.0,
@@ -128,18 +140,18 @@ def test_ledger_record_round_is_one_transaction(ledger: Ledger) -> None:
     with pytest.raises(sqlite3.IntegrityError):
         ledger.record_round(broken, state={"next_round": 2, "other": "x"})
 
-    assert ledger.last_round() == 0
+    assert _last_round(ledger) == 0
     assert ledger.rounds() == [ROUNDS[0]]
     assert ledger.get_state("next_round") == 1
     assert ledger.get_state("other") is None
     ledger.record_round(ROUNDS[1], state={"next_round": 2})
-    assert ledger.last_round() == 1
+    assert _last_round(ledger) == 1
 
 
 def test_ledger_record_round_rolls_back_on_check_constraint(ledger: Ledger) -> None:
     bad = RoundResult(
         round=0,
-        status="ok",
+        outcome=RoundOutcome.OK,
         parties=(_party("a", 0.1), _party("b", 0.1, n=-5)),
         late=(),
         val_loss_before=1.0,
@@ -153,7 +165,7 @@ def test_ledger_record_round_rolls_back_on_check_constraint(ledger: Ledger) -> N
         ledger.record_round(bad, state={"k": 1})
 
     assert ledger.rounds() == []
-    assert ledger.last_round() is None
+    assert _last_round(ledger) is None
     assert ledger.get_state("k") is None
 
 
@@ -163,7 +175,7 @@ def test_ledger_record_round_unserialisable_state_commits_nothing(
     with pytest.raises(TypeError):
         ledger.record_round(ROUNDS[0], state={"k": object()})
 
-    assert ledger.last_round() is None
+    assert _last_round(ledger) is None
 
 
 def test_ledger_rerecord_identical_is_noop_and_different_raises(ledger: Ledger) -> None:
@@ -178,7 +190,9 @@ def test_ledger_rerecord_identical_is_noop_and_different_raises(ledger: Ledger) 
 
 
 def test_ledger_failed_round_may_be_superseded(ledger: Ledger) -> None:
-    ledger.record_round(_round(0, {"a": 0.5}, status="failed: quorum 1 of 2"))
+    ledger.record_round(
+        _round(0, {"a": 0.5}, outcome=RoundOutcome.FAILED, reason="quorum 1 of 2")
+    )
 
     ledger.record_round(ROUNDS[0])
 
@@ -280,7 +294,9 @@ def test_ledger_contributions_filter_by_party_and_round_range(ledger: Ledger) ->
 
 def test_ledger_contributions_skip_failed_rounds(ledger: Ledger) -> None:
     ledger.record_round(_round(0, {"a": 1.0, "b": 1.0}))
-    ledger.record_round(_round(1, {"a": 5.0}, status="failed: quorum 1 of 2"))
+    ledger.record_round(
+        _round(1, {"a": 5.0}, outcome=RoundOutcome.FAILED, reason="quorum 1 of 2")
+    )
 
     report = ledger.contributions()
 
@@ -315,7 +331,7 @@ def test_ledger_readonly_sees_writer_commits(ledger: Ledger, tmp_path: Path) -> 
     ledger.record_round(ROUNDS[0])
     reader = Ledger.open_readonly(tmp_path)
     try:
-        assert reader.last_round() == 0
+        assert _last_round(reader) == 0
 
         ledger.record_round(ROUNDS[1])
 
@@ -330,10 +346,11 @@ def test_ledger_readonly_sees_writer_commits(ledger: Ledger, tmp_path: Path) -> 
 _READER = """
 import json, sys
 from pathlib import Path
-from fedgrpc.ledger import Ledger
+from fedgrpc.store.ledger import Ledger
 with Ledger.open_readonly(Path(sys.argv[1])) as led:
     report = led.contributions()
-    print(json.dumps({"last": led.last_round(), "run": report.run_id,
+    last = max((r.round for r in led.rounds()), default=None)
+    print(json.dumps({"last": last, "run": report.run_id,
                       "parties": [p.party_id for p in report.parties]}))
 """
 
@@ -356,7 +373,7 @@ def test_ledger_readonly_from_another_process_while_writer_open(
     got = json.loads(out.stdout)
     assert got == {"last": 2, "run": "run-1", "parties": ["b", "a", "c"]}
     ledger.record_round(ROUNDS[3])
-    assert ledger.last_round() == 3
+    assert _last_round(ledger) == 3
 
 
 def test_ledger_readonly_after_writer_closed(tmp_path: Path) -> None:

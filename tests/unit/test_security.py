@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedgrpc.errors import ConfigError
-from fedgrpc.security.pki import init_ca, issue_party_cert, verify_issued
+from fedgrpc.security.pki import init_ca, issue_party_cert
 from fedgrpc.security.registry import (
     Credential,
     Identity,
@@ -48,7 +49,7 @@ def test_init_ca_ca_is_self_signed_ca(ca_dir: Path) -> None:
 
     assert constraints.value.ca is True
     assert constraints.critical
-    assert verify_issued(ca, ca)
+    ca.verify_directly_issued_by(ca)  # self-signed: raises if not
     assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey)
     assert ca.public_key().curve.name == "secp256r1"  # type: ignore[union-attr]
 
@@ -101,7 +102,11 @@ def test_issue_party_cert_not_signed_by_other_ca(ca_dir: Path, tmp_path: Path) -
 
     other_ca = _cert(tmp_path / "ca.pem")
 
-    assert not verify_issued(_cert(ca_dir / "parties" / "p0.pem"), other_ca)
+    party = _cert(ca_dir / "parties" / "p0.pem")
+
+    # What the deleted pki.verify_issued checked: issuer name, then signature.
+    with pytest.raises((ValueError, InvalidSignature)):
+        party.verify_directly_issued_by(other_ca)
 
 
 def test_key_files_mode_0600(ca_dir: Path) -> None:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import hashlib
 import inspect
 import tracemalloc
 from collections.abc import Iterable, Sequence
@@ -13,9 +12,12 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fedgrpc import wire
+from fedgrpc.config import Limits
 from fedgrpc.errors import FedGrpcError, InvalidUpdateError, LimitError
 from fedgrpc.proto import tensor_pb2
 from fedgrpc.types import TensorSpec
+from fedgrpc.wire import tensors
+from tests.wirehelp import bundle_chunks, decode, tensor_chunks
 
 # Three float32 tensors; with 16-byte chunks fc1.w takes 3 chunks, fc1.b 1, fc2.w 2.
 SPECS = (
@@ -51,7 +53,7 @@ def _model(rng: np.random.Generator) -> dict[str, np.ndarray]:
 def _stream(
     arrays: dict[str, np.ndarray], chunk_bytes: int = SMALL_CHUNK
 ) -> list[tensor_pb2.TensorChunk]:
-    return list(wire.iter_bundle_chunks(arrays.items(), chunk_bytes=chunk_bytes))
+    return bundle_chunks(arrays.items(), chunk_bytes=chunk_bytes)
 
 
 def _wire_digest(chunks: Iterable[tensor_pb2.TensorChunk]) -> bytes:
@@ -151,8 +153,8 @@ def test_wire_tensor_round_trip_every_dtype(
 ) -> None:
     arr = data.draw(hnp.arrays(np.dtype(name), SHAPES), label="arr")
 
-    chunks = list(wire.iter_tensor_chunks("t", arr, chunk_bytes=chunk_bytes))
-    out = wire.decode_tensor(chunks)
+    chunks = tensor_chunks("t", arr, chunk_bytes=chunk_bytes)
+    out = decode(chunks)
 
     assert out.dtype == np.dtype(name)
     assert out.shape == arr.shape
@@ -164,13 +166,13 @@ def test_wire_tensor_zero_d_and_empty(name: str) -> None:
     scalar = np.array(7, dtype=name) if name != "bool" else np.array(True)
     empty = np.zeros((0, 3), dtype=name)
 
-    s_chunks = list(wire.iter_tensor_chunks("s", scalar))
-    e_chunks = list(wire.iter_tensor_chunks("e", empty))
+    s_chunks = tensor_chunks("s", scalar)
+    e_chunks = tensor_chunks("e", empty)
 
     assert len(s_chunks) == 1
     assert list(s_chunks[0].shape) == []
     assert s_chunks[0].total_bytes == np.dtype(name).itemsize
-    s_out = wire.decode_tensor(s_chunks)
+    s_out = decode(s_chunks)
     assert s_out.shape == ()
     assert s_out.dtype == np.dtype(name)
     assert s_out == scalar
@@ -178,7 +180,7 @@ def test_wire_tensor_zero_d_and_empty(name: str) -> None:
     assert e_chunks[0].total_bytes == 0
     assert e_chunks[0].data == b""
     assert list(e_chunks[0].shape) == [0, 3]
-    e_out = wire.decode_tensor(e_chunks)
+    e_out = decode(e_chunks)
     assert e_out.shape == (0, 3)
     assert e_out.dtype == np.dtype(name)
 
@@ -192,8 +194,8 @@ def test_wire_big_endian_input_round_trips_to_same_values(
     big = np.dtype(name).newbyteorder(">")
     arr = data.draw(hnp.arrays(big, SHAPES), label="arr")
 
-    chunks = list(wire.iter_tensor_chunks("t", arr, chunk_bytes=chunk_bytes))
-    out = wire.decode_tensor(chunks)
+    chunks = tensor_chunks("t", arr, chunk_bytes=chunk_bytes)
+    out = decode(chunks)
 
     assert out.dtype == np.dtype(name).newbyteorder("<")
     assert out.shape == arr.shape
@@ -204,7 +206,7 @@ def test_wire_big_endian_input_round_trips_to_same_values(
 def test_wire_big_endian_bytes_on_the_wire_are_little_endian() -> None:
     arr = np.array([1, 2], dtype=">i4")
 
-    (chunk,) = wire.iter_tensor_chunks("t", arr)
+    (chunk,) = tensor_chunks("t", arr)
 
     assert chunk.data == b"\x01\x00\x00\x00\x02\x00\x00\x00"
 
@@ -212,7 +214,7 @@ def test_wire_big_endian_bytes_on_the_wire_are_little_endian() -> None:
 def test_wire_non_contiguous_input_is_sent_in_c_order() -> None:
     arr = np.arange(12, dtype=np.int32).reshape(3, 4).T  # Fortran-ordered view
 
-    out = wire.decode_tensor(wire.iter_tensor_chunks("t", arr, chunk_bytes=8))
+    out = decode(tensor_chunks("t", arr, chunk_bytes=8))
 
     np.testing.assert_array_equal(out, arr)
 
@@ -227,12 +229,8 @@ def test_wire_non_contiguous_input_is_sent_in_c_order() -> None:
 def test_wire_bfloat16_round_trip_follows_round_to_nearest_even(
     arr: np.ndarray, chunk_bytes: int
 ) -> None:
-    chunks = list(
-        wire.iter_tensor_chunks(
-            "t", arr, chunk_bytes=chunk_bytes, wire_dtype="bfloat16"
-        )
-    )
-    out = wire.decode_tensor(chunks)
+    chunks = tensor_chunks("t", arr, chunk_bytes=chunk_bytes, wire_dtype="bfloat16")
+    out = decode(chunks)
 
     assert chunks[0].dtype == tensor_pb2.BFLOAT16
     assert chunks[0].total_bytes == 2 * arr.size
@@ -252,7 +250,7 @@ def test_wire_bfloat16_relative_error_is_at_most_half_an_ulp() -> None:
         np.float32
     )
 
-    out = wire.decode_tensor(wire.iter_tensor_chunks("t", arr, wire_dtype="bfloat16"))
+    out = decode(tensor_chunks("t", arr, wire_dtype="bfloat16"))
 
     np.testing.assert_allclose(out, arr, rtol=2.0**-8, atol=0)
 
@@ -272,7 +270,7 @@ def test_wire_bfloat16_relative_error_is_at_most_half_an_ulp() -> None:
 def test_wire_bfloat16_rounding_examples(value: float, want: float) -> None:
     arr = np.array([value], dtype=np.float32)
 
-    out = wire.decode_tensor(wire.iter_tensor_chunks("t", arr, wire_dtype="bfloat16"))
+    out = decode(tensor_chunks("t", arr, wire_dtype="bfloat16"))
 
     assert out[0] == np.float32(want)
     assert np.signbit(out[0]) == np.signbit(np.float32(want))
@@ -281,8 +279,8 @@ def test_wire_bfloat16_rounding_examples(value: float, want: float) -> None:
 def test_wire_float16_wire_dtype_converts_float32() -> None:
     arr = np.array([0.1, 6e4, -3.0], dtype=np.float32)
 
-    chunks = list(wire.iter_tensor_chunks("t", arr, wire_dtype="float16"))
-    out = wire.decode_tensor(chunks)
+    chunks = tensor_chunks("t", arr, wire_dtype="float16")
+    out = decode(chunks)
 
     assert chunks[0].dtype == tensor_pb2.FLOAT16
     assert out.dtype == np.float16
@@ -292,7 +290,7 @@ def test_wire_float16_wire_dtype_converts_float32() -> None:
 def test_wire_wire_dtype_leaves_non_float32_tensors_alone() -> None:
     arrays = {"i": np.arange(3, dtype=np.int64), "d": np.array([0.1, 0.2])}
 
-    chunks = list(wire.iter_bundle_chunks(arrays.items(), wire_dtype="bfloat16"))
+    chunks = bundle_chunks(arrays.items(), wire_dtype="bfloat16")
 
     assert [c.dtype for c in chunks] == [tensor_pb2.INT64, tensor_pb2.FLOAT64]
 
@@ -312,7 +310,7 @@ def test_wire_wire_dtype_leaves_non_float32_tensors_alone() -> None:
 )
 def test_wire_unsupported_dtype_refused(arr: np.ndarray) -> None:
     with pytest.raises(InvalidUpdateError, match="cannot travel on the wire"):
-        list(wire.iter_tensor_chunks("t", arr))
+        tensor_chunks("t", arr)
 
 
 @settings(max_examples=40, deadline=None)
@@ -325,7 +323,7 @@ def test_wire_chunks_are_contiguous_and_bounded(
     size = np.dtype(name).itemsize
     step = max(size, chunk_bytes - chunk_bytes % size)
 
-    chunks = list(wire.iter_tensor_chunks("t", arr, chunk_bytes=chunk_bytes))
+    chunks = tensor_chunks("t", arr, chunk_bytes=chunk_bytes)
 
     assert len(chunks) == max(1, -(-arr.nbytes // step))
     assert [c.offset for c in chunks] == [i * step for i in range(len(chunks))]
@@ -364,9 +362,7 @@ def test_wire_bundle_decoder_float_wire_dtypes(wire_dtype: str) -> None:
     arrays = _model(rng)
     arrays["steps"] = np.array(5, dtype=np.int64)
     specs = [*SPECS, TensorSpec("steps", "int64", ())]
-    chunks = list(
-        wire.iter_bundle_chunks(arrays.items(), chunk_bytes=10, wire_dtype=wire_dtype)
-    )
+    chunks = bundle_chunks(arrays.items(), chunk_bytes=10, wire_dtype=wire_dtype)
     dec = wire.BundleDecoder(specs, wire_dtype=wire_dtype)
 
     raw = _decode_bundle(dec, specs, chunks, _wire_digest(chunks))
@@ -653,7 +649,7 @@ def test_wire_decoder_overflow_on_later_chunk(
 
 
 def test_wire_decoder_chunk_above_max_chunk_bytes() -> None:
-    dec = wire.BundleDecoder(SPECS, limits=wire.DecodeLimits(max_chunk_bytes=8))
+    dec = wire.BundleDecoder(SPECS, limits=Limits(max_chunk_bytes=8))
 
     with pytest.raises(
         LimitError, match=r"chunk of tensor 'fc1\.w' has 16 bytes; limit is 8"
@@ -684,7 +680,7 @@ def test_wire_decoder_tensor_above_max_tensor_bytes_before_allocation() -> None:
 def test_wire_decoder_total_above_max_total_bytes_before_allocation() -> None:
     # "b" declares 1 GiB: under the tensor limit, over the update limit.
     specs = [TensorSpec("a", "float32", (2,)), TensorSpec("b", "float32", (1 << 28,))]
-    dec = wire.BundleDecoder(specs, limits=wire.DecodeLimits(max_total_bytes=1 << 20))
+    dec = wire.BundleDecoder(specs, limits=Limits(max_submission_bytes=1 << 20))
     dec.feed(
         tensor_pb2.TensorChunk(
             name="a", dtype=tensor_pb2.FLOAT32, shape=[2], data=bytes(8), total_bytes=8
@@ -706,7 +702,7 @@ def test_wire_decoder_total_above_max_total_bytes_before_allocation() -> None:
 def test_wire_decoder_total_counts_received_bytes(
     chunks: list[tensor_pb2.TensorChunk],
 ) -> None:
-    dec = wire.BundleDecoder(SPECS, limits=wire.DecodeLimits(max_total_bytes=60))
+    dec = wire.BundleDecoder(SPECS, limits=Limits(max_submission_bytes=60))
     _feed(dec, chunks[:4])  # 48 + 12 = 60 bytes: at the limit, still fine
 
     with pytest.raises(LimitError, match=r"update exceeds 60 bytes at tensor 'fc2\.w'"):
@@ -750,7 +746,7 @@ def test_wire_decoder_empty_later_chunk(chunks: list[tensor_pb2.TensorChunk]) ->
 
 def test_wire_decoder_zero_size_tensor_sent_twice() -> None:
     specs = [TensorSpec("empty", "float32", (0, 3)), TensorSpec("b", "float32", (1,))]
-    (first,) = wire.iter_tensor_chunks("empty", np.zeros((0, 3), np.float32))
+    (first,) = tensor_chunks("empty", np.zeros((0, 3), np.float32))
     dec = wire.BundleDecoder(specs)
     dec.feed(first)
 
@@ -798,51 +794,24 @@ def test_wire_decoder_accepts_tensor_over_2_gib_without_allocating() -> None:
         dec.finish()
 
 
-# ------------------------------------------------------------------- decode_tensor
-
-
-def test_wire_decode_tensor_no_chunks() -> None:
-    with pytest.raises(InvalidUpdateError, match="no chunks"):
-        wire.decode_tensor([])
-
-
-def test_wire_decode_tensor_huge_declared_shape_refused_before_allocation() -> None:
-    first = tensor_pb2.TensorChunk(
-        name="huge",
-        dtype=tensor_pb2.FLOAT64,
-        shape=[1 << 20, 1 << 20],
-        data=bytes(8),
-        total_bytes=1 << 43,
-    )
-
-    with pytest.raises(LimitError, match=r"tensor 'huge' declares 8796093022208 bytes"):
-        wire.decode_tensor([first])
-
-
-def test_wire_decode_tensor_negative_dimension_refused() -> None:
-    first = tensor_pb2.TensorChunk(name="t", dtype=tensor_pb2.FLOAT32, shape=[-1, 4])
-
-    with pytest.raises(
-        InvalidUpdateError, match=r"tensor 't' has a negative dimension"
-    ):
-        wire.decode_tensor([first])
-
-
 @pytest.mark.parametrize("shape", [[1 << 32, 1 << 32], [3, 1 << 62]])
-def test_wire_decode_tensor_overflowing_shape_refused(shape: list[int]) -> None:
+def test_wire_decoder_size_that_wraps_to_zero_refused(shape: list[int]) -> None:
+    # Both sizes are 0 modulo 2**64: a decoder with wrapping integer arithmetic would
+    # take the empty chunk as the whole tensor.
+    dec = wire.BundleDecoder([TensorSpec("huge", "float32", tuple(shape))])
     first = tensor_pb2.TensorChunk(
         name="huge", dtype=tensor_pb2.FLOAT32, shape=shape, data=b"", total_bytes=0
     )
 
     with pytest.raises((LimitError, InvalidUpdateError), match="'huge'"):
-        wire.decode_tensor([first])
+        dec.feed(first)
 
 
-def test_wire_decode_tensor_with_spec_checks_it() -> None:
-    chunks = list(wire.iter_tensor_chunks("t", np.zeros((2, 2), np.float32)))
+def test_wire_decode_with_spec_checks_it() -> None:
+    chunks = tensor_chunks("t", np.zeros((2, 2), np.float32))
 
     with pytest.raises(InvalidUpdateError, match=r"expected \[4\]"):
-        wire.decode_tensor(chunks, TensorSpec("t", "float32", (4,)))
+        decode(chunks, TensorSpec("t", "float32", (4,)))
 
 
 def test_wire_spec_proto_round_trip() -> None:
@@ -1042,26 +1011,23 @@ def test_wire_flat_layout_unexpected_tensor() -> None:
         layout.flatten(arrays)
 
 
-def test_wire_digest_hex_is_sha256_of_raw_bytes() -> None:
-    flat = np.arange(5, dtype=np.float32)
-
-    assert wire.digest_hex(flat) == hashlib.sha256(flat.tobytes()).hexdigest()
-    assert wire.digest_hex(flat[::2]) == hashlib.sha256(flat[::2].tobytes()).hexdigest()
-
-
 # ---------------------------------------------------------------------- laziness
 
 
-def test_wire_iter_tensor_chunks_is_lazy() -> None:
+def test_wire_bundle_messages_are_lazy() -> None:
     arr = np.zeros(16 << 20, dtype=np.float32)  # 64 MiB
 
-    gen = wire.iter_tensor_chunks("big", arr, chunk_bytes=1 << 20)
-    is_generator = inspect.isgenerator(gen)
     tracemalloc.start()
     try:
-        first = next(gen)
+        bundle = wire.prepare_bundle([("big", arr)])  # a view of arr, not a copy
+        gen = bundle.messages(1 << 20)
+        is_generator = inspect.isgenerator(gen)
+        first = wire.parse_chunk_message(next(gen))
+        assert first is not None
         count, total = 1, len(first.data)
-        for chunk in gen:
+        for raw in gen:
+            chunk = wire.parse_chunk_message(raw)
+            assert chunk is not None
             count += 1
             total += len(chunk.data)
         peak = tracemalloc.get_traced_memory()[1]
@@ -1071,6 +1037,7 @@ def test_wire_iter_tensor_chunks_is_lazy() -> None:
     assert is_generator
     assert len(first.data) == 1 << 20
     assert first.total_bytes == 64 << 20
+    assert bundle.total_bytes == 64 << 20
     assert count == 64
     assert total == 64 << 20
     assert peak < 8 << 20  # a few chunks at a time, never all 64 MiB of them
@@ -1113,10 +1080,10 @@ def test_wire_torch_and_numpy_casts_agree_bit_for_bit(
     import torch  # noqa: F401 - the parties' fast path needs it loaded
 
     x = _special_float32()
-    assert wire._loaded_torch() is not None
+    assert tensors._loaded_torch() is not None
     fast = wire.to_wire_array(x, wire_dtype)
     out_fast = wire.from_wire_array(fast, wire_dtype, "float32", out=np.empty_like(x))
-    monkeypatch.setattr(wire, "_loaded_torch", lambda: None)
+    monkeypatch.setattr(tensors, "_loaded_torch", lambda: None)
     slow = wire.to_wire_array(x, wire_dtype)
     out_slow = wire.from_wire_array(slow, wire_dtype, "float32", out=np.empty_like(x))
     assert fast.dtype == slow.dtype
@@ -1145,7 +1112,7 @@ def test_wire_float16_widening_without_torch_is_exact_for_every_bit_pattern(
 ) -> None:
     halves = np.arange(1 << 16, dtype=np.uint32).astype("<u2").view("<f2")
     want = halves.astype(np.float32)
-    monkeypatch.setattr(wire, "_loaded_torch", lambda: None)  # the aggregator's path
+    monkeypatch.setattr(tensors, "_loaded_torch", lambda: None)  # the aggregator's path
     got = wire.from_wire_array(halves, "float16", "float32", out=np.empty_like(want))
     nan = np.isnan(want)
     assert got[~nan].tobytes() == want[~nan].tobytes()  # +-0, subnormals, inf

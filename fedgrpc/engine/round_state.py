@@ -1,0 +1,162 @@
+"""The open round: what it accepted, how it ends, and the results it records (pure).
+
+Guarded by the engine's lock; the accumulator (the engine's spare theta buffer) is
+passed in, so a round never owns model-sized memory of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Set
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedgrpc.config import RoundConfig
+from fedgrpc.engine import aggregate
+from fedgrpc.engine.uploads import AcceptedUpdate, Submission, ValGrad
+from fedgrpc.errors import DuplicateSubmissionError
+from fedgrpc.types import PartyRound, RoundOutcome, RoundResult, SubmitOutcome
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How the open round ends."""
+
+    outcome: RoundOutcome
+    reason: str = ""
+    what: str = ""  # the run's failure, if the run stops over it
+    stop_run: bool = False  # v_t failed: nothing can be scored; stop at once
+
+
+@dataclass
+class OpenRound:
+    """One round between its opening and its close."""
+
+    index: int
+    opened_at: float
+    deadline: float
+    val_grad: ValGrad
+    model_digest: str
+    weight_ref: float  # sum of the joined parties' samples when the round opened
+    accepted: dict[str, AcceptedUpdate] = field(default_factory=dict)
+    folded: int = 0  # updates already in the accumulator
+    weight_sum: float = 0.0
+    closing: bool = False  # decided to close or fail: no update is taken any more
+
+    def take(self, sub: Submission, digest: str, acc: np.ndarray) -> SubmitOutcome:
+        """Accept a whole update: fold it into ``acc``, or keep it (``digfl``)."""
+        label = sub.label
+        prev = self.accepted.get(sub.party_id)
+        if prev is not None:
+            if prev.digest == digest and prev.submission_id == sub.submission_id:
+                return SubmitOutcome(
+                    True,
+                    self.index,
+                    f"{label}: already accepted",
+                    sub.submission_id,
+                    duplicate=True,
+                )
+            raise DuplicateSubmissionError(
+                f"{label}: a different update was already accepted for this round"
+            )
+        entry = AcceptedUpdate(
+            sub.submission_id, digest, sub.num_samples, sub.train_loss, sub.dot,
+            sub.norm_sq,
+        )  # fmt: skip
+        if sub.weight is None:  # digfl: weights only at the close
+            entry.buffer = sub.keep_buffer()
+        else:  # the buffer holds w * update: one add (the first one writes)
+            fold = aggregate.start_fold if self.folded == 0 else aggregate.fold
+            fold(acc, sub.weighted_update, None)
+            self.folded += 1
+            self.weight_sum += sub.weight
+        self.accepted[sub.party_id] = entry
+        log.debug("%s: accepted (%d samples)", label, sub.num_samples)
+        return SubmitOutcome(True, self.index, f"{label}: accepted", sub.submission_id)
+
+    def ending(self, cfg: RoundConfig, active: Set[str], now: float) -> Ending | None:
+        """Whether (and how) the round ends now, with ``active`` parties waited for."""
+        if self.val_grad.done() and self.val_grad.exception() is not None:
+            # Nothing can be scored or closed without v_t: stop, naming why.
+            return Ending(
+                RoundOutcome.FAILED, f"{self.val_grad.exception()}", stop_run=True
+            )
+        # Close early only with quorum: after a failed round the inactive parties must
+        # not let a single resubmission close the retry.
+        quorum = len(self.accepted) >= cfg.min_parties
+        if quorum and (active <= set(self.accepted) or now >= self.deadline):
+            return Ending(RoundOutcome.OK)
+        if now >= self.deadline:
+            return Ending(
+                RoundOutcome.FAILED,
+                f"round {self.index}: {len(self.accepted)} of {cfg.min_parties} "
+                f"required submissions by the {cfg.round_timeout_s:g} s deadline",
+                "quorum lost",
+            )
+        return None
+
+    def result(
+        self,
+        step: aggregate.Step,
+        late: tuple[str, ...],
+        before: tuple[float, float],
+        after: tuple[float, float],
+        now: float,
+        val_grad_s: float,
+    ) -> RoundResult:
+        """The closed round as the ledger records it."""
+        return RoundResult(
+            round=self.index,
+            outcome=RoundOutcome.OK,
+            parties=tuple(
+                _party_round(p, self.accepted[p], step) for p in sorted(self.accepted)
+            ),
+            late=late,
+            val_loss_before=before[0],
+            val_acc_before=before[1],
+            val_loss_after=after[0],
+            val_acc_after=after[1],
+            model_digest=self.model_digest,
+            duration_s=now - self.opened_at,
+            val_grad_s=val_grad_s,
+            aggregate_s=step.seconds,
+        )
+
+    def failed(
+        self,
+        reason: str,
+        late: tuple[str, ...],
+        before: tuple[float, float],
+        now: float,
+    ) -> RoundResult:
+        """A failed round: nothing applied, the model (and its metrics) unchanged."""
+        return RoundResult(
+            round=self.index,
+            outcome=RoundOutcome.FAILED,
+            reason=reason,
+            parties=(),
+            late=late,
+            val_loss_before=before[0],
+            val_acc_before=before[1],
+            val_loss_after=before[0],
+            val_acc_after=before[1],
+            model_digest=self.model_digest,
+            duration_s=now - self.opened_at,
+        )
+
+
+def _party_round(party: str, entry: AcceptedUpdate, step: aggregate.Step) -> PartyRound:
+    return PartyRound(
+        party_id=party,
+        num_samples=entry.num_samples,
+        weight=step.weights[party],
+        score=step.scores[party],
+        dot=entry.dot,
+        update_norm=float(np.sqrt(entry.norm_sq)),
+        train_loss=entry.train_loss,
+        submission_id=entry.submission_id,
+        digest=entry.digest,
+    )
