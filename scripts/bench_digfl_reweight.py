@@ -16,8 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fedgrpc.config import RoundConfig
-from fedgrpc.datasets.attacks import parse_assignments
+from fedgrpc.config import RoundConfig, SplitConfig
 from fedgrpc.datasets.split import prepare_parties
 from fedgrpc.learning.inprocess import run_in_process
 from fedgrpc.learning.validation import config_for_data
@@ -48,8 +47,14 @@ def main() -> int:
     specs = [
         f"{i}=label-flip:{a.flip}" for i in range(a.parties - a.attacked, a.parties)
     ]
-    attacks = parse_assignments(specs)
-    parties, val = prepare_parties(a.data, a.parties, "iid", holdout, attacks, a.seed)
+    split = SplitConfig(
+        data=a.data,
+        parties=a.parties,
+        partition="iid",
+        attacks=tuple(specs),
+        seed=a.seed,
+    )
+    parties, val = prepare_parties(split, holdout)
     base = config_for_data(
         RoundConfig(
             rounds=a.rounds,

@@ -17,7 +17,8 @@ Per round t (the first round is warm-up and not counted):
   the step (``aggregate_s`` of RoundResult), the validation loss after the step
   (``val_eval_s``), checkpoint + ledger (``commit_s``) and encoding theta_{t+1}
   (``publish_s``).
-* ``fold_s``: weighted accumulation of updates, done as each upload finishes.
+* ``fold_s``: weighted accumulation of updates, done as each upload finishes
+  (``OpenRound.take``).
 * ``scoring_s``: DIG-FL <v_t, u_i> per chunk, N x the dot time of an in-process
   micro-benchmark of ``engine.Submission.add`` with vs. without the dot.
 * ``round_excl_val_s`` = round_s - val_grad_s - val_eval_s.
@@ -129,6 +130,7 @@ class Probes:
     def install(self, validator: str) -> None:
         """Wrap the methods (class level, before the Aggregator is built)."""
         from fedgrpc import engine as eng
+        from fedgrpc.engine import round_state
         from fedgrpc.server import app, broadcast
 
         val_cls = _validator_class(validator)
@@ -160,7 +162,9 @@ class Probes:
         # _conclude(rnd, ending, now): the close of round rnd outside the engine lock
         # (v_t wait, step, validation, commit), then publishing theta_{t+1}.
         wrap(eng.RoundEngine, "_conclude", closing_round, "close")
-        wrap(eng.RoundEngine, "_fold", lambda _o, rnd, *_a: int(rnd.index), "fold")
+        # OpenRound.take folds each whole update into the accumulator (under the
+        # engine lock; with --aggregation digfl the fold happens at the close).
+        wrap(round_state.OpenRound, "take", lambda o, *_a: int(o.index), "fold")
         wrap(
             broadcast.ModelBroadcaster, "publish", lambda _o, r, *_a: int(r), "publish"
         )

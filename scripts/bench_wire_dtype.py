@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 from bench_common import round_quiet
-from fedgrpc.contribution import pearson, spearman
 
 from fedgrpc.client.stub import AggregatorClient
 from fedgrpc.config import ClientConfig, Limits, RoundConfig, ServerConfig
+from fedgrpc.scoring.shapley import pearson, spearman
 from fedgrpc.server.app import Aggregator
 from fedgrpc.types import UpdateKind
 

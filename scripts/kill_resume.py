@@ -27,7 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedgrpc.config import RoundConfig
 from fedgrpc.datasets.sources import load_dataset
@@ -55,6 +57,29 @@ def _wait_port(port_file: Path, timeout_s: float = 60) -> int:
             return int(port_file.read_text())
         time.sleep(0.05)
     raise TimeoutError("server did not write its port")
+
+
+def _wait_ready(port: int, timeout_s: float = 120) -> None:
+    """Wait until the server's run is set up (health SERVING).
+
+    ``fedgrpc serve`` writes its port file as soon as it listens, before the run is
+    recorded in the ledger: a kill before this point leaves nothing to resume.
+    """
+    end = time.monotonic() + timeout_s
+    with grpc.insecure_channel(f"localhost:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < end:
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            except grpc.RpcError:
+                reply = None
+            if (
+                reply is not None
+                and reply.status == health_pb2.HealthCheckResponse.SERVING
+            ):
+                return
+            time.sleep(0.05)
+    raise TimeoutError("server did not finish setting up its run")
 
 
 def _ledger(
@@ -141,6 +166,7 @@ def trial(
         )
         procs.append(server)
         port = _wait_port(port_file)
+        _wait_ready(port)
         for p in range(args.parties):
             procs.append(
                 _start(

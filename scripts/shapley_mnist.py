@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from fedgrpc.cli.shapley import format_table, progress_bar, write_json
-from fedgrpc.config import RoundConfig
+from fedgrpc.config import RoundConfig, SplitConfig
 from fedgrpc.datasets.attacks import parse_assignments
 from fedgrpc.datasets.split import prepare_parties
 from fedgrpc.learning.ground_truth import evaluate
@@ -80,15 +80,15 @@ def main() -> int:
     items = [f"{i}=label-flip:{r}" for i, r in enumerate(FLIP_RATES) if r > 0]
     attacks = parse_assignments(items)
     data = f"mnist:{args.mnist}"
-    parties, val = prepare_parties(
-        data,
-        n,
-        "iid",
-        args.val_holdout,
-        attacks,
-        args.seed,
+    split = SplitConfig(
+        data=data,
+        parties=n,
+        partition="iid",
         train_count=args.train_count,
+        attacks=tuple(items),
+        seed=args.seed,
     )
+    parties, val = prepare_parties(split, args.val_holdout)
     cfg = RoundConfig(
         rounds=args.rounds,
         min_parties=n,

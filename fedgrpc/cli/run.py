@@ -108,7 +108,7 @@ def _add_security_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_limit_options(p: argparse.ArgumentParser) -> None:
-    """The ``limits`` group: sizes and counts that bound what parties can make us hold."""
+    """The ``limits`` group: what one party may make the aggregator hold or wait on."""
     g = p.add_argument_group("limits")
     g.add_argument("--max-chunk-bytes", type=int, default=_LIMITS.max_chunk_bytes)
     g.add_argument("--max-tensor-bytes", type=int, default=_LIMITS.max_tensor_bytes)

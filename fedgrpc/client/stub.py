@@ -170,9 +170,7 @@ class AggregatorClient:
 
         The stream's deadline is ``timeout_s``; the caller reopens it when it expires.
         """
-        req = aggregator_pb2.GetModelRequest(
-            party_id=self.cfg.party_id, from_round=from_round
-        )
+        req = wire.get_model_request_to_proto(self.cfg.party_id, from_round)
         try:
             stream = self._get_model_raw(
                 req, timeout=timeout_s, metadata=self._metadata

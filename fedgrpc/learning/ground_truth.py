@@ -373,10 +373,46 @@ def evaluate(
     Raises:
         ConfigError: unknown method, too few parties, or a failed training run.
     """
-    if method not in SHAPLEY_METHODS:
-        raise ConfigError(f"method must be one of {SHAPLEY_METHODS}, got {method!r}")
     ids = list(parties)
     n = len(ids)
+    chosen = _choose_method(method, n, permutations)
+    cfg = config_for_data(cfg, val)
+    utility = coalition_utility(cfg, parties, val, attacks, theta0, threads=threads)
+    total = 2**n - 1 if chosen == "exact" else min(2**n - 1, permutations * n)
+    show = _progress_hook(utility, progress, total)
+    full = _full_run(utility, ids)
+    values = _shapley_pass(
+        utility,
+        ids,
+        full,
+        method=chosen,
+        permutations=permutations,
+        seed=cfg.seed if rng_seed is None else rng_seed,
+    )
+    show(len(utility.values), len(utility.values))
+    return _report(
+        cfg,
+        parties,
+        val,
+        attacks,
+        utility,
+        full,
+        values,
+        method=chosen,
+        permutations=permutations,
+        threads=threads,
+    )
+
+
+def _choose_method(method: str, n: int, permutations: int) -> str:
+    """Resolve ``auto`` and check the method fits ``n`` parties.
+
+    Raises:
+        ConfigError: unknown method, no parties, too many for exact, or no
+            permutations to sample.
+    """
+    if method not in SHAPLEY_METHODS:
+        raise ConfigError(f"method must be one of {SHAPLEY_METHODS}, got {method!r}")
     if n < 1:
         raise ConfigError("need at least one party")
     chosen = method
@@ -389,10 +425,17 @@ def evaluate(
         )
     if chosen == "permutation" and permutations < 1:
         raise ConfigError(f"permutations must be >= 1, got {permutations}")
-    cfg = config_for_data(cfg, val)
-    utility = coalition_utility(cfg, parties, val, attacks, theta0, threads=threads)
-    total = 2**n - 1 if chosen == "exact" else min(2**n - 1, permutations * n)
+    return chosen
 
+
+def _progress_hook(
+    utility: CoalitionUtility, progress: ProgressFn | None, total: int
+) -> ProgressFn:
+    """Report ``(trained, total)`` after each coalition ``utility`` trains.
+
+    Returns the reporter itself, for the final call; it skips a pair equal to the
+    last one it reported, so ``progress`` sees each step once.
+    """
     shown = [0, 0]  # the last (done, total) drawn
 
     def show(done: int, of: int) -> None:
@@ -404,25 +447,63 @@ def evaluate(
         show(len(utility.values), total)
 
     utility.on_train = on_train
+    return show
 
-    # The full run: DIG-FL's scores, and v(N) for Shapley (the same training).
+
+@dataclass(frozen=True)
+class _FullRun:
+    """The training of the whole federation: DIG-FL's scores and v(N) in one."""
+
+    results: list[RoundResult]
+    grand: CoalitionValue
+    digfl: dict[str, float]  # Σ_t φ_{t,i}
+    wall_s: float
+    cpu_s: float
+
+
+def _full_run(utility: CoalitionUtility, ids: Sequence[str]) -> _FullRun:
+    """Train all of ``ids`` once, timed, and cache it as v(N) for Shapley."""
     everyone = frozenset(ids)
     t0, c0 = time.perf_counter(), time.process_time()
     results = utility.train(everyone)
-    digfl_run_s = time.perf_counter() - t0
-    digfl_run_cpu_s = time.process_time() - c0
-    grand = utility.value_of(results, digfl_run_s)
+    wall_s = time.perf_counter() - t0
+    cpu_s = time.process_time() - c0
+    grand = utility.value_of(results, wall_s)
     per_round = [{p.party_id: p.score for p in r.parties} for r in results]
     totals = dg.totals(per_round)
     digfl = {p: totals.get(p, 0.0) for p in ids}
     utility.record(everyone, grand)
+    return _FullRun(results, grand, digfl, wall_s, cpu_s)
 
+
+@dataclass(frozen=True)
+class _ShapleyPass:
+    """Shapley and leave-one-out values with what they cost to compute."""
+
+    shapley: dict[str, float]
+    shapley_acc: dict[str, float]
+    loo: dict[str, float]
+    loo_acc: dict[str, float]
+    shapley_s: float  # including the full run
+    shapley_cpu_s: float
+    loo_s: float
+
+
+def _shapley_pass(
+    utility: CoalitionUtility,
+    ids: Sequence[str],
+    full: _FullRun,
+    *,
+    method: str,
+    permutations: int,
+    seed: int,
+) -> _ShapleyPass:
+    """Shapley values by ``method`` (training what the full run did not), then LOO."""
     t1, c1 = time.perf_counter(), time.process_time()
-    if chosen == "exact":
+    if method == "exact":
         shapley = sh.exact_shapley(ids, utility.loss)
         shapley_acc = sh.exact_shapley(ids, utility.accuracy)
     else:
-        seed = cfg.seed if rng_seed is None else rng_seed
         # Same seed twice: the same orders, so the accuracy pass trains nothing new.
         shapley = sh.permutation_shapley(
             ids, utility.loss, permutations, np.random.default_rng(seed)
@@ -430,65 +511,94 @@ def evaluate(
         shapley_acc = sh.permutation_shapley(
             ids, utility.accuracy, permutations, np.random.default_rng(seed)
         )
-    shapley_s = digfl_run_s + (time.perf_counter() - t1)
-    shapley_cpu_s = digfl_run_cpu_s + (time.process_time() - c1)
+    shapley_s = full.wall_s + (time.perf_counter() - t1)
+    shapley_cpu_s = full.cpu_s + (time.process_time() - c1)
     loo = sh.leave_one_out(ids, utility.loss)
     loo_acc = sh.leave_one_out(ids, utility.accuracy)
     # What LOO alone would cost: the full run and the n runs without one party.
-    loo_s = digfl_run_s + sum(
+    everyone = frozenset(ids)
+    loo_s = full.wall_s + sum(
         utility.values[everyone - {p}].seconds for p in ids if len(everyone) > 1
     )
-    show(len(utility.values), len(utility.values))
+    return _ShapleyPass(
+        shapley, shapley_acc, loo, loo_acc, shapley_s, shapley_cpu_s, loo_s
+    )
 
-    pr, sp = _correlations(digfl, shapley, ids)
-    lpr, lsp = _correlations(loo, shapley, ids)
+
+def _report(
+    cfg: RoundConfig,
+    parties: Mapping[str, Dataset],
+    val: Dataset,
+    attacks: Mapping[str, Attack],
+    utility: CoalitionUtility,
+    full: _FullRun,
+    values: _ShapleyPass,
+    *,
+    method: str,
+    permutations: int,
+    threads: int,
+) -> ShapleyReport:
+    """Assemble the report, timing DIG-FL's scoring overhead on the way."""
+    ids = list(parties)
+    pr, sp = _correlations(full.digfl, values.shapley, ids)
+    lpr, lsp = _correlations(values.loo, values.shapley, ids)
     resolved = resolve_attacks(attacks, ids)
-    config = {
-        k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
-    }
-    config["update_kind"] = str(cfg.update_kind)
     return ShapleyReport(
         parties=ids,
         attacks={p: resolved[p].spec if p in resolved else "" for p in ids},
         samples={p: len(parties[p]) for p in ids},
-        method=chosen,
-        permutations=permutations if chosen == "permutation" else 0,
-        shapley=shapley,
-        shapley_acc=shapley_acc,
-        digfl=digfl,
-        loo=loo,
-        loo_acc=loo_acc,
-        grand_loss_drop=grand.loss_drop,
-        grand_acc_gain=grand.acc_gain,
+        method=method,
+        permutations=permutations if method == "permutation" else 0,
+        shapley=values.shapley,
+        shapley_acc=values.shapley_acc,
+        digfl=full.digfl,
+        loo=values.loo,
+        loo_acc=values.loo_acc,
+        grand_loss_drop=full.grand.loss_drop,
+        grand_acc_gain=full.grand.acc_gain,
         val_loss0=utility.base_loss,
         val_acc0=utility.base_acc,
-        final_val_loss=results[-1].val_loss_after,
-        final_val_acc=results[-1].val_acc_after,
+        final_val_loss=full.results[-1].val_loss_after,
+        final_val_acc=full.results[-1].val_acc_after,
         pearson=pr,
         spearman=sp,
         loo_pearson=lpr,
         loo_spearman=lsp,
-        digfl_run_s=digfl_run_s,
-        digfl_scoring_s=_scoring_seconds(cfg, val, utility.theta0, n, threads),
-        shapley_s=shapley_s,
-        loo_s=loo_s,
-        digfl_run_cpu_s=digfl_run_cpu_s,
-        shapley_cpu_s=shapley_cpu_s,
+        digfl_run_s=full.wall_s,
+        digfl_scoring_s=_scoring_seconds(cfg, val, utility.theta0, len(ids), threads),
+        shapley_s=values.shapley_s,
+        loo_s=values.loo_s,
+        digfl_run_cpu_s=full.cpu_s,
+        shapley_cpu_s=values.shapley_cpu_s,
         coalitions_trained=len(utility.values),
         rounds=cfg.rounds,
-        config=config,
-        coalitions=[
-            {
-                "parties": sorted(s),
-                "loss_drop": v.loss_drop,
-                "acc_gain": v.acc_gain,
-                "seconds": v.seconds,
-            }
-            for s, v in sorted(
-                utility.values.items(), key=lambda kv: (len(kv[0]), sorted(kv[0]))
-            )
-        ],
+        config=_config_json(cfg),
+        coalitions=_coalitions_json(utility.values),
     )
+
+
+def _config_json(cfg: RoundConfig) -> dict[str, Any]:
+    """``cfg`` as a JSON-ready dict (tuples as lists, the update kind as a string)."""
+    config = {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
+    }
+    config["update_kind"] = str(cfg.update_kind)
+    return config
+
+
+def _coalitions_json(
+    values: Mapping[frozenset[str], CoalitionValue],
+) -> list[dict[str, Any]]:
+    """Every trained coalition, smallest first, then by its sorted members."""
+    return [
+        {
+            "parties": sorted(s),
+            "loss_drop": v.loss_drop,
+            "acc_gain": v.acc_gain,
+            "seconds": v.seconds,
+        }
+        for s, v in sorted(values.items(), key=lambda kv: (len(kv[0]), sorted(kv[0])))
+    ]
 
 
 __all__ = [

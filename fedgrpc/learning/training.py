@@ -96,16 +96,58 @@ def local_update(
     named = list(model.named_parameters())
 
     if kind is UpdateKind.GRADIENT:
-        if bs < n:
-            idx = torch.from_numpy(rng.choice(n, size=bs, replace=False))
-            xb, yb = xt[idx], yt[idx]
-        else:
-            xb, yb = xt, yt
-        loss = F.cross_entropy(model(xb), yb)
-        grads = _grads(loss, [p for _, p in named])
-        update = {name: _to_numpy(g) for (name, _), g in zip(named, grads, strict=True)}
-        return update, float(loss.item())
+        return _gradient_update(model, named, xt, yt, bs, rng)
+    return _delta_update(
+        model,
+        named,
+        xt,
+        yt,
+        bs,
+        lr=lr,
+        local_steps=local_steps,
+        local_epochs=local_epochs,
+        rng=rng,
+    )
 
+
+def _gradient_update(
+    model: nn.Module,
+    named: list[tuple[str, nn.Parameter]],
+    xt: torch.Tensor,
+    yt: torch.Tensor,
+    bs: int,
+    rng: np.random.Generator,
+) -> tuple[NamedArrays, float]:
+    """FedSGD: the loss gradient at the current parameters over one mini-batch."""
+    n = int(yt.shape[0])
+    if bs < n:
+        idx = torch.from_numpy(rng.choice(n, size=bs, replace=False))
+        xb, yb = xt[idx], yt[idx]
+    else:
+        xb, yb = xt, yt
+    loss = F.cross_entropy(model(xb), yb)
+    grads = _grads(loss, [p for _, p in named])
+    update = {name: _to_numpy(g) for (name, _), g in zip(named, grads, strict=True)}
+    return update, float(loss.item())
+
+
+def _delta_update(
+    model: nn.Module,
+    named: list[tuple[str, nn.Parameter]],
+    xt: torch.Tensor,
+    yt: torch.Tensor,
+    bs: int,
+    *,
+    lr: float,
+    local_steps: int,
+    local_epochs: int,
+    rng: np.random.Generator,
+) -> tuple[NamedArrays, float]:
+    """Local SGD from the current parameters; ``theta_t - theta_local`` and mean loss.
+
+    Raises:
+        ConfigError: ``lr`` not positive, or neither steps nor epochs to run.
+    """
     if not lr > 0:
         raise ConfigError(f"lr must be positive, got {lr}")
     if local_steps < 0 or (local_steps == 0 and local_epochs < 1):
@@ -113,6 +155,7 @@ def local_update(
             f"need local_steps >= 1 or local_epochs >= 1, got {local_steps} and "
             f"{local_epochs}"
         )
+    n = int(yt.shape[0])
     theta_t = [p.detach().clone() for _, p in named]
     losses: list[float] = []
     for batch in _batches(n, bs, local_steps, local_epochs, rng):

@@ -143,6 +143,43 @@ def _leaf_builder(
     return builder.sign(ca_key, hashes.SHA256())
 
 
+def _self_signed_ca(
+    ca_key: ec.EllipticCurvePrivateKey, *, days: int
+) -> x509.Certificate:
+    """A self-signed CA certificate for ``ca_key``; it signs leaves only (path 0)."""
+    now = dt.datetime.now(dt.UTC)
+    # A random suffix keeps two CAs distinguishable in logs and error messages.
+    ca_name = _name(f"fedgrpc CA {secrets.token_hex(4)}")
+    return (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
 def init_ca(
     directory: Path,
     *,
@@ -186,37 +223,7 @@ def init_ca(
     private_dir(directory)
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    # A random suffix keeps two CAs distinguishable in logs and error messages.
-    ca_name = _name(f"fedgrpc CA {secrets.token_hex(4)}")
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca_cert = _self_signed_ca(ca_key, days=days)
 
     server_key = ec.generate_private_key(ec.SECP256R1())
     server_cert = _leaf_builder(

@@ -143,8 +143,9 @@ class AggregatorServicer:
 
     def _wait_run(self, context: grpc.ServicerContext) -> Run:
         remaining = context.time_remaining()
+        # Leave the caller time to hear why, rather than run into its own deadline.
         wait = STARTUP_WAIT_S if remaining is None else min(STARTUP_WAIT_S, remaining)
-        self._ready.wait(max(0.0, wait))
+        self._ready.wait(max(0.0, 0.9 * wait))
         if self._run is not None:
             return self._run
         if self._start_error:
@@ -196,11 +197,12 @@ class AggregatorServicer:
     @_streaming
     def GetModel(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         """Stream each model version from ``from_round`` on (pre-encoded), then done."""
-        request = wire.parse_message(aggregator_pb2.GetModelRequest, raw)
-        party = self._party(context, request.party_id)
+        claimed, next_round = wire.get_model_request_from_proto(
+            wire.parse_message(aggregator_pb2.GetModelRequest, raw)
+        )
+        party = self._party(context, claimed)
         run = self._wait_run(context)
         run.engine.touch(party)
-        next_round = int(request.from_round)
         with self._streams_lock:
             self.model_streams += 1
         try:

@@ -157,6 +157,54 @@ def _content_digest(result: RoundResult) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _round_row(
+    result: RoundResult, *, closed_at: float, extra_json: str, digest: str
+) -> tuple[Any, ...]:
+    """The ``rounds`` row of ``result``, in ``_ROUND_COLUMNS`` order."""
+    return (
+        result.round,
+        result.status,
+        result.val_loss_before,
+        result.val_acc_before,
+        result.val_loss_after,
+        result.val_acc_after,
+        result.predicted_drop,
+        result.measured_drop,
+        result.duration_s,
+        result.val_grad_s,
+        result.aggregate_s,
+        result.model_digest,
+        json.dumps([p.party_id for p in result.parties]),
+        json.dumps(list(result.late)),
+        closed_at,
+        extra_json,
+        digest,
+    )
+
+
+def _party_rows(result: RoundResult) -> list[tuple[Any, ...]]:
+    """The ``party_rounds`` rows of ``result``, in ``_PARTY_COLUMNS`` order.
+
+    ``seq`` keeps the order of ``result.parties``, which reading a round restores.
+    """
+    return [
+        (
+            result.round,
+            p.party_id,
+            seq,
+            p.num_samples,
+            p.weight,
+            p.score,
+            p.dot,
+            p.update_norm,
+            p.train_loss,
+            p.submission_id,
+            p.digest,
+        )
+        for seq, p in enumerate(result.parties)
+    ]
+
+
 class Ledger:
     """The run ledger: one SQLite file, one connection, guarded by a lock.
 
@@ -399,41 +447,11 @@ class Ledger:
         digest = _content_digest(result)
         extra_json = _dumps(result.extra)
         state_rows = [(k, _dumps(v)) for k, v in (state or {}).items()]
-        round_row = (
-            result.round,
-            result.status,
-            result.val_loss_before,
-            result.val_acc_before,
-            result.val_loss_after,
-            result.val_acc_after,
-            result.predicted_drop,
-            result.measured_drop,
-            result.duration_s,
-            result.val_grad_s,
-            result.aggregate_s,
-            result.model_digest,
-            json.dumps([p.party_id for p in result.parties]),
-            json.dumps(list(result.late)),
-            self._clock(),
-            extra_json,
-            digest,
+        closed_at = self._clock()
+        round_row = _round_row(
+            result, closed_at=closed_at, extra_json=extra_json, digest=digest
         )
-        party_rows = [
-            (
-                result.round,
-                p.party_id,
-                seq,
-                p.num_samples,
-                p.weight,
-                p.score,
-                p.dot,
-                p.update_norm,
-                p.train_loss,
-                p.submission_id,
-                p.digest,
-            )
-            for seq, p in enumerate(result.parties)
-        ]
+        party_rows = _party_rows(result)
         with self._lock, self._transaction() as conn:
             old = conn.execute(
                 "SELECT status, content_digest FROM rounds WHERE round = ?",
@@ -469,7 +487,7 @@ class Ledger:
                 )
                 conn.executemany(
                     "UPDATE parties SET last_seen = ? WHERE party_id = ?",
-                    [(round_row[14], p.party_id) for p in result.parties],
+                    [(closed_at, p.party_id) for p in result.parties],
                 )
             if state_rows:
                 conn.executemany(

@@ -170,6 +170,20 @@ def join_reply_from_proto(msg: aggregator_pb2.JoinReply) -> JoinInfo:
 
 
 # ----------------------------------------------------------------- model stream
+def get_model_request_to_proto(
+    party_id: str, from_round: int
+) -> aggregator_pb2.GetModelRequest:
+    """A GetModelRequest: the stream of models from ``from_round`` on."""
+    return aggregator_pb2.GetModelRequest(party_id=party_id, from_round=from_round)
+
+
+def get_model_request_from_proto(
+    msg: aggregator_pb2.GetModelRequest,
+) -> tuple[str, int]:
+    """(party id, first round wanted) of a GetModelRequest."""
+    return msg.party_id, int(msg.from_round)
+
+
 def model_header_to_proto(header: ModelHeader) -> aggregator_pb2.ModelMessage:
     """The header message of a model version."""
     return aggregator_pb2.ModelMessage(

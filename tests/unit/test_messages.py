@@ -183,6 +183,12 @@ def test_messages_join_reply_round_trip() -> None:
     )
 
 
+def test_messages_get_model_request_round_trip() -> None:
+    msg = _via_bytes(wire.get_model_request_to_proto("p1", 7))
+
+    assert wire.get_model_request_from_proto(msg) == ("p1", 7)
+
+
 def test_messages_model_header_end_and_done_round_trip() -> None:
     header = ModelHeader(3, b"\x01" * 16, 4096, "float16")
     done = TrainingDone(9, "completed")
@@ -293,6 +299,7 @@ PAIRS_TESTED = {
     "training_config": test_messages_training_config_round_trip_keeps_what_parties_need,
     "join_request": test_messages_join_request_round_trip,
     "join_reply": test_messages_join_reply_round_trip,
+    "get_model_request": test_messages_get_model_request_round_trip,
     "model_header": test_messages_model_header_end_and_done_round_trip,
     "model_end": test_messages_model_header_end_and_done_round_trip,
     "training_done": test_messages_model_header_end_and_done_round_trip,
