@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -10,7 +11,8 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__).parse_args(argv)  # only --help
     protos = sorted(
         str(p.relative_to(ROOT / "protos")) for p in (ROOT / "protos").rglob("*.proto")
     )

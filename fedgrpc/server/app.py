@@ -255,6 +255,8 @@ class Aggregator:
             self._setup()
         except BaseException as err:
             self.servicer.start_failed(str(err))
+            if self.validation is not None:
+                self.validation.close()  # no worker outlives a failed start
             raise
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

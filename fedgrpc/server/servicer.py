@@ -229,19 +229,19 @@ class AggregatorServicer:
         kind, first = next(messages, ("", None))
         if kind != "header" or first is None:
             raise InvalidUpdateError("submission must start with a header message")
-        hdr = wire.submit_header_from_proto(first)
-        party = self._party(context, hdr.party_id)
+        party = self._party(context, first.party_id)  # identity before anything else
         run = self._wait_run(context)
         with self._streams_lock:
             open_streams = self._streams.get(party, 0)
             if open_streams >= self._limits.max_streams_per_party:
                 raise LimitError(
-                    f"party {party}, round {hdr.round}: {open_streams} uploads already "
-                    f"open; limit is {self._limits.max_streams_per_party}"
+                    f"party {party}, round {first.round}: {open_streams} uploads "
+                    f"already open; limit is {self._limits.max_streams_per_party}"
                 )
             self._streams[party] = open_streams + 1
         try:
-            return self._receive(run, replace(hdr, party_id=party), messages)
+            hdr = replace(wire.submit_header_from_proto(first), party_id=party)
+            return self._receive(run, hdr, messages)
         finally:
             with self._streams_lock:
                 self._streams[party] -= 1

@@ -29,7 +29,7 @@ HEAVY = ("torch", "sklearn", "matplotlib")
 
 
 def _mapped(pid: int, package: str) -> list[str]:
-    """Files of an installed package (``site-packages/<package>/...``) a process maps."""
+    """Files of an installed package (``site-packages/<pkg>/...``) a process maps."""
     maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
     paths = {line.split()[-1] for line in maps if len(line.split()) > 5}
     return sorted(p for p in paths if f"/{package}/" in p and "-packages/" in p)
