@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from fedgrpc.config import (
     AGGREGATIONS,
@@ -180,16 +181,20 @@ def add_timeout_options(p: argparse.ArgumentParser, defaults: ClientConfig) -> N
     )
 
 
+def channel_options(a: argparse.Namespace) -> dict[str, Any]:
+    """The ClientConfig fields of the security and timeout options."""
+    return {
+        "insecure": a.insecure,
+        "tls": TlsConfig(cert=a.tls_cert, key=a.tls_key, ca=a.tls_ca),
+        "token": read_token(a.token_file),
+        "rpc_timeout_s": a.rpc_timeout,
+        "connect_timeout_s": a.connect_timeout,
+    }
+
+
 def observer_config(a: argparse.Namespace) -> ObserverConfig:
     """An ObserverConfig from the security and timeout options."""
-    return ObserverConfig(
-        server=a.server,
-        insecure=a.insecure,
-        tls=TlsConfig(cert=a.tls_cert, key=a.tls_key, ca=a.tls_ca),
-        token=read_token(a.token_file),
-        rpc_timeout_s=a.rpc_timeout,
-        connect_timeout_s=a.connect_timeout,
-    )
+    return ObserverConfig(server=a.server, **channel_options(a))
 
 
 def read_token(path: Path | None) -> str | None:

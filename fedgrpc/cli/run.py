@@ -11,7 +11,7 @@ from fedgrpc.cli.options import (
     add_timeout_options,
     add_tls_client_options,
     add_training_options,
-    read_token,
+    channel_options,
     round_config,
 )
 from fedgrpc.config import (
@@ -196,13 +196,9 @@ def _cmd_client(a: argparse.Namespace) -> int:
         server=a.server,
         party_id=a.party_id,
         data=a.data,
-        insecure=a.insecure,
-        tls=TlsConfig(cert=a.tls_cert, key=a.tls_key, ca=a.tls_ca),
-        token=read_token(a.token_file),
-        rpc_timeout_s=a.rpc_timeout,
-        connect_timeout_s=a.connect_timeout,
         attack=a.attack,
         threads=a.threads,
+        **channel_options(a),
     )
     result = run_party(cfg)
     print(

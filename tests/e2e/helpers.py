@@ -23,6 +23,7 @@ from fedgrpc.store.checkpoint import load_arrays
 from fedgrpc.types import RoundResult, UpdateKind
 
 FEDGRPC = [sys.executable, "-m", "fedgrpc"]
+CONSOLE_SCRIPT = Path(sys.executable).parent / "fedgrpc"  # as installed by pip
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
@@ -47,10 +48,24 @@ class Procs:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, args: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+    def start(
+        self,
+        args: Sequence[str],
+        log: Path,
+        *,
+        console: bool = False,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """``fedgrpc ARGS`` (``python -m``, or the console script with ``console``)."""
+        cmd = [str(CONSOLE_SCRIPT)] if console else FEDGRPC
         f = log.open("ab")
         p = subprocess.Popen(
-            [*FEDGRPC, *args], stdout=f, stderr=subprocess.STDOUT, env=ENV
+            [*cmd, *args],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=ENV if env is None else env,
+            cwd=cwd,
         )
         f.close()
         self.procs.append(p)

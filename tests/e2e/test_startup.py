@@ -9,9 +9,7 @@ answers RPCs with its cause, and ends ``fedgrpc serve`` (exit 2) naming it.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -22,71 +20,29 @@ from fedgrpc.config import RoundConfig, ServerConfig
 from fedgrpc.proto import aggregator_pb2, aggregator_pb2_grpc
 from fedgrpc.server.app import Aggregator
 from tests.e2e.gated_data import GATE_ENV
-from tests.e2e.helpers import ENV, wait_for
+from tests.e2e.helpers import ENV, Procs, processes, read_port, wait_exit
 
 pytestmark = pytest.mark.e2e
 
-FEDGRPC = Path(sys.executable).parent / "fedgrpc"
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _serve(tmp_path: Path, val_data: str) -> tuple[subprocess.Popen[bytes], Path]:
+def _serve(
+    procs: Procs, tmp_path: Path, val_data: str
+) -> tuple[subprocess.Popen[bytes], Path]:
     port_file = tmp_path / "port"
-    log = tmp_path / "serve.log"
     env = dict(ENV, **{GATE_ENV: str(tmp_path / "gate")})
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    with log.open("wb") as f:
-        proc = subprocess.Popen(
-            [
-                str(FEDGRPC),
-                "serve",
-                "--insecure",
-                "--address",
-                "localhost:0",
-                "--port-file",
-                str(port_file),
-                "--run-dir",
-                str(tmp_path / "run"),
-                "--val-data",
-                val_data,
-                "--model",
-                "logreg",
-                "--rounds",
-                "1",
-                "--min-parties",
-                "1",
-                "--join-timeout",
-                "600",
-            ],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=tmp_path,
-        )
-    return proc, port_file
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _port(port_file: Path, proc: subprocess.Popen[bytes]) -> int:
-    wait_for(
-        lambda: (
-            proc.poll() is not None
-            or (port_file.is_file() and port_file.read_text().strip())
-        ),
-        60,
-        "port file",
+    args = [
+        "serve", "--insecure", "--address", "localhost:0",
+        "--port-file", str(port_file), "--run-dir", str(tmp_path / "run"),
+        "--val-data", val_data, "--model", "logreg",
+        "--rounds", "1", "--min-parties", "1", "--join-timeout", "600",
+    ]  # fmt: skip
+    proc = procs.start(
+        args, tmp_path / "serve.log", console=True, env=env, cwd=tmp_path
     )
-    assert proc.poll() is None, "serve exited before listening"
-    return int(port_file.read_text())
+    return proc, port_file
 
 
 def _health(channel: grpc.Channel) -> int:
@@ -97,9 +53,9 @@ def _health(channel: grpc.Channel) -> int:
 
 
 def test_startup_port_answers_while_the_run_is_set_up(tmp_path: Path) -> None:
-    proc, port_file = _serve(tmp_path, "tests.e2e.gated_data:digits")
-    try:
-        port = _port(port_file, proc)
+    with processes() as procs:
+        proc, port_file = _serve(procs, tmp_path, "tests.e2e.gated_data:digits")
+        port = read_port(port_file, proc, tmp_path / "serve.log")
         with grpc.insecure_channel(f"localhost:{port}") as ch:
             stub = aggregator_pb2_grpc.AggregatorStub(ch)
             status = stub.GetStatus(aggregator_pb2.StatusRequest(), timeout=5)
@@ -115,8 +71,6 @@ def test_startup_port_answers_while_the_run_is_set_up(tmp_path: Path) -> None:
             )
             ready = _health(ch)
             after = stub.GetStatus(aggregator_pb2.StatusRequest(), timeout=5)
-    finally:
-        _stop(proc)
 
     assert status.state == "starting"
     assert health == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -129,11 +83,9 @@ def test_startup_port_answers_while_the_run_is_set_up(tmp_path: Path) -> None:
 
 
 def test_startup_failure_is_named_to_callers_and_in_the_exit(tmp_path: Path) -> None:
-    proc, port_file = _serve(tmp_path, "tests.e2e.gated_data:broken")
-    try:
-        wait_for(lambda: proc.poll() is not None, 120, "serve to exit")
-    finally:
-        _stop(proc)
+    with processes() as procs:
+        proc, port_file = _serve(procs, tmp_path, "tests.e2e.gated_data:broken")
+        wait_exit(proc, 120, tmp_path / "serve.log")
     log = (tmp_path / "serve.log").read_text()
 
     assert proc.returncode == 2, log[-3000:]

@@ -9,9 +9,7 @@ matplotlib.
 
 from __future__ import annotations
 
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -20,11 +18,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedgrpc.store.ledger import Ledger
 from fedgrpc.types import PartyRound, RoundOutcome, RoundResult
-from tests.e2e.helpers import ENV, wait_for
+from tests.e2e.helpers import (
+    CONSOLE_SCRIPT,
+    ENV,
+    child_pids,
+    processes,
+    read_port,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
-FEDGRPC = Path(sys.executable).parent / "fedgrpc"  # the installed console script
+FEDGRPC = CONSOLE_SCRIPT
 HEAVY = ("torch", "sklearn", "matplotlib")
 
 
@@ -33,14 +38,6 @@ def _mapped(pid: int, package: str) -> list[str]:
     maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
     paths = {line.split()[-1] for line in maps if len(line.split()) > 5}
     return sorted(p for p in paths if f"/{package}/" in p and "-packages/" in p)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        found += [int(c) for c in text]
-    return found
 
 
 def _serving(port: int) -> bool:
@@ -55,54 +52,26 @@ def _serving(port: int) -> bool:
 
 
 def test_torch_free_serve_maps_no_torch_but_its_worker_does(tmp_path: Path) -> None:
-    port_file = tmp_path / "port"
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            str(FEDGRPC),
-            "serve",
-            "--insecure",
-            "--address",
-            "localhost:0",
-            "--port-file",
-            str(port_file),
-            "--run-dir",
-            str(tmp_path / "run"),
-            "--rounds",
-            "1",
-            "--min-parties",
-            "1",
-            "--join-timeout",
-            "600",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=ENV,
-    )
-    try:
-        wait_for(
-            lambda: port_file.is_file() and port_file.read_text().strip(), 60, "port"
-        )
-        port = int(port_file.read_text())
+    port_file, log = tmp_path / "port", tmp_path / "serve.log"
+    args = [
+        "serve", "--insecure", "--address", "localhost:0", "--port-file",
+        str(port_file), "--run-dir", str(tmp_path / "run"), "--rounds", "1",
+        "--min-parties", "1", "--join-timeout", "600",
+    ]  # fmt: skip
+    with processes() as procs:
+        proc = procs.start(args, log, console=True)
+        port = read_port(port_file, proc, log)
         wait_for(lambda: _serving(port), 120, "health SERVING (worker ready)")
 
         torch_in_server = _mapped(proc.pid, "torch")
-        workers = _children(proc.pid)
-        torch_in_worker = [p for w in workers for p in _mapped(w, "torch")]
         sklearn_in_server = _mapped(proc.pid, "sklearn")
+        workers = child_pids(proc.pid)
+        torch_in_worker = [p for w in workers for p in _mapped(w, "torch")]
 
-        assert torch_in_server == [], torch_in_server
-        assert sklearn_in_server == [], sklearn_in_server
-        assert len(workers) == 1
-        assert torch_in_worker != []  # the probe sees torch where it is
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    assert torch_in_server == [], torch_in_server
+    assert sklearn_in_server == [], sklearn_in_server
+    assert len(workers) == 1
+    assert torch_in_worker != []  # the probe sees torch where it is
 
 
 def _imported(
