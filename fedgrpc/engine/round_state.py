@@ -45,6 +45,7 @@ class OpenRound:
     folded: int = 0  # updates already in the accumulator
     weight_sum: float = 0.0
     closing: bool = False  # decided to close or fail: no update is taken any more
+    late: tuple[str, ...] = ()  # joined but not accepted when the close was decided
 
     def take(self, sub: Submission, digest: str, acc: np.ndarray) -> SubmitOutcome:
         """Accept a whole update: fold it into ``acc``, or keep it (``digfl``)."""

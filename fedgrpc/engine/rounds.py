@@ -353,6 +353,8 @@ class RoundEngine:
         if decision is None:
             return None
         rnd.closing = True
+        # Who missed the round, as of now: a party joining while it closes is not.
+        rnd.late = tuple(p for p in self.parties.ids() if p not in rnd.accepted)
         return rnd, decision
 
     def _conclude(self, rnd: OpenRound, ending: Ending, now: float) -> None:
@@ -388,9 +390,7 @@ class RoundEngine:
             rnd.weight_sum,
             self.uploads.recycle,
         )
-        with self._lock:
-            late = tuple(p for p in self.parties.ids() if p not in rnd.accepted)
-        before = (loss_before, acc_before)
+        late, before = rnd.late, (loss_before, acc_before)
         if not np.isfinite(step.theta).all():
             reason = (
                 f"round {rnd.index}: the aggregated model is not finite (updates too "
@@ -440,8 +440,8 @@ class RoundEngine:
         loss_before, acc_before = (float("nan"), float("nan"))
         if rnd.val_grad.done() and rnd.val_grad.exception() is None:
             _, loss_before, acc_before = rnd.val_grad.result()
+        late = rnd.late
         with self._lock:
-            late = tuple(p for p in self.parties.ids() if p not in rnd.accepted)
             self.parties.deactivate(late)
             # Discard what the round received: it will not be applied.
             for entry in rnd.accepted.values():
