@@ -53,7 +53,7 @@ def run_party(cfg: ClientConfig, data: Dataset | None = None) -> PartyResult:
                 f"{list(data.x.shape[1:])}; "
                 f"the run's model expects {list(rcfg.input_shape)}"
             )
-        trainer = LocalTrainer(rcfg, client.specs, cfg.party_id, cfg.threads)
+        trainer = LocalTrainer(rcfg, client.specs, f"party {cfg.party_id}", cfg.threads)
         log.info(
             "party %s joined run %s at round %d (%d samples)",
             cfg.party_id,
@@ -105,7 +105,7 @@ def _train_and_submit(
     attack: Attack | None,
 ) -> float | None:
     t0 = time.perf_counter()
-    update, loss = trainer.train(item.flat, data, item.round, attack)
+    update, loss = trainer.train(item.flat, data, cfg.party_id, item.round, attack)
     train_s = time.perf_counter() - t0
     try:
         outcome = client.submit(

@@ -1,6 +1,6 @@
 """How a party trains in round t, and whole runs without a network (no grpc).
 
-The client stub and in-process runs share :func:`train_round`, and the aggregator and
+The client stub and in-process runs share :class:`LocalTrainer`, and the aggregator and
 in-process runs share :mod:`fedgrpc.learning.validation`: that is what makes a gRPC run
 reproduce an in-process run of the same seed.
 """
@@ -65,9 +65,11 @@ def train_round(
 
 
 class LocalTrainer:
-    """A party's local model, built once, trained from each global theta_t.
+    """The parties' local model, built once, trained from each global theta_t.
 
     What the client stub needs of torch, kept here: the party loop deals in NumPy.
+    In-process runs train every party with one trainer (a module separate from the
+    validator's, so validation never sees a party's weights).
 
     Raises:
         ConfigError: the local model's tensors differ from the aggregator's ``specs``.
@@ -77,18 +79,17 @@ class LocalTrainer:
         self,
         cfg: RoundConfig,
         specs: Sequence[TensorSpec],
-        party_id: str,
+        owner: str,
         threads: int = 1,
     ) -> None:
         torch.set_num_threads(threads)
         self.cfg = cfg
-        self.party_id = party_id
         self.model = build_model(
             cfg.model, cfg.input_shape, cfg.num_classes, cfg.model_hidden
         )
         if tuple(model_specs(self.model)) != tuple(specs):
             raise ConfigError(
-                f"party {party_id}: local model {cfg.model!r} does not match the "
+                f"{owner}: local model {cfg.model!r} does not match the "
                 "aggregator's model spec"
             )
         self.layout = FlatLayout.of(specs)
@@ -97,17 +98,18 @@ class LocalTrainer:
         self,
         theta: np.ndarray,
         data: Dataset,
+        party_id: str,
         round_index: int,
         attack: Attack | None = None,
     ) -> tuple[dict[str, np.ndarray], float]:
-        """This party's update from theta_t in round ``round_index``."""
+        """A party's update from theta_t in round ``round_index``."""
         return train_round(
             self.model,
             self.layout,
             theta,
             data,
             self.cfg,
-            self.party_id,
+            party_id,
             round_index,
             attack,
         )
@@ -128,8 +130,8 @@ def run_in_process(
     Returns the finished engine (``engine.theta`` is the final model) and the round
     results.
     """
-    torch.set_num_threads(threads)
     setup = setup_model(cfg)
+    trainer = LocalTrainer(cfg, setup.specs, "in-process run", threads)
     start = setup.theta0 if theta0 is None else theta0
     validator = FlatValidator(Evaluator(setup.model, val.x, val.y), setup.layout)
     results: list[RoundResult] = []
@@ -142,10 +144,6 @@ def run_in_process(
     engine = RoundEngine(
         cfg, setup.specs, start, validator, on_commit=commit, max_in_flight=1
     )
-    # A separate module for party training keeps the validator's model untouched.
-    party_model = build_model(
-        cfg.model, cfg.input_shape, cfg.num_classes, cfg.model_hidden
-    )
     for pid, ds in parties.items():
         engine.join(pid, len(ds))
     engine.tick()
@@ -154,16 +152,7 @@ def run_in_process(
         t = engine.open_round
         theta = engine.theta
         for pid in sorted(parties):
-            update, loss = train_round(
-                party_model,
-                setup.layout,
-                theta,
-                parties[pid],
-                cfg,
-                pid,
-                t,
-                attacks.get(pid),
-            )
+            update, loss = trainer.train(theta, parties[pid], pid, t, attacks.get(pid))
             submit_arrays(
                 engine,
                 pid,

@@ -205,6 +205,27 @@ def _party_rows(result: RoundResult) -> list[tuple[Any, ...]]:
     ]
 
 
+def _round_from_row(r: sqlite3.Row, parties: tuple[PartyRound, ...]) -> RoundResult:
+    """A RoundResult from its ``rounds`` row and its party rows."""
+    outcome, reason = round_status_parse(r["status"])
+    return RoundResult(
+        round=int(r["round"]),
+        outcome=outcome,
+        reason=reason,
+        parties=parties,
+        late=tuple(json.loads(r["late"])),
+        val_loss_before=_nan(r["val_loss_before"]),
+        val_acc_before=_nan(r["val_acc_before"]),
+        val_loss_after=_nan(r["val_loss_after"]),
+        val_acc_after=_nan(r["val_acc_after"]),
+        model_digest=r["model_digest"],
+        duration_s=_nan(r["duration_s"]),
+        val_grad_s=_nan(r["val_grad_s"]),
+        aggregate_s=_nan(r["aggregate_s"]),
+        extra=json.loads(r["extra"]),
+    )
+
+
 class Ledger:
     """The run ledger: one SQLite file, one connection, guarded by a lock.
 
@@ -534,23 +555,7 @@ class Ledger:
                 )
             )
         return [
-            RoundResult(
-                round=int(r["round"]),
-                outcome=round_status_parse(r["status"])[0],
-                reason=round_status_parse(r["status"])[1],
-                parties=tuple(by_round.get(r["round"], ())),
-                late=tuple(json.loads(r["late"])),
-                val_loss_before=_nan(r["val_loss_before"]),
-                val_acc_before=_nan(r["val_acc_before"]),
-                val_loss_after=_nan(r["val_loss_after"]),
-                val_acc_after=_nan(r["val_acc_after"]),
-                model_digest=r["model_digest"],
-                duration_s=_nan(r["duration_s"]),
-                val_grad_s=_nan(r["val_grad_s"]),
-                aggregate_s=_nan(r["aggregate_s"]),
-                extra=json.loads(r["extra"]),
-            )
-            for r in round_rows
+            _round_from_row(r, tuple(by_round.get(r["round"], ()))) for r in round_rows
         ]
 
     # -- resume state -----------------------------------------------------------------
