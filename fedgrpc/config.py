@@ -8,6 +8,7 @@ or the environment.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,31 @@ from fedgrpc.types import UpdateKind
 
 AGGREGATIONS = ("samples", "uniform", "digfl")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
+NORM_BOUND_MODES = ("auto", "off")
+
+
+def parse_norm_bound(text: str) -> float | None:
+    """``auto`` -> None (derived per round), ``off`` -> inf, else a positive VALUE.
+
+    Raises:
+        ValueError: anything else, naming what is accepted.
+    """
+    value = str(text).strip().lower()
+    if value == "auto":
+        return None
+    if value == "off":
+        return math.inf
+    try:
+        bound = float(value)
+    except ValueError:
+        raise ValueError(
+            f"norm bound must be auto, off or a positive number, got {text!r}"
+        ) from None
+    if not math.isfinite(bound) or bound <= 0:
+        raise ValueError(f"norm bound must be a positive finite number, got {text!r}")
+    return bound
+
+
 VALIDATORS = ("process", "thread")
 
 
@@ -41,6 +67,9 @@ class Limits:
     """How long an upload waits for a free slot before RESOURCE_EXHAUSTED (s)."""
     upload_idle_s: float = 60.0
     """An upload sending nothing for this long is discarded, its slot freed (s)."""
+    max_num_samples: int = 1 << 40
+    """Largest sample count a party may claim: the sum over max_parties parties still
+    fits the ledger's 64-bit integers and stays exact in a float64 weight."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -52,6 +81,7 @@ class Limits:
             "max_inflight_uploads",
             "upload_slot_timeout_s",
             "upload_idle_s",
+            "max_num_samples",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(
@@ -101,6 +131,15 @@ class RoundConfig:
     """Number of classes."""
     wire_dtype: str = "float32"
     """dtype of float tensors on the wire: float32, float16 or bfloat16."""
+    norm_bound: str = "auto"
+    """Per-round bound on each update's L2 norm, applied before aggregation and
+    scoring: ``auto`` (norm_bound_factor x the round's median norm), ``off``, or a
+    fixed positive VALUE (DESIGN §4)."""
+    norm_bound_factor: float = 2.0
+    """k of the ``auto`` norm bound B_t = k x median non-zero update norm."""
+    claim_cap: float = 2.0
+    """Unattested sample counts weigh at most this many times the joined parties'
+    median claim (0 = no cap)."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -128,6 +167,18 @@ class RoundConfig:
                 f"wire dtype must be one of {WIRE_DTYPES}, got {self.wire_dtype!r}"
             )
         object.__setattr__(self, "update_kind", UpdateKind(self.update_kind))
+        try:
+            parse_norm_bound(self.norm_bound)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not (self.norm_bound_factor >= 1.0 and self.norm_bound_factor < 1e6):
+            raise ConfigError(
+                f"norm_bound_factor must be in [1, 1e6), got {self.norm_bound_factor}"
+            )
+        if not (self.claim_cap == 0 or 1.0 <= self.claim_cap < 1e6):
+            raise ConfigError(
+                f"claim_cap must be 0 (off) or in [1, 1e6), got {self.claim_cap}"
+            )
 
     @property
     def start_parties(self) -> int:
@@ -163,6 +214,9 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     port_file: Path | None = None
     """Write the bound port here once listening (for tests and tools)."""
+    publish_to_parties: bool = False
+    """Let parties see global figures (shares, round metrics, other party ids);
+    by default a party sees only its own rows (DESIGN §5)."""
     keep_serving: bool = False
     """After the last round, keep answering queries until stopped."""
     init_model: Path | None = None
@@ -302,4 +356,7 @@ def round_config_from_json(data: dict[str, Any]) -> RoundConfig:
     kw = {k: v for k, v in data.items() if k in fields}
     kw["update_kind"] = UpdateKind(kw.get("update_kind", "gradient"))
     kw["input_shape"] = tuple(kw.get("input_shape", (1, 8, 8)))
+    # Runs recorded before the bounds existed resume as they started: unbounded.
+    kw.setdefault("norm_bound", "off")
+    kw.setdefault("claim_cap", 0.0)
     return RoundConfig(**kw)

@@ -70,6 +70,12 @@ class DuplicateSubmissionError(FedGrpcError):
     code = ErrorCode.ALREADY_EXISTS
 
 
+class PreconditionError(FedGrpcError):
+    """A request that conflicts with the run's state (e.g. changing a fixed count)."""
+
+    code = ErrorCode.FAILED_PRECONDITION
+
+
 class UnknownPartyError(FedGrpcError):
     """A party that has not joined."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -85,6 +85,46 @@ class PartyRound:
     train_loss: float
     submission_id: str = ""
     digest: str = ""  # hex XXH3-128 of the update's bytes as sent
+    weight_samples: int = 0  # the count p_i derives from: the claim, capped (0 = same)
+    norm_bound: float = math.inf  # the round's bound B_t on update norms (inf = none)
+    clip: float = 1.0  # c_i = min(1, B_t / update_norm): the scale applied (1 = none)
+    dot_next: float = math.nan  # <v_{t+1}, u_{t,i}>, known one round later
+    score2: float = math.nan  # digfl-2: eta p_i c_i <(v_t + v_{t+1}) / 2, u_{t,i}>
+
+    @property
+    def bounded(self) -> bool:
+        """Whether the norm bound scaled this update down."""
+        return self.clip < 1.0
+
+    def method_score(self, method: str) -> float:
+        """The score under ``digfl-1`` (first order) or ``digfl-2`` (trapezoid)."""
+        return self.score2 if method == "digfl-2" else self.score
+
+
+SCORING_METHODS = ("digfl-1", "digfl-2")
+"""``digfl-1``: φ = η p_i c_i ⟨v_t, u⟩. ``digfl-2``: the trapezoid with v_{t+1}."""
+
+
+@dataclass(frozen=True)
+class SecondOrder:
+    """The digfl-2 scores of one round, known once v_{t+1} is (DESIGN §4)."""
+
+    round: int
+    dots_next: dict[str, float]  # <v_{t+1}, u_{t,i}> (NaN: the update was lost)
+    scores: dict[str, float]  # phi2_{t,i}
+
+
+def with_second_order(result: RoundResult, so: SecondOrder) -> RoundResult:
+    """``result`` with its parties' digfl-2 rows filled in from ``so``."""
+    return replace(
+        result,
+        parties=tuple(
+            replace(p, dot_next=so.dots_next[p.party_id], score2=so.scores[p.party_id])
+            if p.party_id in so.scores
+            else p
+            for p in result.parties
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -126,6 +166,14 @@ class RoundResult:
         """Measured validation-loss drop L_v(theta_t) - L_v(theta_{t+1})."""
         return self.val_loss_before - self.val_loss_after
 
+    def predicted(self, method: str) -> float:
+        """Sum of the round's scores under ``method`` (NaN while digfl-2 is pending)."""
+        return float(sum(p.method_score(method) for p in self.parties))
+
+    def residual(self, method: str) -> float:
+        """r_t = measured drop - the sum of the round's scores under ``method``."""
+        return self.measured_drop - self.predicted(method)
+
 
 @dataclass(frozen=True)
 class PartyContribution:
@@ -138,6 +186,12 @@ class PartyContribution:
     rounds: tuple[PartyRound, ...]  # the party's scored rounds, in round order
     round_indices: tuple[int, ...]  # round number of each entry of ``rounds``
     attack: str = ""
+    bounded_rounds: int = 0  # rounds in which the norm bound scaled its update down
+
+    @property
+    def flagged(self) -> bool:
+        """Bounded in at least a quarter of its rounds (and more than one)."""
+        return self.bounded_rounds >= max(2, len(self.rounds) / 4)
 
 
 @dataclass(frozen=True)
@@ -149,6 +203,45 @@ class ContributionReport:
     parties: tuple[PartyContribution, ...]  # ranked by total, descending
     rounds: tuple[RoundResult, ...]
     rounds_done: int
+    pending_rounds: tuple[int, ...] = ()  # digfl-2: rounds whose scores are not in yet
+    private: bool = False  # one party's view: nothing derived from the others'
+    rows_digest: str = ""  # SHA-256 of the ledger rows of the selected rounds
+
+    def party_view(self, party_id: str) -> ContributionReport:
+        """What ``party_id`` may see (DESIGN §5): its own rows and totals only.
+
+        Withheld, because the others' scores could be derived from them: shares and
+        reference shares (global denominators), each round's validation losses and
+        measured drop, the bound B_t, the others' ids and rows.
+        """
+        nan = math.nan
+        mine = tuple(
+            replace(
+                pc,
+                share=nan,
+                reference_share=nan,
+                rounds=tuple(replace(p, norm_bound=math.inf) for p in pc.rounds),
+            )
+            for pc in self.parties
+            if pc.party_id == party_id
+        )
+        rounds = tuple(
+            replace(
+                r,
+                parties=tuple(
+                    replace(p, norm_bound=math.inf)
+                    for p in r.parties
+                    if p.party_id == party_id
+                ),
+                late=tuple(p for p in r.late if p == party_id),
+                val_loss_before=nan,
+                val_acc_before=nan,
+                val_loss_after=nan,
+                val_acc_after=nan,
+            )
+            for r in self.rounds
+        )
+        return replace(self, parties=mine, rounds=rounds, private=True)
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ from fedgrpc.cli.options import (
     observer_config,
 )
 from fedgrpc.config import ObserverConfig
-from fedgrpc.errors import NotFoundError
-from fedgrpc.types import ContributionReport
+from fedgrpc.errors import ConfigError, NotFoundError
+from fedgrpc.scoring.payouts import PAYOUT_RULES
+from fedgrpc.types import SCORING_METHODS, ContributionReport
 
 _OBSERVER = ObserverConfig(server="", insecure=True)
 
@@ -29,6 +30,32 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--party", action="append", default=[], help="only these parties")
     p.add_argument("--from-round", type=int, default=0)
     p.add_argument("--to-round", type=int)
+    p.add_argument(
+        "--method",
+        choices=SCORING_METHODS,
+        default="digfl-1",
+        help="digfl-1: first order (default); digfl-2: trapezoid credits that add up "
+        "to the measured drop, one round late",
+    )
+    p.add_argument(
+        "--payout",
+        type=float,
+        metavar="AMOUNT",
+        help="split AMOUNT by the totals (in cents, adding up exactly); parties with "
+        "a negative total get 0 and are listed as harmful",
+    )
+    p.add_argument(
+        "--rule",
+        choices=PAYOUT_RULES,
+        default="positive-share",
+        help="payout rule (default: %(default)s)",
+    )
+    p.add_argument(
+        "--payout-out",
+        type=Path,
+        metavar="FILE",
+        help="also write the payout to FILE (.json or .csv)",
+    )
     p.set_defaults(func=_cmd_contributions)
     p = _observer_parser(sub, "status", "progress of a run")
     p.add_argument("--format", choices=["table", "json"], default="table")
@@ -60,17 +87,21 @@ def load_report(a: argparse.Namespace) -> ContributionReport:
         from fedgrpc.store.ledger import Ledger
 
         with Ledger.open_readonly(_ledger_path(a.run_dir)) as ledger:
-            return ledger.contributions(a.party or None, a.from_round, a.to_round)
+            return ledger.contributions(
+                a.party or None, a.from_round, a.to_round, a.method
+            )
     from fedgrpc.client.stub import AggregatorClient
 
     with AggregatorClient(observer_config(a)) as client:
-        return client.contributions(a.party or None, a.from_round, a.to_round)
+        return client.contributions(a.party or None, a.from_round, a.to_round, a.method)
 
 
 def _cmd_contributions(a: argparse.Namespace) -> int:
     from fedgrpc.cli.reports import report_csv, report_json, report_table
 
     report = load_report(a)
+    if a.payout is not None:
+        return _payout(a, report)
     if a.format == "json":
         print(json.dumps(report_json(report), indent=2))
     elif a.format == "csv":
@@ -82,6 +113,37 @@ def _cmd_contributions(a: argparse.Namespace) -> int:
 
         plot_contributions(report, a.plot)
         print(f"plot written to {a.plot}", file=sys.stderr)
+    return 0
+
+
+def _payout(a: argparse.Namespace, report: ContributionReport) -> int:
+    from fedgrpc.cli.reports import payout_csv, payout_doc, payout_table
+
+    if report.private:
+        raise ConfigError(
+            "a payout needs every party's totals; this credential sees only its own "
+            "(use an admin credential or --run-dir)"
+        )
+    try:
+        doc = payout_doc(report, a.payout, a.rule)
+    except ValueError as e:
+        raise ConfigError(f"--payout: {e}") from None
+    if a.format == "json":
+        print(json.dumps(doc, indent=2))
+    elif a.format == "csv":
+        print(payout_csv(doc), end="")
+    else:
+        print(payout_table(doc))
+    if a.payout_out is not None:
+        from fedgrpc.store.files import atomic_write
+
+        text = (
+            payout_csv(doc)
+            if a.payout_out.suffix.lower() == ".csv"
+            else json.dumps(doc, indent=2) + "\n"
+        )
+        atomic_write(a.payout_out, text.encode())
+        print(f"payout written to {a.payout_out}", file=sys.stderr)
     return 0
 
 

@@ -72,6 +72,27 @@ def add_training_options(p: argparse.ArgumentParser, *, defaults: RoundConfig) -
     )
     g.add_argument("--join-timeout", type=float, default=defaults.join_timeout_s)
     g.add_argument("--quorum-retries", type=int, default=defaults.quorum_retries)
+    g = p.add_argument_group("bounded influence (DESIGN §4)")
+    g.add_argument(
+        "--norm-bound",
+        default=defaults.norm_bound,
+        metavar="auto|VALUE|off",
+        help="bound on each update's L2 norm, before aggregation and scoring: auto = "
+        "--norm-bound-factor x the round's median norm (default: %(default)s)",
+    )
+    g.add_argument(
+        "--norm-bound-factor",
+        type=float,
+        default=defaults.norm_bound_factor,
+        help="k of the auto bound (default: %(default)s)",
+    )
+    g.add_argument(
+        "--claim-cap",
+        type=float,
+        default=defaults.claim_cap,
+        help="an unattested sample count weighs at most this many times the joined "
+        "parties' median claim; 0 = no cap (default: %(default)s)",
+    )
 
 
 def round_config(
@@ -96,6 +117,9 @@ def round_config(
         model=a.model,
         model_hidden=a.hidden,
         wire_dtype=a.wire_dtype,
+        norm_bound=a.norm_bound,
+        norm_bound_factor=a.norm_bound_factor,
+        claim_cap=a.claim_cap,
     )
 
 

@@ -21,20 +21,36 @@ def report_table(report: ContributionReport) -> str:
     ]
     head = (
         f"{'rank':>4}  {'party':<14} {'attack':<16} {'samples':>7} {'rounds':>6} "
-        f"{'contribution':>13} {'share':>8} {'ref share':>9} {'train loss':>10}"
+        f"{'contribution':>13} {'share':>8} {'ref share':>9} {'train loss':>10} "
+        f"{'bounded':>8}"
     )
     lines += [head, "-" * len(head)]
     for i, pc in enumerate(report.parties, 1):
         samples = pc.rounds[-1].num_samples if pc.rounds else 0
+        bounded = f"{pc.bounded_rounds}{' !' if pc.flagged else ''}"
         lines.append(
             f"{i:>4}  {pc.party_id:<14} {pc.attack or '-':<16} {samples:>7} "
             f"{len(pc.rounds):>6} {pc.total:>13.5f} {pc.share:>8.1%} "
-            f"{pc.reference_share:>9.1%} {final_train_loss(pc):>10.4f}"
+            f"{pc.reference_share:>9.1%} {final_train_loss(pc):>10.4f} {bounded:>8}"
         )
-    ok = [r for r in report.rounds if r.ok]
-    if ok:
+    flagged = [pc.party_id for pc in report.parties if pc.flagged]
+    if flagged:
+        lines.append(
+            f"flagged (norm-bounded in >= 1/4 of their rounds): {', '.join(flagged)}"
+        )
+    if report.pending_rounds:
+        lines.append(
+            f"{report.method} pending for rounds "
+            f"{', '.join(map(str, report.pending_rounds))} (scored one round late)"
+        )
+    if report.private:
+        lines.append(
+            "(your own view: shares, round metrics and other parties are withheld)"
+        )
+    ok = [r for r in report.rounds if r.ok and r.round not in report.pending_rounds]
+    if ok and not report.private:
         last = ok[-1]
-        pred = sum(r.predicted_drop for r in ok)
+        pred = sum(r.predicted(report.method) for r in ok)
         meas = sum(r.measured_drop for r in ok)
         lines.append("")
         lines.append(
@@ -43,7 +59,8 @@ def report_table(report: ContributionReport) -> str:
             f"accuracy {ok[0].val_acc_before:.4f} -> {last.val_acc_after:.4f}"
         )
         lines.append(
-            f"first-order fidelity: predicted drop {pred:.4f} vs measured {meas:.4f}"
+            f"{report.method} fidelity: credits sum to {pred:.4f}, measured drop "
+            f"{meas:.4f} (residual {meas - pred:+.4f})"
         )
     failed = [r for r in report.rounds if not r.ok]
     if failed:
@@ -58,7 +75,7 @@ def report_json(report: ContributionReport) -> dict[str, Any]:
     rounds: dict[int, dict[str, float]] = {}
     for pc in report.parties:
         for t, pr in zip(pc.round_indices, pc.rounds, strict=True):
-            rounds.setdefault(t, {})[pc.party_id] = pr.score
+            rounds.setdefault(t, {})[pc.party_id] = pr.method_score(report.method)
     metrics = {r.round: r for r in report.rounds}
     out_rounds = []
     for t in sorted(set(rounds) | set(metrics)):
@@ -84,6 +101,11 @@ def report_json(report: ContributionReport) -> dict[str, Any]:
         "shares": {pc.party_id: pc.share for pc in report.parties},
         "reference_shares": {pc.party_id: pc.reference_share for pc in report.parties},
         "attacks": {pc.party_id: pc.attack for pc in report.parties},
+        "bounded_rounds": {pc.party_id: pc.bounded_rounds for pc in report.parties},
+        "flagged": [pc.party_id for pc in report.parties if pc.flagged],
+        "pending_rounds": list(report.pending_rounds),
+        "private_view": report.private,
+        "rows_digest": report.rows_digest,
     }
 
 
@@ -95,11 +117,14 @@ def report_csv(report: ContributionReport) -> str:
         [
             "round",
             "party_id",
-            "score",
+            "score",  # under the report's method
             "weight",
             "num_samples",
             "update_norm",
             "train_loss",
+            "clip",
+            "score_digfl_1",
+            "score_digfl_2",
         ]
     )
     rows = []
@@ -109,11 +134,14 @@ def report_csv(report: ContributionReport) -> str:
                 (
                     t,
                     pc.party_id,
-                    pr.score,
+                    pr.method_score(report.method),
                     pr.weight,
                     pr.num_samples,
                     pr.update_norm,
                     pr.train_loss,
+                    pr.clip,
+                    pr.score,
+                    pr.score2,
                 )
             )
     for row in sorted(rows, key=lambda r: (r[0], r[1])):
@@ -126,6 +154,76 @@ def report_csv(report: ContributionReport) -> str:
                 row[4],
                 repr(row[5]),
                 repr(row[6]),
+                repr(row[7]),
+                repr(row[8]),
+                repr(row[9]),
             ]
         )
+    return buf.getvalue()
+
+
+def payout_doc(report: ContributionReport, amount: float, rule: str) -> dict[str, Any]:
+    """The payout of ``amount`` over ``report``'s totals, with what re-derives it."""
+    from fedgrpc.scoring.payouts import payouts
+
+    scored = [
+        r.round for r in report.rounds if r.ok and r.round not in report.pending_rounds
+    ]
+    rows = payouts({pc.party_id: pc.total for pc in report.parties}, amount, rule)
+    return {
+        "run_id": report.run_id,
+        "method": report.method,
+        "rule": rule,
+        "amount": amount,
+        "rounds": scored,
+        "ledger_rows_sha256": report.rows_digest,
+        "parties": [
+            {
+                "party_id": p.party_id,
+                "total": p.total,
+                "share": p.share,
+                "amount": p.amount,
+                "harmful": p.harmful,
+            }
+            for p in rows
+        ],
+        "harmful": [p.party_id for p in rows if p.harmful],
+    }
+
+
+def payout_table(doc: dict[str, Any]) -> str:
+    """The payout as a readable table."""
+    rounds = doc["rounds"]
+    span = f"rounds {rounds[0]}-{rounds[-1]} ({len(rounds)})" if rounds else "no rounds"
+    lines = [
+        f"payout {doc['amount']:.2f} · run {doc['run_id']} · {doc['method']} · "
+        f"{doc['rule']} · {span}",
+        f"ledger rows sha256 {doc['ledger_rows_sha256']}",
+        f"{'party':<16} {'total':>12} {'share':>8} {'amount':>12}",
+    ]
+    for p in doc["parties"]:
+        note = "  harmful" if p["harmful"] else ""
+        lines.append(
+            f"{p['party_id']:<16} {p['total']:>12.5f} {p['share']:>8.1%} "
+            f"{p['amount']:>12.2f}{note}"
+        )
+    return "\n".join(lines)
+
+
+def payout_csv(doc: dict[str, Any]) -> str:
+    """One row per party, with the run, method, rule and digest on every row."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(
+        ["run_id", "method", "rule", "rounds", "ledger_rows_sha256", "party_id",
+         "total", "share", "amount", "harmful"]
+    )  # fmt: skip
+    rounds = doc["rounds"]
+    span = f"{rounds[0]}-{rounds[-1]}" if rounds else ""
+    for p in doc["parties"]:
+        w.writerow(
+            [doc["run_id"], doc["method"], doc["rule"], span,
+             doc["ledger_rows_sha256"], p["party_id"], repr(p["total"]),
+             repr(p["share"]), f"{p['amount']:.2f}", int(p["harmful"])]
+        )  # fmt: skip
     return buf.getvalue()

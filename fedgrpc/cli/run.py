@@ -78,6 +78,12 @@ def _serve_parser(sub: Any) -> None:
     )
     p.add_argument("--port-file", type=Path, help="write the bound port here")
     p.add_argument(
+        "--publish-to-parties",
+        action="store_true",
+        help="let parties see shares, round metrics and other party ids (by default "
+        "a party sees only its own rows)",
+    )
+    p.add_argument(
         "--keep-serving",
         action="store_true",
         help="after the last round keep answering queries until SIGTERM",
@@ -168,6 +174,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         ),
         port_file=a.port_file,
         keep_serving=a.keep_serving,
+        publish_to_parties=a.publish_to_parties,
         init_model=a.init_model,
         resume=a.resume is not None,
         validator=a.validator,

@@ -10,7 +10,7 @@ import numpy as np
 
 from fedgrpc.client.stub import AggregatorClient, ModelVersion
 from fedgrpc.config import ClientConfig
-from fedgrpc.datasets.attacks import Attack, parse_attack
+from fedgrpc.datasets.attacks import Attack, claimed_samples, parse_attack
 from fedgrpc.datasets.sources import Dataset, load_dataset
 from fedgrpc.errors import ConfigError, ErrorCode, RemoteError
 from fedgrpc.learning.inprocess import LocalTrainer
@@ -44,8 +44,9 @@ def run_party(cfg: ClientConfig, data: Dataset | None = None) -> PartyResult:
     """Take part in a run until the aggregator says training is over."""
     data = data if data is not None else load_dataset(cfg.data)
     attack = parse_attack(cfg.attack)
+    claimed = claimed_samples(attack, len(data))
     with AggregatorClient(cfg) as client:
-        joined = client.join(len(data))
+        joined = client.join(claimed)
         rcfg = joined.config
         if tuple(data.x.shape[1:]) != rcfg.input_shape:
             raise ConfigError(
@@ -59,7 +60,7 @@ def run_party(cfg: ClientConfig, data: Dataset | None = None) -> PartyResult:
             cfg.party_id,
             joined.run_id,
             joined.open_round,
-            len(data),
+            claimed,
         )
         stream_timeout = 2 * rcfg.round_timeout_s + 60.0
         next_round = joined.open_round
@@ -92,7 +93,7 @@ def run_party(cfg: ClientConfig, data: Dataset | None = None) -> PartyResult:
                     "party %s: stream lost (%s); reconnecting", cfg.party_id, err
                 )
                 time.sleep(cfg.backoff_initial_s)
-                client.join(len(data))  # the aggregator may have restarted
+                client.join(claimed)  # the aggregator may have restarted
                 next_round = 0  # ask for the current model, whichever round it is
 
 
@@ -111,7 +112,7 @@ def _train_and_submit(
         outcome = client.submit(
             item.round,
             update,
-            len(data),
+            claimed_samples(attack, len(data)),
             train_loss=loss,
             kind=trainer.cfg.update_kind,
             model_digest=item.digest,

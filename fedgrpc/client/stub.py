@@ -268,9 +268,12 @@ class AggregatorClient:
         party_ids: list[str] | None = None,
         from_round: int = 0,
         to_round: int | None = None,
+        method: str = "digfl-1",
     ) -> ContributionReport:
         """GetContributions."""
-        req = wire.contributions_request_to_proto(party_ids, from_round, to_round)
+        req = wire.contributions_request_to_proto(
+            party_ids, from_round, to_round, method
+        )
         reply: aggregator_pb2.ContributionsReply = self.retry(
             lambda: self._stub.GetContributions(
                 req, timeout=self.cfg.rpc_timeout_s, metadata=self._metadata

@@ -10,8 +10,10 @@ An attack is a spec string recorded with the run, so an evaluation can be reprod
 - ``free-rider``: the update is all zeros; the sample count is still claimed.
 - ``scale:K``: the update is multiplied by K.
 - ``noise:SIGMA``: N(0, SIGMA^2) noise is added to every update entry.
+- ``claim:K``: the party claims K times its real sample count (at Join and with every
+  update), to buy weight and credit (:func:`claimed_samples`).
 
-The first three change the local data (:func:`apply_data_attack`); the last three the
+The first three change the local data (:func:`apply_data_attack`); the next three the
 update (:func:`apply_update_attack`). Randomness comes only from the ``rng`` argument.
 """
 
@@ -32,9 +34,10 @@ log = logging.getLogger(__name__)
 
 DATA_ATTACKS = ("label-flip", "mix", "random-labels")
 UPDATE_ATTACKS = ("free-rider", "scale", "noise")
+CLAIM_ATTACKS = ("claim",)
 SPEC_SYNTAX = (
     "'none', 'label-flip:RATE', 'mix:SRC->DST:WEIGHT', 'random-labels', "
-    "'free-rider', 'scale:K' or 'noise:SIGMA'"
+    "'free-rider', 'scale:K', 'noise:SIGMA' or 'claim:K'"
 )
 
 
@@ -81,6 +84,11 @@ def parse_attack(spec: str) -> Attack | None:
         return Attack(kind, (float(src), float(dst), weight), text)
     if kind == "scale" and sep:
         return Attack(kind, (_number(text, arg),), text)
+    if kind == "claim" and sep:
+        k = _number(text, arg)
+        if k <= 0:
+            _fail(text, f"K must be > 0, got {k}")
+        return Attack(kind, (k,), text)
     if kind == "noise" and sep:
         sigma = _number(text, arg)
         if sigma < 0:
@@ -190,7 +198,7 @@ def apply_update_attack(
     ``None`` or a data attack returns a new dict holding the same arrays. Noise is
     drawn tensor by tensor in the update's key order, so it is reproducible.
     """
-    if attack is None or attack.on_data:
+    if attack is None or attack.on_data or attack.kind in CLAIM_ATTACKS:
         return dict(update)
     if attack.kind == "free-rider":
         return {name: np.zeros_like(a) for name, a in update.items()}
@@ -227,3 +235,10 @@ def _class(spec: str, text: str) -> int:
 def _fail(spec: str, why: str) -> NoReturn:
     """Raise the ConfigError for a bad attack spec."""
     raise ConfigError(f"bad attack {spec!r}: {why}; expected {SPEC_SYNTAX}")
+
+
+def claimed_samples(attack: Attack | None, num_samples: int) -> int:
+    """The sample count a party claims: its real one, or K x it under ``claim:K``."""
+    if attack is None or attack.kind != "claim":
+        return int(num_samples)
+    return max(1, round(attack.params[0] * num_samples))

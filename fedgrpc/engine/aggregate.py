@@ -7,16 +7,18 @@ strategy decides the weights w_i (and may rescale the step); the fold and the st
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
 from fedgrpc.config import RoundConfig
+from fedgrpc.engine.spill import Spill
 from fedgrpc.engine.uploads import AcceptedUpdate
-from fedgrpc.scoring import digfl
+from fedgrpc.scoring import bounds, digfl
 from fedgrpc.types import UpdateKind
 
 _FOLD_BLOCK = 1 << 18  # elements per block of the weighted fold (1 MiB of float32)
@@ -111,48 +113,86 @@ def apply_step(theta: F32, acc: F32, scale: float) -> F32:
 
 @dataclass(frozen=True)
 class Step:
-    """A closing round's weights, DIG-FL scores and theta_{t+1}."""
+    """A closing round's weights, bound, DIG-FL scores and theta_{t+1}."""
 
     weights: dict[str, float]  # p_i, summing to 1
     scores: dict[str, float]  # phi_{t,i}
     theta: F32  # theta_{t+1}, in the accumulator's buffer; check it is finite
     seconds: float
+    bound: float = math.inf  # B_t
+    clip: dict[str, float] = field(default_factory=dict)  # c_i per party
+
+    def coefficient(self, party: str, cfg: RoundConfig) -> float:
+        """Eta p_i c_i: a party's score is this times its inner product with v."""
+        return step_size(cfg.update_kind, cfg.server_lr) * (
+            self.weights[party] * self.clip.get(party, 1.0)
+        )
 
 
 def close_step(
     cfg: RoundConfig,
+    round_index: int,
     accepted: Mapping[str, AcceptedUpdate],
     theta: F32,
     acc: F32,
     weight_sum: float,
+    folded: int,
+    spill: Spill,
     recycle: Callable[[np.ndarray], None],
 ) -> Step:
-    """Weights, scores and the step of a round whose updates are in.
+    """Bound, weights, scores and the step of a round whose updates are in.
 
-    ``acc`` already holds sum_i w_i u_i (``weight_sum`` = sum_i w_i), except under a
-    rule that buffers updates, whose buffers are folded here and handed to
-    ``recycle``. theta_{t+1} = theta_t - eta * acc / weight_sum, written into ``acc``.
+    ``acc`` holds sum_i w_i u_i over the ``folded`` updates that were folded on
+    arrival (``weight_sum`` = sum_i w_i over all accepted). B_t and the clip factors
+    c_i come from the round's norms; the updates not folded yet are read back from
+    ``spill`` and folded with w_i c_i, an early-folded update that turns out to be
+    over the bound gets a correction w_i (c_i - 1) u_i. A rule that buffers updates
+    folds its buffers here with p_i c_i and hands them to ``recycle``.
+    theta_{t+1} = theta_t - eta * acc / weight_sum, written into ``acc``.
     """
     t0 = time.perf_counter()
     parties = sorted(accepted)
-    n = {p: accepted[p].num_samples for p in parties}
-    dots = {p: accepted[p].dot for p in parties}
+    norms = {p: math.sqrt(accepted[p].norm_sq) for p in parties}
+    bound = bounds.round_bound(norms, cfg.norm_bound, cfg.norm_bound_factor)
+    clip = {p: bounds.clip_factor(norms[p], bound) for p in parties}
+    n = {p: accepted[p].weight_samples or accepted[p].num_samples for p in parties}
+    # The scores see the bounded update c_i u_i: <v_t, c_i u_i> = c_i <v_t, u_i>.
+    dots = {p: accepted[p].dot * clip[p] for p in parties}
     weights = round_weights(cfg.aggregation, n, dots, cfg.update_kind, cfg.server_lr)
     if buffers_updates(cfg.aggregation):
         pairs = []
         for p in parties:
             buf = accepted[p].buffer
             assert buf is not None
-            pairs.append((buf, weights[p]))
+            pairs.append((buf, weights[p] * clip[p]))
         fold_all(acc, pairs)
         for p in parties:
             buf, accepted[p].buffer = accepted[p].buffer, None
             assert buf is not None
             recycle(buf)
         weight_sum = 1.0
+    else:
+        started = folded > 0
+        for p in parties:
+            entry = accepted[p]
+            if entry.folded and clip[p] == 1.0:
+                continue
+            assert entry.weight is not None
+            u = spill.read(round_index, p)
+            if u is None:
+                raise RuntimeError(
+                    f"round {round_index}: the update of party {p} is missing from "
+                    "the spill; the round cannot be folded"
+                )
+            w = entry.weight * (clip[p] - 1.0 if entry.folded else clip[p])
+            if started:
+                fold(acc, u, w)
+            else:
+                start_fold(acc, u, w)
+                started = True
     scores = digfl.digfl_scores(dots, weights, cfg.update_kind, cfg.server_lr)
     # In place in the spare buffer: theta_t stays intact for v_t and for anyone
     # holding it until the next round's first fold; no fresh pages per round.
     eta = step_size(cfg.update_kind, cfg.server_lr)
     new_theta = apply_step(theta, acc, eta / weight_sum)
-    return Step(weights, scores, new_theta, time.perf_counter() - t0)
+    return Step(weights, scores, new_theta, time.perf_counter() - t0, bound, clip)

@@ -7,6 +7,7 @@ passed in, so a round never owns model-sized memory of its own.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Set
 from dataclasses import dataclass, field
 
@@ -40,9 +41,11 @@ class OpenRound:
     deadline: float
     val_grad: ValGrad
     model_digest: str
-    weight_ref: float  # sum of the joined parties' samples when the round opened
+    weight_ref: float  # sum of the joined parties' (capped) samples at the opening
+    count_cap: int | None = None  # the most an unattested claim weighs this round
     accepted: dict[str, AcceptedUpdate] = field(default_factory=dict)
     folded: int = 0  # updates already in the accumulator
+    fold_limit: float = math.inf  # updates up to this norm fold on arrival
     weight_sum: float = 0.0
     closing: bool = False  # decided to close or fail: no update is taken any more
     late: tuple[str, ...] = ()  # joined but not accepted when the close was decided
@@ -65,15 +68,19 @@ class OpenRound:
             )
         entry = AcceptedUpdate(
             sub.submission_id, digest, sub.num_samples, sub.train_loss, sub.dot,
-            sub.norm_sq,
+            sub.norm_sq, weight=sub.weight, weight_samples=sub.weight_samples,
         )  # fmt: skip
         if sub.weight is None:  # digfl: weights only at the close
             entry.buffer = sub.keep_buffer()
-        else:  # the buffer holds w * update: one add (the first one writes)
-            fold = aggregate.start_fold if self.folded == 0 else aggregate.fold
-            fold(acc, sub.weighted_update, None)
-            self.folded += 1
+        else:
             self.weight_sum += sub.weight
+            if math.sqrt(sub.norm_sq) <= self.fold_limit:
+                fold = aggregate.start_fold if self.folded == 0 else aggregate.fold
+                fold(acc, sub.update, sub.weight)
+                self.folded += 1
+                entry.folded = True
+            # Else the norm bound may scale it: it is folded at the close, from the
+            # spill, once B_t is known.
         self.accepted[sub.party_id] = entry
         log.debug("%s: accepted (%d samples)", label, sub.num_samples)
         return SubmitOutcome(True, self.index, f"{label}: accepted", sub.submission_id)
@@ -157,6 +164,9 @@ def _party_round(party: str, entry: AcceptedUpdate, step: aggregate.Step) -> Par
         score=step.scores[party],
         dot=entry.dot,
         update_norm=float(np.sqrt(entry.norm_sq)),
+        weight_samples=entry.weight_samples,
+        norm_bound=step.bound,
+        clip=step.clip[party],
         train_loss=entry.train_loss,
         submission_id=entry.submission_id,
         digest=entry.digest,

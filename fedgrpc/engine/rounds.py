@@ -18,6 +18,7 @@ published.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +31,8 @@ from fedgrpc.config import Limits, RoundConfig
 from fedgrpc.engine import aggregate
 from fedgrpc.engine.parties import PartyTable
 from fedgrpc.engine.round_state import Ending, OpenRound
+from fedgrpc.engine.second_order import PendingSecond
+from fedgrpc.engine.spill import MemorySpill, Spill
 from fedgrpc.engine.uploads import (
     AcceptedUpdate,
     Resend,
@@ -44,11 +47,13 @@ from fedgrpc.errors import (
     UnknownPartyError,
 )
 from fedgrpc.layout import FlatLayout, update_digest
+from fedgrpc.scoring import bounds
 from fedgrpc.types import (
     RoundOutcome,
     RoundResult,
     RunState,
     RunStatus,
+    SecondOrder,
     SubmitOutcome,
     TensorSpec,
     UpdateKind,
@@ -93,6 +98,13 @@ class RoundEngine:
         max_in_flight: uploads buffered at once (each holds one model-sized buffer).
         max_parties: parties that may join.
         upload_idle_s: an upload that sends nothing for this long is discarded.
+        spill: where accepted updates wait for the close (norm bound) and for
+            v_{t+1} (digfl-2); in memory when ``None``.
+        on_second_order: called with a round's digfl-2 scores once v_{t+1} is known,
+            before the commit of the round after it (or at the end of the run).
+        pending_second: a resumed run's last committed round still waiting for
+            its digfl-2 scores.
+        max_samples: the largest sample count a party may claim.
         theta_buffers: two model-sized float32 vectors the engine alternates between:
             one holds theta_t, the other accumulates the round's weighted sum and
             becomes theta_{t+1} at the close (allocated here when ``None``). So
@@ -118,6 +130,10 @@ class RoundEngine:
         max_parties: int = _LIMITS.max_parties,
         upload_idle_s: float = _LIMITS.upload_idle_s,
         theta_buffers: tuple[np.ndarray, np.ndarray] | None = None,
+        spill: Spill | None = None,
+        on_second_order: Callable[[SecondOrder], None] | None = None,
+        pending_second: PendingSecond | None = None,
+        max_samples: int = _LIMITS.max_num_samples,
     ) -> None:
         self.cfg = cfg
         self.layout = FlatLayout.of(specs)
@@ -134,7 +150,13 @@ class RoundEngine:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self.uploads = UploadPool(self.layout.size, max_in_flight, upload_idle_s, clock)
-        self.parties = PartyTable(max_parties, clock)
+        self.parties = PartyTable(max_parties, clock, max_samples)
+        self.spill: Spill = spill if spill is not None else MemorySpill()
+        self._on_second_order = on_second_order
+        # digfl-2 of the last closed round, and its computation once v_{t+1} exists.
+        self._pending2 = pending_second
+        self._second: Future[SecondOrder] | None = None
+        self._last_bound = math.inf  # B of the last closed round (early-fold limit)
         self.state = RunState.WAITING
         self.reason = ""
         self.round_index = start_round
@@ -191,10 +213,16 @@ class RoundEngine:
             )
 
     # ---------------------------------------------------------------- parties
-    def join(self, party_id: str, num_samples: int) -> None:
-        """Register (or re-register) a party; it counts from the open round on."""
+    def join(
+        self, party_id: str, num_samples: int, attested: int | None = None
+    ) -> None:
+        """Register (or re-register) a party; it counts from the open round on.
+
+        ``attested``: the operator's count for the party (a claim above is refused).
+        A refused join changes nothing.
+        """
         with self._lock:
-            changed = self.parties.join(party_id, num_samples)
+            changed = self.parties.join(party_id, num_samples, attested)
             self._changed.notify_all()
         # Outside the lock: the ledger's fsync must not hold up other joins.
         if changed and self._on_join is not None:
@@ -252,11 +280,14 @@ class RoundEngine:
                         f"wait for round {rnd.index + 1}"
                     )
                 return Resend(self.layout, rnd.index, party_id, submission_id, prev)
+            counted = bounds.weight_count(
+                num_samples, rnd.count_cap, info.attested is not None
+            )
             weight = (
                 None
                 if aggregate.buffers_updates(self.cfg.aggregation)
                 else aggregate.fixed_weight(
-                    self.cfg.aggregation, num_samples, rnd.weight_ref
+                    self.cfg.aggregation, counted, rnd.weight_ref
                 )
             )
             return Submission(
@@ -272,6 +303,7 @@ class RoundEngine:
                 weight,
                 slot_timeout_s,
                 self._clock,
+                counted,
             )
 
     def _open_for_updates(self, label: str, round_index: int) -> OpenRound:
@@ -300,6 +332,8 @@ class RoundEngine:
 
     def accept(self, sub: Submission, digest: str) -> SubmitOutcome:
         """Take a whole, validated update into its round (called by ``finish``)."""
+        # Outside the lock: the copy to the spill is the size of the model.
+        self.spill.write(sub.round, sub.party_id, sub.update)
         with self._lock:
             rnd = self._round
             if rnd is None or rnd.index != sub.round or rnd.closing or self.finished:
@@ -367,9 +401,18 @@ class RoundEngine:
             self._run_effects()
             return
         if ending.outcome is RoundOutcome.OK:
-            result, new_theta = self._close(rnd, now)
-            if result.ok:
+            result, new_theta, pending = self._close(rnd, now)
+            if result.ok and pending is not None:
+                # Round t-1's digfl-2 first: the ledger never holds round t without it.
+                self._record_second_order()
                 self._commit(result, new_theta)
+                self._pending2, self._second = pending, None
+                if rnd.index + 1 >= self.cfg.rounds:
+                    # The last round: one extra gradient pass at theta_T for digfl-2.
+                    self._record_second_order(self._final_gradient(new_theta))
+                self._last_bound = (
+                    result.parties[0].norm_bound if result.parties else math.inf
+                )
                 with self._lock:
                     self._advance(rnd, result, new_theta)
                 self._run_effects()
@@ -377,17 +420,33 @@ class RoundEngine:
             reason, what = result.reason, "aggregation failed"
         self._round_failed(rnd, now, reason, what)
 
-    def _close(self, rnd: OpenRound, now: float) -> tuple[RoundResult, np.ndarray]:
+    def _final_gradient(self, theta: np.ndarray) -> np.ndarray | None:
+        """v_T = grad L_v(theta_T), or None (logged) when the pass fails."""
+        try:
+            return self._validator.gradient(theta)[0]
+        except Exception as e:  # the model is committed; only digfl-2 is lost
+            log.warning(
+                "final validation gradient failed (%s): no digfl-2 for the last round",
+                e,
+            )
+            return None
+
+    def _close(
+        self, rnd: OpenRound, now: float
+    ) -> tuple[RoundResult, np.ndarray, PendingSecond | None]:
         """The step and the validation pass of a closing round (outside the lock)."""
         t0 = time.perf_counter()
         _, loss_before, acc_before = rnd.val_grad.result()
         val_grad_s = time.perf_counter() - t0
         step = aggregate.close_step(
             self.cfg,
+            rnd.index,
             rnd.accepted,
             self.theta,
             self._spare,
             rnd.weight_sum,
+            rnd.folded,
+            self.spill,
             self.uploads.recycle,
         )
         late, before = rnd.late, (loss_before, acc_before)
@@ -396,9 +455,15 @@ class RoundEngine:
                 f"round {rnd.index}: the aggregated model is not finite (updates too "
                 "large); nothing was applied"
             )
-            return rnd.failed(reason, late, before, now), self.theta
+            return rnd.failed(reason, late, before, now), self.theta, None
         after = self._validator.evaluate(step.theta)
-        return rnd.result(step, late, before, after, now, val_grad_s), step.theta
+        pending = PendingSecond(
+            rnd.index,
+            {p: step.coefficient(p, self.cfg) for p in rnd.accepted},
+            {p: e.dot for p, e in rnd.accepted.items()},
+        )
+        result = rnd.result(step, late, before, after, now, val_grad_s)
+        return result, step.theta, pending
 
     def _advance(
         self, rnd: OpenRound, result: RoundResult, new_theta: np.ndarray
@@ -452,6 +517,8 @@ class RoundEngine:
                 del self._history[key]
         result = rnd.failed(reason, late, (loss_before, acc_before), now)
         result.extra["attempt"] = self._retries
+        self._record_second_order()  # v_{t+1} = v of this attempt: theta unchanged
+        self.spill.drop(rnd.index)  # what the round received is not applied
         self._commit(result, self.theta)
         log.warning("%s", reason)
         with self._lock:
@@ -480,18 +547,68 @@ class RoundEngine:
         else:
             # v_t is computed while the parties train; theta is never modified in place.
             fut = self._executor.submit(self._validator.gradient, theta)
-        weight_ref = float(self.parties.total_samples() or 1)
+        self._start_second_order(fut)
+        claims, attested = self.parties.claims(), self.parties.attested()
+        cap = bounds.count_cap(claims, self.cfg.claim_cap)
+        counted = sum(
+            bounds.weight_count(n, cap, p in attested) for p, n in claims.items()
+        )
         self._round = OpenRound(
             self.round_index,
             now,
             now + self.cfg.round_timeout_s,
             fut,
             digest,
-            weight_ref,
+            float(counted or 1),
+            count_cap=cap,
+            fold_limit=bounds.early_fold_limit(self._last_bound, self.cfg.norm_bound),
         )
         log.info("round %d open", self.round_index)
         self._changed.notify_all()
         return self.round_index, theta
+
+    # ------------------------------------------------------------ digfl-2
+    def _start_second_order(self, val_grad: ValGrad) -> None:
+        """Once v_{t+1} (``val_grad``) exists, score the last closed round (digfl-2)."""
+        pending = self._pending2
+        if pending is None or self._second is not None:
+            return
+
+        def job() -> SecondOrder:
+            return pending.compute(val_grad.result()[0], self.spill)
+
+        if self._executor is None:
+            fut: Future[SecondOrder] = Future()
+            fut.set_result(job())
+            self._second = fut
+        else:  # after v_{t+1} in the same queue: both overlap the parties' training
+            self._second = self._executor.submit(job)
+
+    def _record_second_order(self, v_next: np.ndarray | None = None) -> None:
+        """Record the pending digfl-2 scores if they are ready (outside the lock).
+
+        ``v_next`` given: compute them now from it (the extra pass after the last
+        round). A computation that failed leaves the round without digfl-2 scores.
+        """
+        pending, fut = self._pending2, self._second
+        if pending is None:
+            return
+        if v_next is not None:
+            so: SecondOrder | None = pending.compute(v_next, self.spill)
+        elif fut is not None:
+            if fut.exception() is not None:  # waits: one read of the round's updates
+                log.warning(
+                    "round %d: digfl-2 scores lost: %s", pending.round, fut.exception()
+                )
+                so = None
+            else:
+                so = fut.result()
+        else:
+            return
+        if so is not None and self._on_second_order is not None:
+            self._on_second_order(so)
+        self.spill.drop(pending.round)
+        self._pending2, self._second = None, None
 
     def _set_finished(self, state: RunState, reason: str) -> None:
         """Record the end of the run (under the lock); on_finish runs after it."""

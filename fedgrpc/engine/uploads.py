@@ -2,8 +2,8 @@
 
 An update arrives through a :class:`Submission` piece by piece: each piece is checked
 for non-finite values and folded into the party's DIG-FL inner product with the
-validation gradient v_t as it arrives, and copied (already weighted, when the weight is
-known up front) into a model-sized buffer that only this upload owns. The round state
+validation gradient v_t as it arrives, and copied into a model-sized buffer that only
+this upload owns. The round state
 changes only when :meth:`Submission.finish` hands the whole, validated update to the
 engine (nothing is ever half-applied).
 
@@ -48,6 +48,9 @@ class AcceptedUpdate:
     train_loss: float
     dot: float  # <v_t, u_i>
     norm_sq: float  # ||u_i||^2
+    weight: float | None = None  # w_i when fixed at the start; None: set at the close
+    weight_samples: int = 0  # the count w_i derives from (the claim, maybe capped)
+    folded: bool = False  # in the accumulator already (with weight w_i, unbounded)
     buffer: np.ndarray | None = None  # the update itself, only while a rule needs it
 
 
@@ -151,9 +154,10 @@ class Submission:
         val_grad: that round's v_t, possibly still being computed.
         party_id, num_samples, train_loss, submission_id: from the upload's header.
         weight: the aggregation weight w_i when it is known up front, else None
-            (``digfl``: the update is buffered unweighted until the round closes).
+            (``digfl``: the update is buffered until the round closes).
         slot_timeout_s: how long to wait for an upload slot.
         clock: monotonic seconds.
+        weight_samples: the count w_i derives from (the claim capped, DESIGN §4).
     """
 
     def __init__(
@@ -170,6 +174,7 @@ class Submission:
         weight: float | None,
         slot_timeout_s: float,
         clock: Callable[[], float],
+        weight_samples: int = 0,
     ) -> None:
         self._acceptor = acceptor
         self._pool = pool
@@ -183,6 +188,7 @@ class Submission:
         self.train_loss = train_loss
         self.submission_id = submission_id
         self.weight = weight
+        self.weight_samples = weight_samples or num_samples
         self.label = f"party {party_id}, round {round_index}"
         self.last_activity = clock()
         self._dot = 0.0
@@ -194,10 +200,6 @@ class Submission:
         self._v: np.ndarray | None = None
         self._buffer: np.ndarray | None = None  # taken with the upload slot
         self._lock = threading.Lock()  # add() vs. expiry by the driver thread
-        # With a fixed weight the buffer holds weight * update, scaled while copying:
-        # the fold at finish is then a single add (the same float32 products as
-        # scaling at the fold).
-        self._scale = None if weight is None else np.float32(weight)
 
     # -------------------------------------------------------------- receiving
     def reserve(self) -> None:
@@ -251,10 +253,8 @@ class Submission:
                 )
             nsq = float(np.dot(values.astype(np.float64), values.astype(np.float64)))
         self._norm_sq += nsq
-        if self._scale is None:
-            buf[start:end] = values
-        else:
-            np.multiply(values, self._scale, out=buf[start:end])
+        # The raw update: the norm bound, known only at the close, may still scale it.
+        buf[start:end] = values
         if self._v is None:
             # v_t is still being computed: keep streaming, score this range later from
             # the buffer rather than stall the upload (and its sender) on v_t.
@@ -271,7 +271,7 @@ class Submission:
         dot = 0.0
         for s, e in self._unscored:
             dot += float(np.dot(self._v[s:e], self._buffer[s:e]))
-        self._dot += dot if self._scale is None else dot / float(self._scale)
+        self._dot += dot
         self._unscored.clear()
 
     # ---------------------------------------------------------------- the end
@@ -329,15 +329,15 @@ class Submission:
         return self._norm_sq
 
     @property
-    def weighted_update(self) -> np.ndarray:
-        """The buffer: weight * update with a fixed weight, else the raw update."""
+    def update(self) -> np.ndarray:
+        """The buffer: the whole raw update (valid inside accept() only)."""
         assert self._buffer is not None, "only valid inside accept()"
         return self._buffer
 
     def keep_buffer(self) -> np.ndarray:
         """Give the buffer to the round (``digfl``); it returns through recycle()."""
         self._kept = True
-        return self.weighted_update
+        return self.update
 
 
 class Resend:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fedgrpc.config import RoundConfig
-from fedgrpc.datasets.attacks import Attack, apply_update_attack
+from fedgrpc.datasets.attacks import Attack, apply_update_attack, claimed_samples
 from fedgrpc.datasets.sources import Dataset
 from fedgrpc.engine import RoundEngine, submit_arrays
 from fedgrpc.errors import ConfigError
@@ -24,7 +24,13 @@ from fedgrpc.layout import FlatLayout
 from fedgrpc.learning.models import build_model, model_specs
 from fedgrpc.learning.training import Evaluator, local_update
 from fedgrpc.learning.validation import FlatValidator, setup_model
-from fedgrpc.types import RoundResult, RunState, TensorSpec
+from fedgrpc.types import (
+    RoundResult,
+    RunState,
+    SecondOrder,
+    TensorSpec,
+    with_second_order,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,13 +147,25 @@ def run_in_process(
         if on_round is not None:
             on_round(result)
 
+    def second_order(so: SecondOrder) -> None:
+        # The round's rows gain their digfl-2 scores (the ledger does the same).
+        i = next(k for k, r in enumerate(results) if r.round == so.round)
+        results[i] = with_second_order(results[i], so)
+
     engine = RoundEngine(
-        cfg, setup.specs, start, validator, on_commit=commit, max_in_flight=1
+        cfg,
+        setup.specs,
+        start,
+        validator,
+        on_commit=commit,
+        on_second_order=second_order,
+        max_in_flight=1,
     )
-    for pid, ds in parties.items():
-        engine.join(pid, len(ds))
-    engine.tick()
     attacks = attacks or {}
+    claims = {p: claimed_samples(attacks.get(p), len(ds)) for p, ds in parties.items()}
+    for pid in parties:
+        engine.join(pid, claims[pid])
+    engine.tick()
     while not engine.finished:
         t = engine.open_round
         theta = engine.theta
@@ -157,7 +175,7 @@ def run_in_process(
                 engine,
                 pid,
                 t,
-                len(parties[pid]),
+                claims[pid],
                 update,
                 train_loss=loss,
                 submission_id=f"{pid}:{t}",

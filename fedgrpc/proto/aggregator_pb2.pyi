@@ -474,12 +474,15 @@ class ContributionsRequest(_message.Message):
     FROM_ROUND_FIELD_NUMBER: _builtins.int
     TO_ROUND_FIELD_NUMBER: _builtins.int
     HAS_TO_ROUND_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
     from_round: _builtins.int
     """first round included (0-based)"""
     to_round: _builtins.int
     """last round included; 0 with has_to_round false = latest"""
     has_to_round: _builtins.bool
     """whether to_round is set"""
+    method: _builtins.str
+    """"digfl-1" (first order; "" = this) or "digfl-2" (trapezoid)"""
     @_builtins.property
     def party_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """empty = every party visible to the caller"""
@@ -491,10 +494,11 @@ class ContributionsRequest(_message.Message):
         from_round: _builtins.int = ...,
         to_round: _builtins.int = ...,
         has_to_round: _builtins.bool = ...,
+        method: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_round", b"from_round", "has_to_round", b"has_to_round", "party_ids", b"party_ids", "to_round", b"to_round"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_round", b"from_round", "has_to_round", b"has_to_round", "method", b"method", "party_ids", b"party_ids", "to_round", b"to_round"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -512,6 +516,10 @@ class PartyRoundScore(_message.Message):
     NUM_SAMPLES_FIELD_NUMBER: _builtins.int
     UPDATE_NORM_FIELD_NUMBER: _builtins.int
     TRAIN_LOSS_FIELD_NUMBER: _builtins.int
+    WEIGHT_SAMPLES_FIELD_NUMBER: _builtins.int
+    CLIP_FIELD_NUMBER: _builtins.int
+    SCORE_2_FIELD_NUMBER: _builtins.int
+    NORM_BOUND_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     score: _builtins.float
     """phi_{t,i}: first-order validation-loss drop (nats), signed"""
@@ -523,6 +531,14 @@ class PartyRoundScore(_message.Message):
     """L2 norm of the submitted update"""
     train_loss: _builtins.float
     """party-reported local training loss (nats)"""
+    weight_samples: _builtins.int
+    """the count the weight used: the claim, capped (count)"""
+    clip: _builtins.float
+    """c_i = min(1, B_t / update_norm) applied before aggregation and scoring"""
+    score_2: _builtins.float
+    """digfl-2 score (nats); NaN until the next round closed"""
+    norm_bound: _builtins.float
+    """the round's bound B_t (L2); 0 = none or not shown to parties"""
     def __init__(
         self,
         *,
@@ -532,10 +548,14 @@ class PartyRoundScore(_message.Message):
         num_samples: _builtins.int = ...,
         update_norm: _builtins.float = ...,
         train_loss: _builtins.float = ...,
+        weight_samples: _builtins.int = ...,
+        clip: _builtins.float = ...,
+        score_2: _builtins.float = ...,
+        norm_bound: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_samples", b"num_samples", "round", b"round", "score", b"score", "train_loss", b"train_loss", "update_norm", b"update_norm", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip", b"clip", "norm_bound", b"norm_bound", "num_samples", b"num_samples", "round", b"round", "score", b"score", "score_2", b"score_2", "train_loss", b"train_loss", "update_norm", b"update_norm", "weight", b"weight", "weight_samples", b"weight_samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -551,6 +571,7 @@ class PartyContribution(_message.Message):
     REFERENCE_SHARE_FIELD_NUMBER: _builtins.int
     ROUNDS_FIELD_NUMBER: _builtins.int
     ATTACK_FIELD_NUMBER: _builtins.int
+    BOUNDED_ROUNDS_FIELD_NUMBER: _builtins.int
     party_id: _builtins.str
     total: _builtins.float
     """sum of phi_{t,i} over the selected rounds (nats), signed"""
@@ -560,6 +581,8 @@ class PartyContribution(_message.Message):
     """per-round max(0, phi) normalised, summed, divided by rounds"""
     attack: _builtins.str
     """attack recorded for the party in simulations ("" = none)"""
+    bounded_rounds: _builtins.int
+    """rounds in which the norm bound scaled the update down"""
     @_builtins.property
     def rounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartyRoundScore]: ...
     def __init__(
@@ -571,10 +594,11 @@ class PartyContribution(_message.Message):
         reference_share: _builtins.float = ...,
         rounds: _abc.Iterable[Global___PartyRoundScore] | None = ...,
         attack: _builtins.str = ...,
+        bounded_rounds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attack", b"attack", "party_id", b"party_id", "reference_share", b"reference_share", "rounds", b"rounds", "share", b"share", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attack", b"attack", "bounded_rounds", b"bounded_rounds", "party_id", b"party_id", "reference_share", b"reference_share", "rounds", b"rounds", "share", b"share", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -599,6 +623,7 @@ class RoundMetrics(_message.Message):
     DURATION_S_FIELD_NUMBER: _builtins.int
     VAL_GRAD_S_FIELD_NUMBER: _builtins.int
     AGGREGATE_S_FIELD_NUMBER: _builtins.int
+    PREDICTED_DROP_2_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     status: _builtins.str
     """"ok" or "failed: reason" """
@@ -619,6 +644,8 @@ class RoundMetrics(_message.Message):
     """time to compute v_t (seconds)"""
     aggregate_s: _builtins.float
     """time to fold and step (seconds)"""
+    predicted_drop_2: _builtins.float
+    """sum_i of the digfl-2 scores (NaN while pending)"""
     @_builtins.property
     def submitted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -639,10 +666,11 @@ class RoundMetrics(_message.Message):
         duration_s: _builtins.float = ...,
         val_grad_s: _builtins.float = ...,
         aggregate_s: _builtins.float = ...,
+        predicted_drop_2: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_s", b"aggregate_s", "duration_s", b"duration_s", "late", b"late", "measured_drop", b"measured_drop", "predicted_drop", b"predicted_drop", "round", b"round", "status", b"status", "submitted", b"submitted", "val_acc_after", b"val_acc_after", "val_acc_before", b"val_acc_before", "val_grad_s", b"val_grad_s", "val_loss_after", b"val_loss_after", "val_loss_before", b"val_loss_before"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_s", b"aggregate_s", "duration_s", b"duration_s", "late", b"late", "measured_drop", b"measured_drop", "predicted_drop", b"predicted_drop", "predicted_drop_2", b"predicted_drop_2", "round", b"round", "status", b"status", "submitted", b"submitted", "val_acc_after", b"val_acc_after", "val_acc_before", b"val_acc_before", "val_grad_s", b"val_grad_s", "val_loss_after", b"val_loss_after", "val_loss_before", b"val_loss_before"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -657,16 +685,27 @@ class ContributionsReply(_message.Message):
     PARTIES_FIELD_NUMBER: _builtins.int
     ROUNDS_FIELD_NUMBER: _builtins.int
     ROUNDS_DONE_FIELD_NUMBER: _builtins.int
+    PENDING_ROUNDS_FIELD_NUMBER: _builtins.int
+    PRIVATE_VIEW_FIELD_NUMBER: _builtins.int
+    ROWS_DIGEST_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     method: _builtins.str
     """e.g. "digfl-1" """
     rounds_done: _builtins.int
+    private_view: _builtins.bool
+    """a party's own view: shares, round metrics and others' ids withheld"""
+    rows_digest: _builtins.str
+    """hex SHA-256 of the ledger rows of the selected rounds (payouts quote it)"""
     @_builtins.property
     def parties(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartyContribution]:
         """ranked by total, descending"""
 
     @_builtins.property
     def rounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundMetrics]: ...
+    @_builtins.property
+    def pending_rounds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """digfl-2: rounds whose scores are not recorded yet"""
+
     def __init__(
         self,
         *,
@@ -675,10 +714,13 @@ class ContributionsReply(_message.Message):
         parties: _abc.Iterable[Global___PartyContribution] | None = ...,
         rounds: _abc.Iterable[Global___RoundMetrics] | None = ...,
         rounds_done: _builtins.int = ...,
+        pending_rounds: _abc.Iterable[_builtins.int] | None = ...,
+        private_view: _builtins.bool = ...,
+        rows_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["method", b"method", "parties", b"parties", "rounds", b"rounds", "rounds_done", b"rounds_done", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["method", b"method", "parties", b"parties", "pending_rounds", b"pending_rounds", "private_view", b"private_view", "rounds", b"rounds", "rounds_done", b"rounds_done", "rows_digest", b"rows_digest", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,6 +8,7 @@ An optional TOML parties file lists who may connect::
     [[party]]
     id = "p0"
     token_sha256 = "<hex>"      # optional when the party uses an mTLS certificate
+    samples = 6000              # optional: the most samples p0 may claim (attested)
 
 The file stores only SHA-256 digests of tokens; the plaintext token is shown once, by
 ``add_party``. No grpc import.
@@ -99,6 +100,8 @@ class Credential:
     """Lower-case hex SHA-256 of the bearer token (see `hash_token`)."""
     cert_name: str | None = None
     """Certificate CN that authenticates as this identity over mTLS."""
+    samples: int | None = None
+    """The operator's attested sample count of a party (no claim may exceed it)."""
 
 
 class PartyRegistry:
@@ -124,6 +127,7 @@ class PartyRegistry:
         self._by_cert: dict[str, Identity] = {}
         self._parties: list[str] = []
         self._admins: list[str] = []
+        self._samples: dict[str, int] = {}
         seen: set[Identity] = set()
         for c in creds:
             who = f"{'admin' if c.identity.is_admin else 'party'} {c.identity.name!r}"
@@ -133,6 +137,8 @@ class PartyRegistry:
             (self._admins if c.identity.is_admin else self._parties).append(
                 c.identity.name
             )
+            if c.samples is not None and not c.identity.is_admin:
+                self._samples[c.identity.name] = c.samples
             if c.token_sha256 is not None:
                 if not _HEX_SHA256_RE.fullmatch(c.token_sha256):
                     raise ConfigError(_bad_digest(who, c.token_sha256))
@@ -203,6 +209,10 @@ class PartyRegistry:
             return Identity(name, is_admin=False)
         return None
 
+    def attested_samples(self, party_id: str) -> int | None:
+        """The count the operator attested for ``party_id`` (None: not attested)."""
+        return self._samples.get(party_id)
+
     def party_ids(self) -> tuple[str, ...]:
         """Listed party ids, in file order (empty for an open registry)."""
         return tuple(self._parties)
@@ -218,7 +228,7 @@ class PartyRegistry:
         )
 
 
-_PARTY_KEYS = frozenset({"id", "token_sha256"})
+_PARTY_KEYS = frozenset({"id", "token_sha256", "samples"})
 _ADMIN_KEYS = frozenset({"name", "token_sha256", "cert_name"})
 
 
@@ -270,8 +280,19 @@ def _credentials_from_toml(doc: Mapping[str, Any]) -> list[Credential]:
                     raise ConfigError(f"{where}: needs token_sha256 or cert_name")
                 creds.append(Credential(Identity(name, True), token_sha256, cert_name))
             else:
+                samples = entry.get("samples")
+                if samples is not None and (
+                    isinstance(samples, bool)
+                    or not isinstance(samples, int)
+                    or samples <= 0
+                ):
+                    raise ConfigError(
+                        f"{where}: samples must be a positive integer, got {samples!r}"
+                    )
                 # A listed party may always authenticate with its certificate.
-                creds.append(Credential(Identity(name, False), token_sha256, name))
+                creds.append(
+                    Credential(Identity(name, False), token_sha256, name, samples)
+                )
     return creds
 
 

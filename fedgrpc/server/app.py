@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import platform
 import signal
@@ -21,8 +22,15 @@ from grpc_reflection.v1alpha import reflection
 
 import fedgrpc
 from fedgrpc import wire
-from fedgrpc.config import ServerConfig, round_config_from_json, round_config_to_json
+from fedgrpc.config import (
+    RoundConfig,
+    ServerConfig,
+    round_config_from_json,
+    round_config_to_json,
+)
 from fedgrpc.engine import RoundEngine
+from fedgrpc.engine.second_order import PendingSecond
+from fedgrpc.engine.spill import DirSpill
 from fedgrpc.errors import ConfigError, FedGrpcError
 from fedgrpc.layout import FlatLayout
 from fedgrpc.proto import aggregator_pb2
@@ -141,6 +149,7 @@ class Aggregator:
             mtls=cfg.tls.require_client_cert,
             limits=cfg.limits,
             stopping=self._stopping,
+            publish_to_parties=cfg.publish_to_parties,
         )
         self.health = health.HealthServicer()
         self.server = _grpc_server(self.servicer, self.health, cfg.limits.max_parties)
@@ -175,6 +184,7 @@ class Aggregator:
             self.ledger.set_state(RESUME_KEY, state)
         self.broadcaster = ModelBroadcaster(self.layout, wire_dtype=rcfg.wire_dtype)
         self._executor = futures.ThreadPoolExecutor(1, thread_name_prefix="val-grad")
+        self.spill = DirSpill(self.run_dir.path / "spill")
         self.engine = RoundEngine(
             rcfg,
             validation.specs,
@@ -190,6 +200,10 @@ class Aggregator:
             max_in_flight=cfg.limits.max_inflight_uploads,
             max_parties=cfg.limits.max_parties,
             upload_idle_s=cfg.limits.upload_idle_s,
+            spill=self.spill,
+            on_second_order=self.ledger.record_second_order,
+            pending_second=self._pending_second(rcfg, start_round),
+            max_samples=cfg.limits.max_num_samples,
         )
         for p in self.ledger.parties():
             self.engine.join(str(p["party_id"]), max(1, int(p["num_samples"])))
@@ -199,6 +213,28 @@ class Aggregator:
         self.servicer.attach(
             Run(self.engine, self.broadcaster, join_info, self.ledger.contributions)
         )
+
+    def _pending_second(
+        self, rcfg: RoundConfig, start_round: int
+    ) -> PendingSecond | None:
+        """A resumed run's last committed round still waiting for digfl-2 scores.
+
+        Its updates are in the spill if the aggregator stopped after that round's
+        commit; any other spilled round is stale and removed.
+        """
+        last = (
+            self.ledger.rounds(start_round - 1, start_round - 1) if start_round else []
+        )
+        keep = None
+        if (
+            last
+            and last[0].ok
+            and last[0].parties
+            and not all(math.isfinite(p.score2) for p in last[0].parties)
+        ):
+            keep = PendingSecond.of(last[0], rcfg.server_lr, rcfg.update_kind)
+        self.spill.drop_all(keep.round if keep else None)
+        return keep
 
     # ------------------------------------------------------------ durability
     def _commit(self, result: RoundResult, theta_next: np.ndarray) -> None:
@@ -220,6 +256,8 @@ class Aggregator:
             "reason": reason,
         }
         self.run_dir.save_final(self.layout, self.engine.theta, meta)
+        if state is RunState.DONE:  # a failed run keeps its spill for --resume
+            self.spill.drop_all()
         self.broadcaster.finish(self.engine.rounds_done, reason)
         self._done.set()
 

@@ -87,7 +87,7 @@ class Run:
     engine: RoundEngine
     broadcaster: ModelBroadcaster
     join_info: wire.JoinInfo  # the run's constant part of every JoinReply
-    contributions: Callable[[list[str] | None, int, int | None], ContributionReport]
+    contributions: Callable[..., ContributionReport]  # Ledger.contributions
 
 
 class AggregatorServicer:
@@ -100,6 +100,8 @@ class AggregatorServicer:
         mtls: whether client certificates are required (identity from the certificate).
         limits: decode limits; ``max_streams_per_party`` bounds concurrent uploads.
         stopping: set when the server shuts down (model streams end UNAVAILABLE).
+        publish_to_parties: let a party see the global figures (shares, round
+            metrics, other party ids); by default it sees only its own (DESIGN §5).
     """
 
     def __init__(
@@ -111,8 +113,10 @@ class AggregatorServicer:
         mtls: bool = False,
         limits: Limits | None = None,
         stopping: threading.Event | None = None,
+        publish_to_parties: bool = False,
     ) -> None:
         self._run_id = run_id
+        self._publish = publish_to_parties
         self._rounds_total = rounds_total
         self._registry = registry
         self._mtls = mtls
@@ -190,7 +194,8 @@ class AggregatorServicer:
         )
         party = self._party(context, claimed)
         run = self._wait_run(context)
-        run.engine.join(party, num_samples)
+        attested = self._registry.attested_samples(party) if self._registry else None
+        run.engine.join(party, num_samples, attested)
         info = replace(run.join_info, open_round=run.engine.open_round, party_id=party)
         return wire.join_reply_to_proto(info)
 
@@ -307,7 +312,7 @@ class AggregatorServicer:
         self, raw: bytes, context: grpc.ServicerContext
     ) -> aggregator_pb2.ContributionsReply:
         """The ledger's contributions; parties see only their own, admins everything."""
-        wanted, from_round, to_round = wire.contributions_request_from_proto(
+        wanted, from_round, to_round, method = wire.contributions_request_from_proto(
             wire.parse_message(aggregator_pb2.ContributionsRequest, raw)
         )
         ident = self._identity(context)
@@ -320,8 +325,10 @@ class AggregatorServicer:
                 )
             wanted = [ident.name]
         run = self._wait_run(context)
-        report = run.contributions(wanted, from_round, to_round)
+        report = run.contributions(wanted, from_round, to_round, method)
         viewer = None if ident is None or ident.is_admin else ident.name
+        if viewer is not None and not self._publish:
+            report = report.party_view(viewer)
         return wire.report_to_proto(report, viewer=viewer)
 
     @_unary
@@ -330,10 +337,19 @@ class AggregatorServicer:
     ) -> aggregator_pb2.StatusReply:
         """Run progress (``starting`` while the run is being set up)."""
         wire.parse_message(aggregator_pb2.StatusRequest, raw)
-        self._identity(context)  # authenticate when credentials are configured
+        ident = self._identity(context)  # authenticate when credentials are configured
         if self._run is None:
             state = RunState.FAILED if self._start_error else RunState.STARTING
             st = RunStatus(state, 0, self._rounds_total, 0, reason=self._start_error)
         else:
             st = self._run.engine.status()
+        if ident is not None and not ident.is_admin and not self._publish:
+            # A party sees no other party's id (DESIGN §5).
+            me = ident.name
+            st = replace(
+                st,
+                joined=tuple(p for p in st.joined if p == me),
+                submitted=tuple(p for p in st.submitted if p == me),
+                late=tuple(p for p in st.late if p == me),
+            )
         return wire.status_to_proto(replace(st, run_id=self._run_id))

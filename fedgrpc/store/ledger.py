@@ -37,11 +37,13 @@ from typing import Any, Self
 from fedgrpc.errors import ConfigError, ErrorCode, FedGrpcError
 from fedgrpc.scoring import digfl
 from fedgrpc.types import (
+    SCORING_METHODS,
     ContributionReport,
     PartyContribution,
     PartyRound,
     RoundOutcome,
     RoundResult,
+    SecondOrder,
     round_status_parse,
 )
 
@@ -50,8 +52,20 @@ log = logging.getLogger(__name__)
 LEDGER_FILE = "ledger.sqlite"
 """File name of the ledger inside a run directory."""
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Stored in ``PRAGMA user_version``; bump with a migration when the schema changes."""
+
+_MIGRATIONS = {
+    # 1 -> 2: bounded influence and digfl-2 (DESIGN §4).
+    1: (
+        "ALTER TABLE party_rounds ADD COLUMN weight_samples INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE party_rounds ADD COLUMN norm_bound REAL",
+        "ALTER TABLE party_rounds ADD COLUMN clip REAL NOT NULL DEFAULT 1.0",
+        "ALTER TABLE party_rounds ADD COLUMN dot_next REAL",
+        "ALTER TABLE party_rounds ADD COLUMN score2 REAL",
+    ),
+}
+"""Statements that bring a ledger of schema version k to k + 1."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (
@@ -101,6 +115,11 @@ CREATE TABLE IF NOT EXISTS party_rounds (
     train_loss REAL,
     submission_id TEXT NOT NULL,
     digest TEXT NOT NULL,
+    weight_samples INTEGER NOT NULL DEFAULT 0,  -- the count the weight uses (capped)
+    norm_bound REAL,                   -- the round's bound B_t (NULL = none)
+    clip REAL NOT NULL DEFAULT 1.0,    -- c_i = min(1, B_t / update_norm)
+    dot_next REAL,                     -- <v_{t+1}, u_{t,i}>, recorded one round later
+    score2 REAL,                       -- digfl-2 score (NULL until recorded)
     PRIMARY KEY (round, party_id)
 );
 CREATE INDEX IF NOT EXISTS party_rounds_by_party ON party_rounds (party_id, round);
@@ -117,7 +136,7 @@ _ROUND_COLUMNS = (
 )
 _PARTY_COLUMNS = (
     "round, party_id, seq, num_samples, weight, score, dot, update_norm, train_loss, "
-    "submission_id, digest"
+    "submission_id, digest, weight_samples, norm_bound, clip, dot_next, score2"
 )
 
 
@@ -153,6 +172,8 @@ def _content_digest(result: RoundResult) -> str:
     doc = asdict(result)
     del doc["outcome"], doc["reason"]
     doc["status"] = result.status
+    for party in doc["parties"]:  # recorded one round later: not the round's content
+        del party["dot_next"], party["score2"]
     canonical = json.dumps(doc, sort_keys=True, default=_json_default)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -200,6 +221,11 @@ def _party_rows(result: RoundResult) -> list[tuple[Any, ...]]:
             p.train_loss,
             p.submission_id,
             p.digest,
+            p.weight_samples,
+            None if math.isinf(p.norm_bound) else p.norm_bound,
+            p.clip,
+            p.dot_next,
+            p.score2,
         )
         for seq, p in enumerate(result.parties)
     ]
@@ -295,6 +321,11 @@ class Ledger:
                 f"{SCHEMA_VERSION}"
             )
         if self.readonly:
+            if version < SCHEMA_VERSION:
+                raise ConfigError(
+                    f"ledger {self.path} has schema {version}; open it once for "
+                    f"writing (fedgrpc serve --resume) to bring it to {SCHEMA_VERSION}"
+                )
             return
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
@@ -302,6 +333,17 @@ class Ledger:
         # FULL: fsync the WAL on every commit, so a committed round survives power loss.
         conn.execute("PRAGMA synchronous = FULL")
         with self._transaction():
+            has_tables = (
+                version > 0
+                or conn.execute(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE name = 'party_rounds'"
+                ).fetchone()[0]
+            )
+            for old in range(max(version, 1), SCHEMA_VERSION):
+                if has_tables:
+                    for statement in _MIGRATIONS[old]:
+                        conn.execute(statement)
+                    log.info("ledger %s: schema %d -> %d", self.path, old, old + 1)
             # Not executescript: it COMMITs first, which would split the transaction.
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -517,6 +559,27 @@ class Ledger:
                     state_rows,
                 )
 
+    def record_second_order(self, so: SecondOrder) -> None:
+        """Store a round's digfl-2 scores (computed one round after its commit).
+
+        Raises:
+            FedGrpcError: (NOT_FOUND) the round or a party row is not recorded.
+        """
+        self._writable()
+        rows = [(so.dots_next[p], so.scores[p], so.round, p) for p in sorted(so.scores)]
+        with self._lock, self._transaction() as conn:
+            for row in rows:
+                cur = conn.execute(
+                    "UPDATE party_rounds SET dot_next = ?, score2 = ? "
+                    "WHERE round = ? AND party_id = ?",
+                    row,
+                )
+                if cur.rowcount != 1:
+                    raise FedGrpcError(
+                        f"round {so.round}: no recorded row for party {row[3]}",
+                        code=ErrorCode.NOT_FOUND,
+                    )
+
     def rounds(
         self, from_round: int = 0, to_round: int | None = None
     ) -> list[RoundResult]:
@@ -552,6 +615,13 @@ class Ledger:
                     train_loss=_nan(r["train_loss"]),
                     submission_id=r["submission_id"],
                     digest=r["digest"],
+                    weight_samples=int(r["weight_samples"]),
+                    norm_bound=(
+                        math.inf if r["norm_bound"] is None else float(r["norm_bound"])
+                    ),
+                    clip=float(r["clip"]),
+                    dot_next=_nan(r["dot_next"]),
+                    score2=_nan(r["score2"]),
                 )
             )
         return [
@@ -586,24 +656,42 @@ class Ledger:
         party_ids: Sequence[str] | None = None,
         from_round: int = 0,
         to_round: int | None = None,
+        method: str = "digfl-1",
     ) -> ContributionReport:
         """DIG-FL contributions over the selected rounds (``to_round`` inclusive).
 
-        Failed rounds are listed in ``rounds`` but contribute no scores. Totals, shares
-        and reference shares are computed over every party, then filtered to
-        ``party_ids``, so a share stays a fraction of the whole drop. ``rounds`` holds
-        the full RoundResults, other parties' rows included: callers that show a
-        report to a party must not forward ``RoundResult.parties``. ``rounds_done``
-        counts every recorded round (ok or failed) in the ledger, whatever the range.
+        ``method``: ``digfl-1`` (first order) or ``digfl-2`` (trapezoid; a round whose
+        second-order scores are not recorded yet, the newest, counts as pending and
+        adds nothing). Failed rounds are listed in ``rounds`` but contribute no
+        scores. Totals, shares and reference shares are computed over every party,
+        then filtered to ``party_ids``, so a share stays a fraction of the whole drop.
+        ``rounds`` holds the full RoundResults, other parties' rows included: callers
+        that show a report to a party must not forward ``RoundResult.parties``.
+        ``rounds_done`` counts every recorded round (ok or failed) in the ledger,
+        whatever the range.
+
+        Raises:
+            ConfigError: an unknown method.
         """
+        if method not in SCORING_METHODS:
+            raise ConfigError(
+                f"unknown scoring method {method!r}; choose one of {SCORING_METHODS}"
+            )
         with self._snapshot() as conn:
             info = self._run_info(conn)
             selected = self._rounds(conn, from_round, to_round)
             party_rows = {p["party_id"]: p for p in self._parties(conn)}
             rounds_done = int(conn.execute("SELECT COUNT(*) FROM rounds").fetchone()[0])
+            rows_digest = self._rows_digest(conn, from_round, to_round)
 
         scored = [r for r in selected if r.ok]
-        per_round = [{p.party_id: p.score for p in r.parties} for r in scored]
+        pending = tuple(
+            r.round for r in scored if not math.isfinite(r.predicted(method))
+        )
+        scored = [r for r in scored if r.round not in pending]
+        per_round = [
+            {p.party_id: p.method_score(method) for p in r.parties} for r in scored
+        ]
         known = list(dict.fromkeys([*party_rows, *(p for s in per_round for p in s)]))
         total = dict.fromkeys(known, 0.0)
         total.update(digfl.totals(per_round))
@@ -625,14 +713,44 @@ class Ledger:
                     rounds=tuple(p for _, p in history),
                     round_indices=tuple(t for t, _ in history),
                     attack=str(party_rows.get(pid, {}).get("attack", "")),
+                    bounded_rounds=sum(1 for _, p in history if p.bounded),
                 )
             )
         entries.sort(key=lambda c: (-c.total, c.party_id))
-        method = "" if info is None else f"{info['method']}-{info['method_version']}"
         return ContributionReport(
             run_id="" if info is None else str(info["run_id"]),
             method=method,
             parties=tuple(entries),
             rounds=tuple(selected),
             rounds_done=rounds_done,
+            pending_rounds=pending,
+            rows_digest=rows_digest,
         )
+
+    def rows_digest(self, from_round: int = 0, to_round: int | None = None) -> str:
+        """SHA-256 over the selected rounds' recorded rows (round and party rows).
+
+        A payout quotes it, so anyone holding the ledger can check the payout was
+        derived from exactly these rows.
+        """
+        with self._snapshot() as conn:
+            return self._rows_digest(conn, from_round, to_round)
+
+    @staticmethod
+    def _rows_digest(
+        conn: sqlite3.Connection, from_round: int, to_round: int | None
+    ) -> str:
+        h = hashlib.sha256()
+        upper = to_round if to_round is not None else -1
+        for table, cols, order in (
+            ("rounds", _ROUND_COLUMNS.replace("closed_at, ", ""), "round"),
+            ("party_rounds", _PARTY_COLUMNS, "round, seq"),
+        ):
+            for row in conn.execute(
+                f"SELECT {cols} FROM {table} WHERE round >= ? "
+                f"AND (? < 0 OR round <= ?) ORDER BY {order}",
+                (from_round, upper, upper),
+            ):
+                h.update(_dumps(list(row)).encode())
+                h.update(b"\n")
+        return h.hexdigest()

@@ -302,7 +302,10 @@ def submit_reply_from_proto(
 
 # ---------------------------------------------------------------- contributions
 def contributions_request_to_proto(
-    party_ids: Sequence[str] | None, from_round: int, to_round: int | None
+    party_ids: Sequence[str] | None,
+    from_round: int,
+    to_round: int | None,
+    method: str = "digfl-1",
 ) -> aggregator_pb2.ContributionsRequest:
     """A ContributionsRequest (``None`` party ids: every party visible)."""
     return aggregator_pb2.ContributionsRequest(
@@ -310,15 +313,17 @@ def contributions_request_to_proto(
         from_round=from_round,
         to_round=to_round or 0,
         has_to_round=to_round is not None,
+        method=method,
     )
 
 
 def contributions_request_from_proto(
     msg: aggregator_pb2.ContributionsRequest,
-) -> tuple[list[str] | None, int, int | None]:
-    """(party ids or None, from round, to round or None) of a request."""
+) -> tuple[list[str] | None, int, int | None, str]:
+    """(party ids or None, from round, to round or None, method) of a request."""
     to_round = int(msg.to_round) if msg.has_to_round else None
-    return list(msg.party_ids) or None, int(msg.from_round), to_round
+    method = msg.method or "digfl-1"
+    return list(msg.party_ids) or None, int(msg.from_round), to_round, method
 
 
 def report_to_proto(
@@ -326,7 +331,12 @@ def report_to_proto(
 ) -> aggregator_pb2.ContributionsReply:
     """Encode a ContributionReport; for a ``viewer`` party, only its part of rounds."""
     reply = aggregator_pb2.ContributionsReply(
-        run_id=report.run_id, method=report.method, rounds_done=report.rounds_done
+        run_id=report.run_id,
+        method=report.method,
+        rounds_done=report.rounds_done,
+        pending_rounds=list(report.pending_rounds),
+        private_view=report.private,
+        rows_digest=report.rows_digest,
     )
     for pc in report.parties:
         msg = reply.parties.add(
@@ -335,6 +345,7 @@ def report_to_proto(
             share=pc.share,
             reference_share=pc.reference_share,
             attack=pc.attack,
+            bounded_rounds=pc.bounded_rounds,
         )
         for t, pr in zip(pc.round_indices, pc.rounds, strict=True):
             msg.rounds.add(
@@ -344,6 +355,10 @@ def report_to_proto(
                 num_samples=pr.num_samples,
                 update_norm=pr.update_norm,
                 train_loss=pr.train_loss,
+                weight_samples=pr.weight_samples,
+                clip=pr.clip,
+                score_2=pr.score2,
+                norm_bound=0.0 if math.isinf(pr.norm_bound) else pr.norm_bound,
             )
     for r in report.rounds:
         # A party sees only its own part of each round: other parties' ids, and a round
@@ -357,6 +372,7 @@ def report_to_proto(
             val_loss_after=r.val_loss_after,
             val_acc_after=r.val_acc_after,
             predicted_drop=sum(p.score for p in seen),
+            predicted_drop_2=sum(p.score2 for p in seen),
             measured_drop=r.measured_drop,
             submitted=[p.party_id for p in seen],
             late=[p for p in r.late if viewer is None or p == viewer],
@@ -384,6 +400,10 @@ def report_from_proto(reply: aggregator_pb2.ContributionsReply) -> ContributionR
                 dot=math.nan,
                 update_norm=r.update_norm,
                 train_loss=r.train_loss,
+                weight_samples=int(r.weight_samples),
+                norm_bound=r.norm_bound if r.norm_bound > 0 else math.inf,
+                clip=r.clip,
+                score2=r.score_2,
             )
             for r in pc.rounds
         )
@@ -396,6 +416,7 @@ def report_from_proto(reply: aggregator_pb2.ContributionsReply) -> ContributionR
                 rounds=rounds,
                 round_indices=tuple(int(r.round) for r in pc.rounds),
                 attack=pc.attack,
+                bounded_rounds=int(pc.bounded_rounds),
             )
         )
     by_round: dict[int, list[PartyRound]] = {}
@@ -433,6 +454,9 @@ def report_from_proto(reply: aggregator_pb2.ContributionsReply) -> ContributionR
         parties=tuple(parties),
         rounds=tuple(results),
         rounds_done=int(reply.rounds_done),
+        pending_rounds=tuple(int(t) for t in reply.pending_rounds),
+        private=reply.private_view,
+        rows_digest=reply.rows_digest,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from typing import cast
 
@@ -85,13 +85,15 @@ def _training(
     make_server: MakeServer,
     stub_for: StubFor,
     parties: Sequence[str],
+    samples: Mapping[str, int] | None = None,
     **kw: object,
 ) -> tuple[Aggregator, aggregator_pb2_grpc.AggregatorStub]:
-    """A server with ``parties`` joined and round 0 open."""
+    """A server with ``parties`` joined (``_SAMPLES`` each, or ``samples``) and
+    round 0 open."""
     agg = make_server(**kw)
     stub = stub_for(agg)
     for party in parties:
-        _join(stub, party)
+        _join(stub, party, (samples or {}).get(party, _SAMPLES))
     _wait_for("round 0 to open", lambda: _state(stub).state == "training")
 
     def published() -> bool:
@@ -984,9 +986,8 @@ def test_garbage_between_good_uploads_does_not_corrupt_round(
     make_server: MakeServer, stub_for: StubFor
 ) -> None:
     agg, stub = _training(
-        make_server, stub_for, ["alice", "bob"], rounds=1, min_parties=2
+        make_server, stub_for, ["alice", "bob"], {"bob": 300}, rounds=1, min_parties=2
     )
-    _join(stub, "bob", 300)  # weights follow the count declared at Join
     specs = agg.engine.specs
     theta0 = agg.engine.theta.copy()
     ua, ub = _update(specs, 21), _update(specs, 22)

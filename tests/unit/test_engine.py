@@ -14,6 +14,7 @@ from fedgrpc.errors import (
     DuplicateSubmissionError,
     InvalidUpdateError,
     LimitError,
+    PreconditionError,
     StaleRoundError,
     UnknownPartyError,
 )
@@ -98,6 +99,9 @@ def _cfg(**overrides: Any) -> RoundConfig:
         "server_lr": LR,
         "round_timeout_s": TIMEOUT_S,
         "join_timeout_s": 5.0,
+        # The undefended arithmetic; test_bounds.py covers the bounds.
+        "norm_bound": "off",
+        "claim_cap": 0.0,
     }
     kw.update(overrides)
     return RoundConfig(**kw)
@@ -257,7 +261,7 @@ def test_engine_join_rejects_non_positive_samples() -> None:
         run.engine.join("a", 0)
 
 
-def test_engine_on_join_called_for_new_party_or_new_count() -> None:
+def test_engine_on_join_called_for_new_party_only() -> None:
     joins: list[tuple[str, int]] = []
     engine = RoundEngine(
         _cfg(),
@@ -269,16 +273,20 @@ def test_engine_on_join_called_for_new_party_or_new_count() -> None:
 
     engine.join("a", 5)
     engine.join("a", 5)
-    engine.join("a", 7)
+    with pytest.raises(
+        PreconditionError, match="joined with 5 samples and now claims 7"
+    ):
+        engine.join("a", 7)
     engine.join("b", 1)
 
-    assert joins == [("a", 5), ("a", 7), ("b", 1)]
+    assert joins == [("a", 5), ("b", 1)]
+    assert engine.parties.claims() == {"a": 5, "b": 1}
 
 
 def test_engine_join_max_parties() -> None:
     engine = RoundEngine(_cfg(), SPECS, THETA_0, QuadraticValidator(), max_parties=1)
     engine.join("a", 1)
-    engine.join("a", 2)  # re-joining is not a new party
+    engine.join("a", 1)  # re-joining is not a new party
 
     with pytest.raises(LimitError, match="party b cannot join: 1 parties already"):
         engine.join("b", 1)

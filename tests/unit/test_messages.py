@@ -231,7 +231,12 @@ def test_messages_submit_reply_round_trip() -> None:
 
 
 def test_messages_contributions_request_round_trip() -> None:
-    for args in ((None, 0, None), (["a", "b"], 2, 5), (["a"], 0, 0)):
+    cases: list[tuple[list[str] | None, int, int | None, str]] = [
+        (None, 0, None, "digfl-1"),
+        (["a", "b"], 2, 5, "digfl-2"),
+        (["a"], 0, 0, "digfl-1"),
+    ]
+    for args in cases:
         msg = _via_bytes(wire.contributions_request_to_proto(*args))
         assert wire.contributions_request_from_proto(msg) == args
 

@@ -1,0 +1,78 @@
+"""Bounded influence: the per-round norm bound and the sample-count cap (DESIGN §4).
+
+Pure NumPy-free arithmetic on the few scalars a round knows about each update (its
+norm and its claimed count), so the engine can apply the rules while streaming.
+
+Every party controls two things the step and its DIG-FL score are linear in: the
+magnitude of its update and the sample count it claims. Both are bounded here.
+
+* **Norm bound.** ``auto``: B_t = k x the median of the round's non-zero update norms
+  (zero updates, free riders, are left out so they cannot pull the bound to 0). An
+  update with ||u_i|| > B_t is scaled by c_i = B_t / ||u_i|| before aggregation and
+  scoring; c_i = 1 otherwise. A fixed VALUE bounds every round by that number; ``off``
+  never bounds.
+* **Claim cap.** A count attested by the operator's parties file is a hard ceiling (the
+  Join is refused above it). Unattested claims are capped for weighting at
+  ``factor`` x the median claim of the joined parties, so one party inflating its count
+  gains at most that factor of weight, while honest skew up to the factor is kept.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping
+
+from fedgrpc.config import parse_norm_bound
+
+
+def round_bound(norms: Mapping[str, float], rule: str, factor: float) -> float:
+    """B_t for a round whose accepted updates have these L2 norms (inf = no bound)."""
+    fixed = parse_norm_bound(rule)
+    if fixed is not None:
+        return fixed
+    nonzero = [n for n in norms.values() if n > 0.0 and math.isfinite(n)]
+    if not nonzero:
+        return math.inf
+    return factor * float(statistics.median(nonzero))
+
+
+def clip_factor(norm: float, bound: float) -> float:
+    """c_i = min(1, B / ||u_i||): the scale applied to an update (1 = untouched)."""
+    if not norm > bound:  # also for inf bounds and zero norms
+        return 1.0
+    return bound / norm
+
+
+def early_fold_limit(previous_bound: float, rule: str) -> float:
+    """Updates up to this norm may be folded on arrival, before B_t is known.
+
+    With a fixed bound (or none) that is the bound itself. Under ``auto`` it is half
+    the previous round's bound (0 in the first round: everything waits for the close),
+    so an early-folded update is almost never bounded later, and when it is, its
+    correction subtracts a vector of about B_t's size, never a huge one.
+    """
+    fixed = parse_norm_bound(rule)
+    if fixed is not None:
+        return fixed
+    if not math.isfinite(previous_bound):
+        return 0.0
+    return 0.5 * previous_bound
+
+
+def count_cap(claims: Mapping[str, int], factor: float) -> int | None:
+    """The most an unattested claim weighs: ``factor`` x the median joined claim.
+
+    None when the cap is off (``factor`` <= 0) or nobody has joined. Attested parties
+    are not capped: their claim was checked against the operator's count at Join.
+    """
+    if factor <= 0 or not claims:
+        return None
+    return max(1, math.floor(factor * float(statistics.median(claims.values()))))
+
+
+def weight_count(num_samples: int, cap: int | None, attested: bool) -> int:
+    """The count a party's weight derives from: its claim, capped unless attested."""
+    if cap is None or attested:
+        return int(num_samples)
+    return min(int(num_samples), cap)
