@@ -172,7 +172,8 @@ def format_table(report: ShapleyReport) -> str:
         "samples",
         f"shapley({label})",
         "shapley(acc)",
-        "dig-fl",
+        "digfl-1",
+        "digfl-2",
         "loo",
         "rank S",
         "rank D",
@@ -186,6 +187,7 @@ def format_table(report: ShapleyReport) -> str:
             f"{report.shapley[p]:+.5f}",
             f"{report.shapley_acc[p]:+.4f}",
             f"{report.digfl[p]:+.5f}",
+            f"{report.digfl2[p]:+.5f}",
             f"{report.loo[p]:+.5f}",
             str(rs[p]),
             str(rd[p]),
@@ -215,10 +217,12 @@ def format_table(report: ShapleyReport) -> str:
         "",
         f"Shapley ({what} x {report.rounds} rounds): sum "
         f"{sum(report.shapley.values()):+.5f}"
-        f" = v(N) {report.grand_loss_drop:+.5f}; DIG-FL sum "
-        f"{sum(report.digfl.values()):+.5f}",
-        f"DIG-FL vs Shapley: Pearson {_fmt(report.pearson)}, Spearman "
-        f"{_fmt(report.spearman)}   (LOO vs Shapley: Pearson "
+        f" = v(N) {report.grand_loss_drop:+.5f}; digfl-1 sum "
+        f"{sum(report.digfl.values()):+.5f}, digfl-2 sum "
+        f"{sum(report.digfl2.values()):+.5f}",
+        f"digfl-1 vs Shapley: Pearson {_fmt(report.pearson)}, Spearman "
+        f"{_fmt(report.spearman)}; digfl-2: Pearson {_fmt(report.pearson2)}, "
+        f"Spearman {_fmt(report.spearman2)}   (LOO vs Shapley: Pearson "
         f"{_fmt(report.loo_pearson)}, "
         f"Spearman {_fmt(report.loo_spearman)})",
         f"validation (all parties): loss {report.val_loss0:.4f} -> "

@@ -184,6 +184,7 @@ class ShapleyReport:
     shapley: dict[str, float]  # on the loss drop
     shapley_acc: dict[str, float]  # on the accuracy gain
     digfl: dict[str, float]  # Σ_t φ_{t,i} from the full run
+    digfl2: dict[str, float]  # Σ_t φ2_{t,i} (digfl-2, trapezoid) from the same run
     loo: dict[str, float]  # v(N) - v(N - {i}), loss drop
     loo_acc: dict[str, float]
     grand_loss_drop: float  # v(N)
@@ -194,6 +195,8 @@ class ShapleyReport:
     final_val_acc: float
     pearson: float  # DIG-FL vs Shapley (loss)
     spearman: float
+    pearson2: float  # digfl-2 vs Shapley (loss)
+    spearman2: float
     loo_pearson: float  # LOO vs Shapley (loss), for comparison
     loo_spearman: float
     digfl_run_s: float  # wall time of the full training run that yields DIG-FL
@@ -250,6 +253,7 @@ class ShapleyReport:
                     "shapley": self.shapley[p],
                     "shapley_acc": self.shapley_acc[p],
                     "digfl": self.digfl[p],
+                    "digfl2": self.digfl2[p],
                     "loo": self.loo[p],
                     "loo_acc": self.loo_acc[p],
                     "rank_shapley": rs[p],
@@ -263,6 +267,7 @@ class ShapleyReport:
                 "acc_gain": self.grand_acc_gain,
                 "shapley_sum": sum(self.shapley.values()),
                 "digfl_sum": sum(self.digfl.values()),
+                "digfl2_sum": sum(self.digfl2.values()),
                 "val_loss0": self.val_loss0,
                 "val_acc0": self.val_acc0,
                 "final_val_loss": self.final_val_loss,
@@ -271,6 +276,8 @@ class ShapleyReport:
             "correlation": {
                 "pearson": self.pearson,
                 "spearman": self.spearman,
+                "pearson_digfl2": self.pearson2,
+                "spearman_digfl2": self.spearman2,
                 "loo_pearson": self.loo_pearson,
                 "loo_spearman": self.loo_spearman,
             },
@@ -457,6 +464,7 @@ class _FullRun:
     results: list[RoundResult]
     grand: CoalitionValue
     digfl: dict[str, float]  # Σ_t φ_{t,i}
+    digfl2: dict[str, float]  # Σ_t φ2_{t,i}
     wall_s: float
     cpu_s: float
 
@@ -469,11 +477,15 @@ def _full_run(utility: CoalitionUtility, ids: Sequence[str]) -> _FullRun:
     wall_s = time.perf_counter() - t0
     cpu_s = time.process_time() - c0
     grand = utility.value_of(results, wall_s)
-    per_round = [{p.party_id: p.score for p in r.parties} for r in results]
-    totals = dg.totals(per_round)
-    digfl = {p: totals.get(p, 0.0) for p in ids}
+    out = []
+    for method in ("digfl-1", "digfl-2"):
+        per_round = [
+            {p.party_id: p.method_score(method) for p in r.parties} for r in results
+        ]
+        totals = dg.totals(per_round)
+        out.append({p: totals.get(p, 0.0) for p in ids})
     utility.record(everyone, grand)
-    return _FullRun(results, grand, digfl, wall_s, cpu_s)
+    return _FullRun(results, grand, out[0], out[1], wall_s, cpu_s)
 
 
 @dataclass(frozen=True)
@@ -541,6 +553,7 @@ def _report(
     """Assemble the report, timing DIG-FL's scoring overhead on the way."""
     ids = list(parties)
     pr, sp = _correlations(full.digfl, values.shapley, ids)
+    pr2, sp2 = _correlations(full.digfl2, values.shapley, ids)
     lpr, lsp = _correlations(values.loo, values.shapley, ids)
     resolved = resolve_attacks(attacks, ids)
     return ShapleyReport(
@@ -552,6 +565,7 @@ def _report(
         shapley=values.shapley,
         shapley_acc=values.shapley_acc,
         digfl=full.digfl,
+        digfl2=full.digfl2,
         loo=values.loo,
         loo_acc=values.loo_acc,
         grand_loss_drop=full.grand.loss_drop,
@@ -562,6 +576,8 @@ def _report(
         final_val_acc=full.results[-1].val_acc_after,
         pearson=pr,
         spearman=sp,
+        pearson2=pr2,
+        spearman2=sp2,
         loo_pearson=lpr,
         loo_spearman=lsp,
         digfl_run_s=full.wall_s,
