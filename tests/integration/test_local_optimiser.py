@@ -63,7 +63,7 @@ def _norms(report: ContributionReport) -> dict[tuple[str, int], float]:
 def test_parties_train_with_the_servers_optimiser_options(
     make_server: MakeServer,
 ) -> None:
-    opts = {"momentum": 0.5, "weight_decay": 0.01, "prox_mu": 0.5}
+    opts: dict[str, Any] = {"momentum": 0.5, "weight_decay": 0.01, "prox_mu": 0.5}
     data = _data()
     val = subset(load_dataset("digits"), np.arange(200))  # the fixture's val_count
     cfg = config_for_data(RoundConfig(**_ROUND, **opts), val)
