@@ -140,6 +140,12 @@ class RoundConfig:
     claim_cap: float = 2.0
     """Unattested sample counts weigh at most this many times the joined parties'
     median claim (0 = no cap)."""
+    momentum: float = 0.0
+    """Local SGD momentum in [0, 1) for delta updates (as torch.optim.SGD; 0 = off)."""
+    weight_decay: float = 0.0
+    """Local L2 weight decay for delta updates (as torch.optim.SGD; 0 = off)."""
+    prox_mu: float = 0.0
+    """FedProx mu: (mu/2)||theta - theta_t||^2 joins the local loss (delta; 0 = off)."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -179,11 +185,38 @@ class RoundConfig:
             raise ConfigError(
                 f"claim_cap must be 0 (off) or in [1, 1e6), got {self.claim_cap}"
             )
+        _check_local_optimiser(self)
 
     @property
     def start_parties(self) -> int:
         """Joins needed before round 0 opens."""
         return max(self.min_parties, self.expected_parties)
+
+
+_LOCAL_OPTIMISER_OPTIONS = (
+    ("momentum", "--momentum"),
+    ("weight_decay", "--weight-decay"),
+    ("prox_mu", "--prox-mu"),
+)
+
+
+def _check_local_optimiser(cfg: RoundConfig) -> None:
+    """Momentum, weight decay and prox mu: finite, >= 0, momentum < 1, delta only.
+
+    Messages name the command-line option, which is where these values come from.
+    """
+    for name, option in _LOCAL_OPTIMISER_OPTIONS:
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{option} must be a finite number >= 0, got {value}")
+    if cfg.momentum >= 1:
+        raise ConfigError(f"--momentum must lie in [0, 1), got {cfg.momentum}")
+    # A gradient (FedSGD) update is one gradient at theta_t: no local steps for
+    # momentum, decay or a proximal pull to act on. The server's step is its own.
+    if cfg.update_kind is not UpdateKind.DELTA:
+        for name, option in _LOCAL_OPTIMISER_OPTIONS:
+            if getattr(cfg, name):
+                raise ConfigError(f"{option} needs --update-kind delta")
 
 
 @dataclass(frozen=True)

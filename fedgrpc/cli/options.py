@@ -56,6 +56,27 @@ def add_training_options(p: argparse.ArgumentParser, *, defaults: RoundConfig) -
         help="local mini-batch size; 0 = full local data",
     )
     g.add_argument(
+        "--momentum",
+        type=float,
+        default=defaults.momentum,
+        help="local SGD momentum in [0, 1), as torch.optim.SGD (delta updates only; "
+        "default: %(default)s = off)",
+    )
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=defaults.weight_decay,
+        help="local L2 weight decay, as torch.optim.SGD (delta updates only; "
+        "default: %(default)s = off)",
+    )
+    g.add_argument(
+        "--prox-mu",
+        type=float,
+        default=defaults.prox_mu,
+        help="FedProx mu: adds (mu/2)||theta - theta_t||^2 to the local loss, theta_t "
+        "the round's global model (delta updates only; default: %(default)s = off)",
+    )
+    g.add_argument(
         "--model",
         default=defaults.model,
         help="logreg, mlp, cnn or package.module:factory",
@@ -109,6 +130,9 @@ def round_config(
         local_steps=a.local_steps,
         local_epochs=a.local_epochs,
         batch_size=a.batch_size,
+        momentum=a.momentum,
+        weight_decay=a.weight_decay,
+        prox_mu=a.prox_mu,
         round_timeout_s=a.round_timeout,
         join_timeout_s=a.join_timeout,
         aggregation=a.aggregation,

@@ -24,6 +24,7 @@ from fedgrpc.cli.options import (
 )
 from fedgrpc.config import SHAPLEY_METHODS, RoundConfig, ShapleyConfig, SplitConfig
 from fedgrpc.errors import ConfigError
+from fedgrpc.security.registry import PARTY_ID_RE
 from fedgrpc.store.files import atomic_write
 
 if TYPE_CHECKING:
@@ -51,6 +52,35 @@ def add_parsers(sub: Any) -> None:
         defaults=SplitConfig(parties=_SHAPLEY.parties),
         holdout_help=f"{_SHAPLEY.digits_val_holdout} for digits, else "
         f"{_SHAPLEY.val_holdout}",
+    )
+    own = p.add_argument_group(
+        "own data (instead of splitting --data)",
+        "Each party brings its own data set and the validation set is given "
+        "explicitly; --data, --parties, --partition, --val-holdout and "
+        "--train-count then do not apply.",
+    )
+    own.add_argument(
+        "--party-data",
+        action="append",
+        default=[],
+        metavar="ID=npz:FILE",
+        help="one party's data: arrays x (N, *input_shape) and y (N,) in an .npz "
+        "file, as fedgrpc client --data takes (or any other --data spec); repeat per "
+        "party, in the order to report them. Needs --val-data",
+    )
+    own.add_argument(
+        "--val-data",
+        default=None,
+        metavar="npz:FILE",
+        help="the validation set (arrays x and y) for --party-data",
+    )
+    p.add_argument(
+        "--init-model",
+        type=Path,
+        default=None,
+        metavar="FILE.npz",
+        help="start every coalition from these weights (the file fedgrpc serve "
+        "--init-model takes) instead of the seeded initialisation",
     )
     add_training_options(p, defaults=RoundConfig())
     train = p.add_argument_group("evaluation run")
@@ -115,14 +145,35 @@ def run_shapley(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from fedgrpc.datasets.attacks import parse_assignments
-    from fedgrpc.datasets.split import prepare_parties
+    from fedgrpc.datasets.split import load_parties, prepare_parties
     from fedgrpc.learning.ground_truth import evaluate  # torch: only here
+    from fedgrpc.learning.validation import config_for_data, setup_model
 
     split = split_config(args)
-    holdout = split.val_holdout or _SHAPLEY.holdout_for(split.data)
     attacks = parse_assignments(split.attacks)
-    parties, val = prepare_parties(split, holdout)
-    cfg = round_config(args, min_parties=args.parties, expected=args.parties)
+    own = parse_party_data(args.party_data)
+    setup: dict[str, Any]
+    if own or args.val_data is not None:
+        _check_own_data(args, own, split)
+        parties, val = load_parties(own, args.val_data, attacks, args.seed)
+        setup = {"party_data": own, "val_data": args.val_data}
+    else:
+        holdout = split.val_holdout or _SHAPLEY.holdout_for(split.data)
+        parties, val = prepare_parties(split, holdout)
+        setup = {
+            "data": args.data,
+            "parties": args.parties,
+            "partition": args.partition,
+            "val_holdout": holdout,
+            "train_count": args.train_count,
+        }
+    cfg = round_config(args, min_parties=len(parties), expected=len(parties))
+    # The same loader and checks as `fedgrpc serve --init-model`.
+    theta0 = (
+        None
+        if args.init_model is None
+        else setup_model(config_for_data(cfg, val), args.init_model).theta0
+    )
     show = args.progress != "never"
     progress = (
         partial(progress_bar, stream=sys.stderr, force=args.progress == "always")
@@ -139,17 +190,67 @@ def _evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         rng_seed=args.seed,
         progress=progress,
         threads=args.threads,
+        theta0=theta0,
     )
     report.setup.update(
-        data=args.data,
-        parties=args.parties,
-        partition=args.partition,
-        val_holdout=holdout,
-        train_count=args.train_count,
+        setup,
+        init_model=None if args.init_model is None else str(args.init_model),
         attacks=list(args.attack),
         seed=args.seed,
     )
     return report.to_json(), format_table(report)
+
+
+def parse_party_data(items: list[str]) -> dict[str, str]:
+    """``ID=SPEC`` assignments as party id -> data spec, in the order given.
+
+    Raises:
+        ConfigError: an item without ``=`` or a spec, an invalid id, or a repeated id.
+    """
+    out: dict[str, str] = {}
+    for item in items:
+        pid, sep, spec = item.partition("=")
+        pid, spec = pid.strip(), spec.strip()
+        if not sep or not spec:
+            raise ConfigError(
+                f"--party-data {item!r}: expected ID=npz:FILE, e.g. alice=npz:alice.npz"
+            )
+        if not PARTY_ID_RE.fullmatch(pid):
+            raise ConfigError(
+                f"--party-data {item!r}: party id {pid!r} is invalid: need 1-64 of "
+                "[A-Za-z0-9_.-]"
+            )
+        if pid in out:
+            raise ConfigError(f"--party-data: party {pid} is given twice")
+        out[pid] = spec
+    return out
+
+
+def _check_own_data(
+    args: argparse.Namespace, own: dict[str, str], split: SplitConfig
+) -> None:
+    """--party-data and --val-data come together, and without the split options.
+
+    Raises:
+        ConfigError: one without the other, or a split option set with them.
+    """
+    if not own:
+        raise ConfigError("--val-data needs --party-data ID=npz:FILE (one per party)")
+    if args.val_data is None:
+        raise ConfigError("--party-data needs --val-data npz:FILE (the validation set)")
+    base = SplitConfig(parties=_SHAPLEY.parties)
+    for option, value, default in (
+        ("--data", split.data, base.data),
+        ("--parties", split.parties, base.parties),
+        ("--partition", split.partition, base.partition),
+        ("--val-holdout", split.val_holdout, base.val_holdout),
+        ("--train-count", split.train_count, base.train_count),
+    ):
+        if value != default:
+            raise ConfigError(
+                f"{option} splits --data; with --party-data each file is one party's "
+                "data and --val-data the validation set"
+            )
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:

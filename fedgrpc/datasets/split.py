@@ -133,16 +133,10 @@ def prepare_parties(
     parts = partition.partition(
         split.partition, train.y, n_parties, _stream(seed, _STREAM_PARTITION)
     )
-    parties: dict[str, Dataset] = {}
-    for index, (pid, idx) in enumerate(zip(ids, parts, strict=True)):
-        ds = subset(train, idx)
-        attack = by_party.get(pid)
-        if attack is not None and attack.on_data:
-            x, y = apply_data_attack(
-                attack, ds.x, ds.y, ds.num_classes, _stream(seed, _STREAM_ATTACK, index)
-            )
-            ds = Dataset(x=x, y=y, num_classes=ds.num_classes, name=ds.name)
-        parties[pid] = ds
+    parties = {
+        pid: _attacked(subset(train, idx), by_party.get(pid), seed, index)
+        for index, (pid, idx) in enumerate(zip(ids, parts, strict=True))
+    }
     log.info(
         "%s: %d validation samples, %d parties (%s) with %s samples",
         data.name,
@@ -152,6 +146,92 @@ def prepare_parties(
         [len(d) for d in parties.values()],
     )
     return parties, val
+
+
+def load_parties(
+    party_data: Mapping[str, str],
+    val_data: str,
+    attacks: Mapping[str, Attack] | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, Dataset], Dataset]:
+    """Each party's own data set and an explicit validation set, checked to fit.
+
+    The counterpart of :func:`prepare_parties` for data that is already cut: nothing
+    is split or partitioned. Data attacks (keyed by party id) are applied as there,
+    with an RNG derived from (seed, the party's position in ``party_data``).
+
+    Args:
+        party_data: Party id -> data spec (``npz:FILE`` with arrays ``x`` and ``y``,
+            or any other :func:`~fedgrpc.datasets.sources.load_dataset` spec).
+        val_data: The validation set's spec.
+        attacks: Attacks by party id (update attacks are left for training).
+        seed: Seed of the data attacks' RNG streams.
+
+    Returns:
+        ``(parties, val)``, parties in the order given. Every set carries the largest
+        class count of all of them, so one model fits every label.
+
+    Raises:
+        ConfigError: no parties, a file that cannot be loaded or lacks ``x``/``y``, an
+            empty data set, samples whose shape differs from the validation set's, or
+            an attack for an unknown party.
+    """
+    if not party_data:
+        raise ConfigError("no party data sets given")
+    ids = list(party_data)
+    by_party = resolve_attacks(attacks or {}, ids)
+    val = _load(val_data, "validation set")
+    if len(val) == 0:
+        raise ConfigError(f"validation set {val_data!r} holds no samples")
+    loaded: dict[str, Dataset] = {}
+    for pid, spec in party_data.items():
+        ds = _load(spec, f"party {pid}")
+        if len(ds) == 0:
+            raise ConfigError(f"party {pid}: {spec!r} holds no samples")
+        if ds.input_shape != val.input_shape:
+            raise ConfigError(
+                f"party {pid}: samples in {spec!r} have shape {list(ds.input_shape)}; "
+                f"the validation set {val_data!r} has {list(val.input_shape)}"
+            )
+        loaded[pid] = ds
+    classes = max([val.num_classes, *(d.num_classes for d in loaded.values())])
+    val = _with_classes(val, classes)
+    parties = {
+        pid: _attacked(_with_classes(ds, classes), by_party.get(pid), seed, index)
+        for index, (pid, ds) in enumerate(loaded.items())
+    }
+    log.info(
+        "%s: %d validation samples, %d parties with %s samples, %d classes",
+        val_data,
+        len(val),
+        len(parties),
+        [len(d) for d in parties.values()],
+        classes,
+    )
+    return parties, val
+
+
+def _load(spec: str, whose: str) -> Dataset:
+    try:
+        return load_dataset(spec)
+    except ConfigError as err:
+        raise ConfigError(f"{whose}: {err}") from None
+
+
+def _with_classes(ds: Dataset, classes: int) -> Dataset:
+    if ds.num_classes == classes:
+        return ds
+    return Dataset(x=ds.x, y=ds.y, num_classes=classes, name=ds.name)
+
+
+def _attacked(ds: Dataset, attack: Attack | None, seed: int, index: int) -> Dataset:
+    """``ds`` after its party's data attack, if it has one (RNG: seed, index)."""
+    if attack is None or not attack.on_data:
+        return ds
+    x, y = apply_data_attack(
+        attack, ds.x, ds.y, ds.num_classes, _stream(seed, _STREAM_ATTACK, index)
+    )
+    return Dataset(x=x, y=y, num_classes=ds.num_classes, name=ds.name)
 
 
 def _stream(seed: int, *key: int) -> np.random.Generator:

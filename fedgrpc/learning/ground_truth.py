@@ -86,9 +86,15 @@ class CoalitionUtility:
         self.on_train = on_train
         self.values: dict[frozenset[str], CoalitionValue] = {}
         setup = setup_model(cfg)
-        self.base_loss, self.base_acc = Evaluator(setup.model, val.x, val.y).evaluate(
-            setup.layout.views(theta0)
-        )
+        try:
+            self.base_loss, self.base_acc = Evaluator(
+                setup.model, val.x, val.y
+            ).evaluate(setup.layout.views(theta0))
+        except RuntimeError as err:  # torch: the model cannot take these samples
+            raise ConfigError(
+                f"model {cfg.model!r} does not fit the data (inputs "
+                f"{list(cfg.input_shape)}, {cfg.num_classes} classes): {err}"
+            ) from None
 
     def __call__(self, coalition: frozenset[str]) -> tuple[float, float]:
         """``(L_v(θ_0) - L_v(θ_T^S), acc(θ_T^S) - acc(θ_0))`` for coalition ``S``."""

@@ -64,6 +64,9 @@ def train_round(
         local_epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
         rng=rng,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        prox_mu=cfg.prox_mu,
     )
     if attack is not None:
         update = apply_update_attack(attack, update, rng)

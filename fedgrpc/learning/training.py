@@ -45,6 +45,9 @@ def local_update(
     local_epochs: int,
     batch_size: int,
     rng: np.random.Generator,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    prox_mu: float = 0.0,
 ) -> tuple[NamedArrays, float]:
     """Compute one party's update from the global parameters ``params`` (theta_t).
 
@@ -52,10 +55,18 @@ def local_update(
     mini-batch of ``batch_size`` samples drawn without replacement by ``rng``
     (``batch_size`` 0 or >= N: all local data, no draw).
 
-    ``delta``: plain SGD (no momentum, no weight decay) with step ``lr``, for
-    ``local_steps`` steps if > 0 (reshuffling with ``rng`` at every pass over the
-    data) else ``local_epochs`` epochs over ``rng``-shuffled mini-batches, the last one
-    possibly smaller. ``batch_size`` 0 or >= N means full-batch steps, no shuffle.
+    ``delta``: SGD with step ``lr``, for ``local_steps`` steps if > 0 (reshuffling
+    with ``rng`` at every pass over the data) else ``local_epochs`` epochs over
+    ``rng``-shuffled mini-batches, the last one possibly smaller. ``batch_size`` 0 or
+    >= N means full-batch steps, no shuffle. Each step, as torch.optim.SGD (no
+    dampening, no Nesterov) on the FedProx loss L(θ) + (μ/2)||θ - θ_t||²::
+
+        d = ∇L(θ) + μ (θ - θ_t) + weight_decay · θ
+        b = d (first step), else b = momentum · b + d
+        θ = θ - lr · b
+
+    The momentum buffer starts empty every round: each round's training starts
+    afresh from θ_t. Frozen parameters (``requires_grad`` False) never move.
 
     Args:
         model: Module whose parameters are overwritten with ``params``; afterwards it
@@ -69,11 +80,15 @@ def local_update(
         local_epochs: Epochs when ``local_steps`` is 0 (delta).
         batch_size: Mini-batch size; 0 means the whole local data set.
         rng: Source of every sample choice.
+        momentum: SGD momentum in [0, 1) (delta only; 0 = off).
+        weight_decay: L2 weight decay >= 0 (delta only; 0 = off).
+        prox_mu: FedProx proximal coefficient mu >= 0 (delta only; 0 = off).
 
     Returns:
         ``(update, loss)``: float32 arrays in parameter order, the gradient g or
         ``theta_t - theta_local``; and the mini-batch loss (gradient) or the mean
-        training loss over the SGD steps (delta).
+        training loss over the SGD steps (delta; the data loss, without the
+        proximal or decay terms).
 
     Raises:
         ConfigError: no data, mismatched x/y, or invalid hyperparameters.
@@ -91,6 +106,12 @@ def local_update(
     if batch_size < 0:
         raise ConfigError(f"batch_size must be >= 0, got {batch_size}")
     bs = n if batch_size == 0 else min(batch_size, n)
+    opt = _LocalOptimiser(momentum, weight_decay, prox_mu)
+    if kind is UpdateKind.GRADIENT and opt.active:
+        raise ConfigError(
+            "momentum, weight decay and prox mu apply to delta updates only, got "
+            f"{momentum}, {weight_decay} and {prox_mu} for a gradient update"
+        )
     set_params(model, params)
     model.train()
     named = list(model.named_parameters())
@@ -107,7 +128,58 @@ def local_update(
         local_steps=local_steps,
         local_epochs=local_epochs,
         rng=rng,
+        opt=opt,
     )
+
+
+class _LocalOptimiser:
+    """Momentum, weight decay and FedProx's proximal term of one round's local SGD.
+
+    Raises:
+        ConfigError: a value that is not finite, negative, or momentum >= 1.
+    """
+
+    def __init__(self, momentum: float, weight_decay: float, prox_mu: float) -> None:
+        for name, value in (
+            ("momentum", momentum),
+            ("weight_decay", weight_decay),
+            ("prox_mu", prox_mu),
+        ):
+            if not np.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if momentum >= 1:
+            raise ConfigError(f"momentum must lie in [0, 1), got {momentum}")
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.prox_mu = prox_mu
+        self.active = bool(momentum or weight_decay or prox_mu)
+
+    def step(
+        self,
+        params: list[nn.Parameter],
+        grads: list[torch.Tensor],
+        theta_t: list[torch.Tensor],
+        buffers: list[torch.Tensor | None],
+        lr: float,
+    ) -> None:
+        """One SGD step in place; ``buffers`` holds the momentum state (None = new)."""
+        with torch.no_grad():
+            for i, (p, g, t0) in enumerate(zip(params, grads, theta_t, strict=True)):
+                if not p.requires_grad:
+                    continue
+                d = g
+                if self.prox_mu:
+                    d = d + self.prox_mu * (p - t0)  # FedProx: grad of (mu/2)||p-t0||^2
+                if self.weight_decay:
+                    d = d + self.weight_decay * p
+                if self.momentum:
+                    b = buffers[i]
+                    if b is None:
+                        b = d.clone()  # torch.optim.SGD: the first step seeds it
+                    else:
+                        b.mul_(self.momentum).add_(d)
+                    buffers[i] = d = b
+                p.sub_(d, alpha=lr)  # theta <- theta - lr * d
 
 
 def _gradient_update(
@@ -142,6 +214,7 @@ def _delta_update(
     local_steps: int,
     local_epochs: int,
     rng: np.random.Generator,
+    opt: _LocalOptimiser,
 ) -> tuple[NamedArrays, float]:
     """Local SGD from the current parameters; ``theta_t - theta_local`` and mean loss.
 
@@ -157,14 +230,14 @@ def _delta_update(
         )
     n = int(yt.shape[0])
     theta_t = [p.detach().clone() for _, p in named]
+    plist = [p for _, p in named]
+    buffers: list[torch.Tensor | None] = [None] * len(plist)
     losses: list[float] = []
     for batch in _batches(n, bs, local_steps, local_epochs, rng):
         xb, yb = (xt, yt) if batch is None else (xt[batch], yt[batch])
         loss = F.cross_entropy(model(xb), yb)
-        grads = _grads(loss, [p for _, p in named])
-        with torch.no_grad():
-            for (_, p), g in zip(named, grads, strict=True):
-                p.sub_(g, alpha=lr)  # theta <- theta - lr * g
+        grads = _grads(loss, plist)
+        opt.step(plist, grads, theta_t, buffers, lr)
         losses.append(float(loss.item()))
     update = {
         name: _to_numpy(t0 - p.detach())  # Delta = theta_t - theta_local

@@ -68,13 +68,19 @@ def setup_model(cfg: RoundConfig, init_model: Path | None = None) -> ModelSetup:
     specs = model_specs(model)
     layout = FlatLayout.of(specs)
     if init_model is not None:
-        arrays, _ = load_arrays(init_model)
+        try:
+            arrays, _ = load_arrays(init_model)
+        except ConfigError as err:
+            raise ConfigError(f"--init-model {init_model}: {err}") from None
         try:
             theta0 = layout.flatten(
                 {k: v.astype(np.float32) for k, v in arrays.items()}
             )
         except Exception as err:
-            raise ConfigError(f"--init-model {init_model}: {err}") from None
+            raise ConfigError(
+                f"--init-model {init_model}: {err} (model {cfg.model!r} for inputs "
+                f"{list(cfg.input_shape)} and {cfg.num_classes} classes)"
+            ) from None
     else:
         params = init_params(
             cfg.model, cfg.input_shape, cfg.num_classes, cfg.model_hidden, cfg.seed

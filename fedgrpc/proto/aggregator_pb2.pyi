@@ -92,6 +92,9 @@ class TrainingConfig(_message.Message):
     INPUT_SHAPE_FIELD_NUMBER: _builtins.int
     NUM_CLASSES_FIELD_NUMBER: _builtins.int
     ROUND_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    MOMENTUM_FIELD_NUMBER: _builtins.int
+    WEIGHT_DECAY_FIELD_NUMBER: _builtins.int
+    PROX_MU_FIELD_NUMBER: _builtins.int
     rounds: _builtins.int
     """total number of rounds in the run"""
     update_kind: Global___UpdateKind.ValueType
@@ -118,6 +121,14 @@ class TrainingConfig(_message.Message):
     """number of output classes"""
     round_timeout_s: _builtins.float
     """seconds a round stays open before the deadline rule applies"""
+    momentum: _builtins.float
+    """Local optimiser of delta updates (as torch.optim.SGD); 0 = off, also when unset.
+    SGD momentum in [0, 1) (dimensionless)
+    """
+    weight_decay: _builtins.float
+    """L2 weight decay added to the gradient (per unit lr)"""
+    prox_mu: _builtins.float
+    """FedProx mu: (mu/2)||theta - theta_t||^2 added to the local loss"""
     @_builtins.property
     def input_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """shape of one input sample, e.g. [1, 8, 8]"""
@@ -139,10 +150,13 @@ class TrainingConfig(_message.Message):
         input_shape: _abc.Iterable[_builtins.int] | None = ...,
         num_classes: _builtins.int = ...,
         round_timeout_s: _builtins.float = ...,
+        momentum: _builtins.float = ...,
+        weight_decay: _builtins.float = ...,
+        prox_mu: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "input_shape", b"input_shape", "local_epochs", b"local_epochs", "local_steps", b"local_steps", "lr", b"lr", "model", b"model", "model_hidden", b"model_hidden", "num_classes", b"num_classes", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "seed", b"seed", "server_lr", b"server_lr", "update_kind", b"update_kind", "wire_dtype", b"wire_dtype"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "input_shape", b"input_shape", "local_epochs", b"local_epochs", "local_steps", b"local_steps", "lr", b"lr", "model", b"model", "model_hidden", b"model_hidden", "momentum", b"momentum", "num_classes", b"num_classes", "prox_mu", b"prox_mu", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "seed", b"seed", "server_lr", b"server_lr", "update_kind", b"update_kind", "weight_decay", b"weight_decay", "wire_dtype", b"wire_dtype"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

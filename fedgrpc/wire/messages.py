@@ -96,6 +96,9 @@ def training_config_to_proto(cfg: RoundConfig) -> aggregator_pb2.TrainingConfig:
         input_shape=list(cfg.input_shape),
         num_classes=cfg.num_classes,
         round_timeout_s=cfg.round_timeout_s,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        prox_mu=cfg.prox_mu,
     )
 
 
@@ -116,6 +119,10 @@ def training_config_from_proto(tc: aggregator_pb2.TrainingConfig) -> RoundConfig
         input_shape=tuple(int(d) for d in tc.input_shape) or _ROUND.input_shape,
         num_classes=tc.num_classes or _ROUND.num_classes,
         round_timeout_s=tc.round_timeout_s or _ROUND.round_timeout_s,
+        # 0 means off, so unset and 0 agree; RoundConfig refuses bad values.
+        momentum=tc.momentum,
+        weight_decay=tc.weight_decay,
+        prox_mu=tc.prox_mu,
     )
 
 

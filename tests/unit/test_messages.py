@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 
 from fedgrpc import wire
 from fedgrpc.config import RoundConfig
-from fedgrpc.errors import InvalidUpdateError
+from fedgrpc.errors import ConfigError, InvalidUpdateError
 from fedgrpc.proto import aggregator_pb2, tensor_pb2
 from fedgrpc.types import (
     ContributionReport,
@@ -57,6 +57,9 @@ CFG = RoundConfig(
     seed=5,
     wire_dtype="bfloat16",
     round_timeout_s=12.5,
+    momentum=0.875,
+    weight_decay=0.0625,
+    prox_mu=0.5,
 )
 
 
@@ -164,6 +167,14 @@ def test_messages_training_config_unset_fields_take_the_config_defaults() -> Non
     back = wire.training_config_from_proto(aggregator_pb2.TrainingConfig())
 
     assert back == RoundConfig(local_steps=0, batch_size=0, seed=0)
+
+
+def test_messages_training_config_bad_optimiser_values_refused() -> None:
+    tc = wire.training_config_to_proto(CFG)
+    tc.momentum = 1.5
+
+    with pytest.raises(ConfigError, match=r"--momentum must lie in \[0, 1\)"):
+        wire.training_config_from_proto(_via_bytes(tc))
 
 
 def test_messages_join_request_round_trip() -> None:

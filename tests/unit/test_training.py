@@ -221,6 +221,218 @@ def test_local_update_bad_hyperparameters_raise(
         )
 
 
+def _np_grad(
+    w: npt.NDArray[np.float64],
+    b: npt.NDArray[np.float64],
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.int64],
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Float64 NumPy oracle: gradient of the mean softmax cross-entropy (W, b)."""
+    flat = x.reshape(len(x), -1).astype(np.float64)  # (n, features)
+    logits = flat @ w.T + b  # (n, classes)
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(len(y)), y] -= 1.0  # dL/dlogits * n
+    return p.T @ flat / len(y), p.mean(axis=0)
+
+
+def _np_local_sgd(
+    params: Arrays,
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.int64],
+    *,
+    lr: float,
+    steps: int,
+    momentum: float,
+    weight_decay: float,
+    prox_mu: float,
+) -> dict[str, npt.NDArray[np.float64]]:
+    """Full-batch SGD on L + (mu/2)||theta - theta_t||^2, torch.optim.SGD's rules."""
+    theta_t = {k: v.astype(np.float64) for k, v in params.items()}
+    theta = {k: v.copy() for k, v in theta_t.items()}
+    buf: dict[str, npt.NDArray[np.float64]] = {}
+    for step in range(steps):
+        gw, gb = _np_grad(theta["fc.weight"], theta["fc.bias"], x, y)
+        for name, g in (("fc.weight", gw), ("fc.bias", gb)):
+            d = g + prox_mu * (theta[name] - theta_t[name]) + weight_decay * theta[name]
+            buf[name] = d if step == 0 else momentum * buf[name] + d
+            theta[name] = theta[name] - lr * buf[name]
+    return {k: theta_t[k] - theta[k] for k in theta}  # Delta = theta_t - theta_local
+
+
+def test_np_grad_oracle_matches_finite_difference() -> None:
+    x, y, params = _tiny()
+
+    gw, gb = _np_grad(
+        params["fc.weight"].astype(np.float64),
+        params["fc.bias"].astype(np.float64),
+        x,
+        y,
+    )
+
+    fd = _finite_difference(params, x, y)
+    np.testing.assert_allclose(gw, fd["fc.weight"], atol=1e-6)
+    np.testing.assert_allclose(gb, fd["fc.bias"], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("momentum", "weight_decay", "prox_mu"),
+    [(0.9, 0.0, 0.0), (0.0, 0.05, 0.0), (0.0, 0.0, 2.0), (0.5, 0.01, 0.7)],
+)
+def test_local_update_delta_optimiser_matches_numpy_steps(
+    momentum: float, weight_decay: float, prox_mu: float
+) -> None:
+    x, y, params = _tiny(n=20)
+    model = build_model("logreg", SHAPE, N_CLASSES)
+    expected = _np_local_sgd(
+        params,
+        x,
+        y,
+        lr=0.4,
+        steps=3,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        prox_mu=prox_mu,
+    )
+    plain = _np_local_sgd(
+        params, x, y, lr=0.4, steps=3, momentum=0.0, weight_decay=0.0, prox_mu=0.0
+    )
+
+    delta, _ = local_update(
+        model,
+        params,
+        x,
+        y,
+        kind=UpdateKind.DELTA,
+        lr=0.4,
+        local_steps=3,
+        local_epochs=1,
+        batch_size=0,
+        rng=np.random.default_rng(0),
+        momentum=momentum,
+        weight_decay=weight_decay,
+        prox_mu=prox_mu,
+    )
+
+    for name in expected:
+        np.testing.assert_allclose(delta[name], expected[name], rtol=1e-5, atol=1e-6)
+        # The option changes the step by far more than the tolerance.
+        assert np.abs(expected[name] - plain[name]).max() > 1e-3
+
+
+def test_local_update_delta_momentum_and_decay_match_torch_sgd() -> None:
+    x, y, params = _tiny(n=20)
+    model = build_model("logreg", SHAPE, N_CLASSES)
+    ref = build_model("logreg", SHAPE, N_CLASSES)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.copy_(torch.from_numpy(params[name]))
+    opt = torch.optim.SGD(ref.parameters(), lr=0.3, momentum=0.8, weight_decay=0.02)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for _ in range(4):
+        loss = torch.nn.functional.cross_entropy(ref(xt), yt)
+        plist = list(ref.parameters())
+        for p, g in zip(plist, torch.autograd.grad(loss, plist), strict=True):
+            p.grad = g
+        opt.step()
+
+    delta, _ = local_update(
+        model,
+        params,
+        x,
+        y,
+        kind=UpdateKind.DELTA,
+        lr=0.3,
+        local_steps=4,
+        local_epochs=1,
+        batch_size=0,
+        rng=np.random.default_rng(0),
+        momentum=0.8,
+        weight_decay=0.02,
+    )
+
+    for name, p in ref.named_parameters():
+        np.testing.assert_allclose(
+            delta[name], params[name] - p.detach().numpy(), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_local_update_delta_prox_pulls_towards_global_model() -> None:
+    x, y, params = _tiny(n=40)
+    model = build_model("logreg", SHAPE, N_CLASSES)
+
+    norms = []
+    for mu in (0.0, 1.0, 10.0):
+        delta, _ = local_update(
+            model,
+            params,
+            x,
+            y,
+            kind=UpdateKind.DELTA,
+            lr=0.05,
+            local_steps=12,
+            local_epochs=1,
+            batch_size=8,
+            rng=np.random.default_rng(3),
+            prox_mu=mu,
+        )
+        norms.append(float(np.sqrt(sum(np.sum(d**2) for d in delta.values()))))
+
+    assert norms[0] > norms[1] > norms[2] > 0
+
+
+def test_local_update_optimiser_on_gradient_update_refused() -> None:
+    x, y, params = _tiny()
+    model = build_model("logreg", SHAPE, N_CLASSES)
+
+    with pytest.raises(ConfigError, match="delta updates only"):
+        local_update(
+            model,
+            params,
+            x,
+            y,
+            kind=UpdateKind.GRADIENT,
+            lr=0.1,
+            local_steps=0,
+            local_epochs=1,
+            batch_size=0,
+            rng=np.random.default_rng(0),
+            momentum=0.9,
+        )
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "match"),
+    [
+        ("momentum", 1.0, r"momentum must lie in \[0, 1\)"),
+        ("momentum", -0.1, "momentum must be a finite number >= 0"),
+        ("weight_decay", float("nan"), "weight_decay must be a finite number"),
+        ("prox_mu", float("inf"), "prox_mu must be a finite number"),
+    ],
+)
+def test_local_update_bad_optimiser_values_raise(
+    option: str, value: float, match: str
+) -> None:
+    x, y, params = _tiny()
+    model = build_model("logreg", SHAPE, N_CLASSES)
+    kwargs = {option: value}
+
+    with pytest.raises(ConfigError, match=match):
+        local_update(
+            model,
+            params,
+            x,
+            y,
+            kind=UpdateKind.DELTA,
+            lr=0.1,
+            local_steps=1,
+            local_epochs=1,
+            batch_size=0,
+            rng=np.random.default_rng(0),
+            **kwargs,
+        )
+
+
 @pytest.mark.parametrize("batch_size", [1, 7, 64, 4096])
 def test_evaluator_gradient_is_mean_for_any_batch_size(batch_size: int) -> None:
     x, y, params = _tiny(n=50)
