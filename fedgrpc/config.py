@@ -135,11 +135,12 @@ class RoundConfig:
     """Per-round bound on each update's L2 norm, applied before aggregation and
     scoring: ``auto`` (norm_bound_factor x the round's median norm), ``off``, or a
     fixed positive VALUE (DESIGN §4)."""
-    norm_bound_factor: float = 2.0
-    """k of the ``auto`` norm bound B_t = k x median non-zero update norm."""
-    claim_cap: float = 2.0
+    norm_bound_factor: float = 1.25
+    """k of the ``auto`` norm bound B_t = k x median non-zero update norm (chosen by
+    scripts/bench_manipulation.py: the largest k at which scaling gains <= 1.25x)."""
+    claim_cap: float = 1.25
     """Unattested sample counts weigh at most this many times the joined parties'
-    median claim (0 = no cap)."""
+    median claim (0 = no cap); attest counts in the parties file to weigh more."""
     momentum: float = 0.0
     """Local SGD momentum in [0, 1) for delta updates (as torch.optim.SGD; 0 = off)."""
     weight_decay: float = 0.0

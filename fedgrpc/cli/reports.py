@@ -62,12 +62,37 @@ def report_table(report: ContributionReport) -> str:
             f"{report.method} fidelity: credits sum to {pred:.4f}, measured drop "
             f"{meas:.4f} (residual {meas - pred:+.4f})"
         )
+        low = low_fidelity_rounds(report)
+        if low:
+            lines.append(
+                f"low-fidelity rounds (|residual| > {LOW_FIDELITY:.0%} of the measured "
+                f"drop): {', '.join(map(str, low))}"
+            )
     failed = [r for r in report.rounds if not r.ok]
     if failed:
         lines.append(
             f"failed rounds: {', '.join(f'{r.round} ({r.status})' for r in failed)}"
         )
     return "\n".join(lines)
+
+
+LOW_FIDELITY = 0.5
+"""A round whose |r_t| exceeds this fraction of its |measured drop| is flagged."""
+
+
+def low_fidelity_rounds(report: ContributionReport) -> list[int]:
+    """Scored rounds whose credits miss the measured drop by more than LOW_FIDELITY.
+
+    Rounds whose measured drop is within 1e-6 of zero are judged against 1e-6.
+    """
+    out = []
+    for r in report.rounds:
+        if not r.ok or r.round in report.pending_rounds or not r.parties:
+            continue
+        resid = r.residual(report.method)
+        if abs(resid) > LOW_FIDELITY * max(abs(r.measured_drop), 1e-6):
+            out.append(r.round)
+    return out
 
 
 def report_json(report: ContributionReport) -> dict[str, Any]:
@@ -90,6 +115,7 @@ def report_json(report: ContributionReport) -> dict[str, Any]:
                 val_acc_after=r.val_acc_after,
                 predicted_drop=sum(rounds.get(t, {}).values()),
                 measured_drop=r.measured_drop,
+                residual=r.measured_drop - sum(rounds.get(t, {}).values()),
                 late=list(r.late),
             )
         out_rounds.append(entry)
@@ -104,6 +130,7 @@ def report_json(report: ContributionReport) -> dict[str, Any]:
         "bounded_rounds": {pc.party_id: pc.bounded_rounds for pc in report.parties},
         "flagged": [pc.party_id for pc in report.parties if pc.flagged],
         "pending_rounds": list(report.pending_rounds),
+        "low_fidelity_rounds": [] if report.private else low_fidelity_rounds(report),
         "private_view": report.private,
         "rows_digest": report.rows_digest,
     }
