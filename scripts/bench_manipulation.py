@@ -198,7 +198,9 @@ def main() -> int:
                 continue
             if not args.skip_manipulation:
                 for case in MANIPULATIONS:
-                    items = () if case == "honest" else (f"{PARTY}={case}",)
+                    items: tuple[str, ...] = (
+                        () if case == "honest" else (f"{PARTY}={case}",)
+                    )
                     report = run_game(rcfg, split, args.val_holdout, items)
                     row = {"kind": kind, "defence": defence, "case": case}
                     row.update(game_row(report))

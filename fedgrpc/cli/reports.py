@@ -245,8 +245,7 @@ def payout_csv(doc: dict[str, Any]) -> str:
         ["run_id", "method", "rule", "rounds", "ledger_rows_sha256", "party_id",
          "total", "share", "amount", "harmful"]
     )  # fmt: skip
-    rounds = doc["rounds"]
-    span = f"{rounds[0]}-{rounds[-1]}" if rounds else ""
+    span = " ".join(map(str, doc["rounds"]))  # exactly the rounds used
     for p in doc["parties"]:
         w.writerow(
             [doc["run_id"], doc["method"], doc["rule"], span,

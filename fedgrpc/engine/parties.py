@@ -86,6 +86,8 @@ class PartyTable:
         now = self._clock()
         info = self._by_id.get(party_id)
         if info is not None:
+            if attested is not None:
+                info.attested = attested
             self.seen(info)
             return False
         info = PartyInfo(party_id, num_samples, joined_at=now, attested=attested)

@@ -42,7 +42,8 @@ class OpenRound:
     val_grad: ValGrad
     model_digest: str
     weight_ref: float  # sum of the joined parties' (capped) samples at the opening
-    count_cap: int | None = None  # the most an unattested claim weighs this round
+    count_caps: dict[str, int] = field(default_factory=dict)  # per party (unattested)
+    count_cap_late: int | None = None  # the cap of a party joining during the round
     accepted: dict[str, AcceptedUpdate] = field(default_factory=dict)
     folded: int = 0  # updates already in the accumulator
     fold_limit: float = math.inf  # updates up to this norm fold on arrival

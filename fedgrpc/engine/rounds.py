@@ -281,7 +281,9 @@ class RoundEngine:
                     )
                 return Resend(self.layout, rnd.index, party_id, submission_id, prev)
             counted = bounds.weight_count(
-                num_samples, rnd.count_cap, info.attested is not None
+                num_samples,
+                rnd.count_caps.get(party_id, rnd.count_cap_late),
+                info.attested is not None,
             )
             weight = (
                 None
@@ -332,19 +334,34 @@ class RoundEngine:
 
     def accept(self, sub: Submission, digest: str) -> SubmitOutcome:
         """Take a whole, validated update into its round (called by ``finish``)."""
-        # Outside the lock: the copy to the spill is the size of the model.
-        self.spill.write(sub.round, sub.party_id, sub.update)
-        with self._lock:
-            rnd = self._round
-            if rnd is None or rnd.index != sub.round or rnd.closing or self.finished:
-                raise StaleRoundError(
-                    f"{sub.label}: the round closed while the update was in flight; "
-                    f"open round is {self.round_index}"
-                )
-            outcome = rnd.take(sub, digest, self._spare)
-            self._history[(rnd.index, sub.party_id)] = rnd.accepted[sub.party_id]
-            self._changed.notify_all()
-            return outcome
+        # Outside the lock: the copy to the spill is the size of the model. It becomes
+        # the party's stored update only if the round takes it (under the lock).
+        staged = self.spill.stage(sub.round, sub.party_id, sub.update)
+        committed = False
+        try:
+            with self._lock:
+                rnd = self._round
+                if (
+                    rnd is None
+                    or rnd.index != sub.round
+                    or rnd.closing
+                    or self.finished
+                ):
+                    raise StaleRoundError(
+                        f"{sub.label}: the round closed while the update was in "
+                        f"flight; open round is {self.round_index}"
+                    )
+                known = sub.party_id in rnd.accepted
+                outcome = rnd.take(sub, digest, self._spare)
+                if not known:  # an identical resend keeps the stored update
+                    self.spill.commit(staged)
+                    committed = True
+                self._history[(rnd.index, sub.party_id)] = rnd.accepted[sub.party_id]
+                self._changed.notify_all()
+                return outcome
+        finally:
+            if not committed:
+                self.spill.discard(staged)
 
     # ----------------------------------------------------------------- rounds
     def wait(self, timeout_s: float) -> None:
@@ -549,9 +566,10 @@ class RoundEngine:
             fut = self._executor.submit(self._validator.gradient, theta)
         self._start_second_order(fut)
         claims, attested = self.parties.claims(), self.parties.attested()
-        cap = bounds.count_cap(claims, self.cfg.claim_cap)
+        caps, late_cap = bounds.count_caps(claims, self.cfg.claim_cap)
         counted = sum(
-            bounds.weight_count(n, cap, p in attested) for p, n in claims.items()
+            bounds.weight_count(n, caps.get(p), p in attested)
+            for p, n in claims.items()
         )
         self._round = OpenRound(
             self.round_index,
@@ -560,7 +578,8 @@ class RoundEngine:
             fut,
             digest,
             float(counted or 1),
-            count_cap=cap,
+            count_caps=caps,
+            count_cap_late=late_cap,
             fold_limit=bounds.early_fold_limit(self._last_bound, self.cfg.norm_bound),
         )
         log.info("round %d open", self.round_index)

@@ -10,6 +10,7 @@ where the first-order sum is off at second order.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ import numpy as np
 
 from fedgrpc.engine.spill import Spill, blocked_dot
 from fedgrpc.types import RoundResult, SecondOrder, UpdateKind
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,12 +43,27 @@ class PendingSecond:
         )
 
     def compute(self, v_next: np.ndarray, spill: Spill) -> SecondOrder:
-        """The round's digfl-2 scores; a party whose update is gone scores NaN."""
+        """The round's digfl-2 scores.
+
+        A party whose spilled update is gone (a resumed run whose spill did not
+        survive) keeps its first-order score as its digfl-2 score, with
+        ``dots_next`` NaN saying so; the round is then scored, not pending forever.
+        """
         dots_next: dict[str, float] = {}
         scores: dict[str, float] = {}
         for p, coef in self.coef.items():
             u = spill.read(self.round, p)
-            d = math.nan if u is None else blocked_dot(v_next, u)
+            if u is None:
+                log.warning(
+                    "round %d: the update of party %s is gone; its digfl-2 score is "
+                    "its digfl-1 score",
+                    self.round,
+                    p,
+                )
+                dots_next[p] = math.nan
+                scores[p] = coef * self.dots[p]
+                continue
+            d = blocked_dot(v_next, u)
             dots_next[p] = d
             scores[p] = coef * 0.5 * (self.dots[p] + d)  # trapezoid rule
         return SecondOrder(self.round, dots_next, scores)

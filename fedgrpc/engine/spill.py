@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import uuid
 from pathlib import Path
 from typing import Protocol
 
@@ -31,10 +32,23 @@ _READ_BLOCK = 1 << 20  # elements per block of a dot product read back from a sp
 
 
 class Spill(Protocol):
-    """Per-round storage of accepted updates (raw float32 vectors)."""
+    """Per-round storage of accepted updates (raw float32 vectors).
 
-    def write(self, round_index: int, party_id: str, update: np.ndarray) -> None:
-        """Store ``update`` (1-D float32) for ``party_id`` in round ``round_index``."""
+    An upload is staged (the copy, outside the engine lock) and committed only once
+    the round accepted it (a rename, under the lock): an upload that is refused, or
+    a second stream of the same party, never replaces what was accepted.
+    """
+
+    def stage(self, round_index: int, party_id: str, update: np.ndarray) -> object:
+        """Copy ``update`` (1-D float32) aside; returns a handle for commit/discard."""
+        ...
+
+    def commit(self, staged: object) -> None:
+        """Make a staged update the party's stored update of its round."""
+        ...
+
+    def discard(self, staged: object) -> None:
+        """Forget a staged update that was not accepted."""
         ...
 
     def read(self, round_index: int, party_id: str) -> np.ndarray | None:
@@ -52,11 +66,21 @@ class MemorySpill:
     def __init__(self) -> None:
         self._rounds: dict[int, dict[str, np.ndarray]] = {}
 
-    def write(self, round_index: int, party_id: str, update: np.ndarray) -> None:
-        """Keep a copy."""
+    def stage(
+        self, round_index: int, party_id: str, update: np.ndarray
+    ) -> tuple[int, str, np.ndarray]:
+        """A private copy."""
         copy = np.array(update, dtype=np.float32, copy=True)
         copy.flags.writeable = False
+        return round_index, party_id, copy
+
+    def commit(self, staged: object) -> None:
+        """Keep the copy as the party's update."""
+        round_index, party_id, copy = _memory_handle(staged)
         self._rounds.setdefault(round_index, {})[party_id] = copy
+
+    def discard(self, staged: object) -> None:
+        """Nothing to do: the copy is garbage."""
 
     def read(self, round_index: int, party_id: str) -> np.ndarray | None:
         """The copy, or None."""
@@ -84,14 +108,26 @@ class DirSpill:
         # Hex of the id: any party id is a safe, distinct file name.
         return self._dir(round_index) / f"{party_id.encode().hex()}.npy"
 
-    def write(self, round_index: int, party_id: str, update: np.ndarray) -> None:
-        """Write the update to a temp name, then rename (a reader never sees half)."""
+    def stage(
+        self, round_index: int, party_id: str, update: np.ndarray
+    ) -> tuple[Path, Path]:
+        """Write the update under a name of its own (concurrent uploads never meet)."""
         path = self._path(round_index, party_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f"{path.stem}.{uuid.uuid4().hex}.tmp")
         with open(tmp, "wb") as f:
             np.save(f, np.asarray(update, dtype=np.float32), allow_pickle=False)
+        return tmp, path
+
+    def commit(self, staged: object) -> None:
+        """Rename the staged file into place (atomic: a reader never sees half)."""
+        tmp, path = _dir_handle(staged)
         tmp.replace(path)
+
+    def discard(self, staged: object) -> None:
+        """Delete the staged file."""
+        tmp, _ = _dir_handle(staged)
+        tmp.unlink(missing_ok=True)
 
     def read(self, round_index: int, party_id: str) -> np.ndarray | None:
         """Memory-map the stored update (read-only), or None if it is missing/bad."""
@@ -119,6 +155,16 @@ class DirSpill:
         for d in self.root.iterdir():
             if keep is None or d.name != self._dir(keep).name:
                 shutil.rmtree(d, ignore_errors=True)
+
+
+def _memory_handle(staged: object) -> tuple[int, str, np.ndarray]:
+    assert isinstance(staged, tuple) and len(staged) == 3
+    return staged  # type: ignore[return-value]
+
+
+def _dir_handle(staged: object) -> tuple[Path, Path]:
+    assert isinstance(staged, tuple) and len(staged) == 2
+    return staged  # type: ignore[return-value]
 
 
 def blocked_dot(v: np.ndarray, u: np.ndarray) -> float:

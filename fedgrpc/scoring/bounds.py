@@ -13,8 +13,9 @@ magnitude of its update and the sample count it claims. Both are bounded here.
   never bounds.
 * **Claim cap.** A count attested by the operator's parties file is a hard ceiling (the
   Join is refused above it). Unattested claims are capped for weighting at
-  ``factor`` x the median claim of the joined parties, so one party inflating its count
-  gains at most that factor of weight, while honest skew up to the factor is kept.
+  ``factor`` x the median claim of the *other* joined parties, so one party inflating
+  its count gains at most that factor of weight over a typical party, while honest
+  skew up to the factor is kept (attest larger counts in the parties file).
 """
 
 from __future__ import annotations
@@ -60,15 +61,38 @@ def early_fold_limit(previous_bound: float, rule: str) -> float:
     return 0.5 * previous_bound
 
 
-def count_cap(claims: Mapping[str, int], factor: float) -> int | None:
-    """The most an unattested claim weighs: ``factor`` x the median joined claim.
+def count_caps(
+    claims: Mapping[str, int], factor: float
+) -> tuple[dict[str, int], int | None]:
+    """The most each party's unattested claim weighs: ``factor`` x the median claim of
+    the *other* joined parties (so an inflated claim never lifts its own cap).
 
-    None when the cap is off (``factor`` <= 0) or nobody has joined. Attested parties
-    are not capped: their claim was checked against the operator's count at Join.
+    Returns the per-party caps and the cap of a party that joins later (``factor`` x
+    the median of every current claim); ``({}, None)`` when the cap is off or nobody
+    has joined. A party alone has no cap. Attested parties are not capped: their
+    claim was checked against the operator's count at Join.
     """
     if factor <= 0 or not claims:
-        return None
-    return max(1, math.floor(factor * float(statistics.median(claims.values()))))
+        return {}, None
+    ids = list(claims)
+    order = sorted(range(len(ids)), key=lambda i: claims[ids[i]])
+    values = [claims[ids[i]] for i in order]  # sorted claims
+    n = len(values)
+
+    def cap(median: float) -> int:
+        return max(1, math.floor(factor * median))
+
+    caps: dict[str, int] = {}
+    if n > 1:
+        m = n - 1  # the others
+        for j, i in enumerate(order):
+            # Median of ``values`` without position j: positions (m-1)//2 and m//2 of
+            # the remaining list map back past j by one.
+            lo, hi = (m - 1) // 2, m // 2
+            a = values[lo if lo < j else lo + 1]
+            b = values[hi if hi < j else hi + 1]
+            caps[ids[i]] = cap((a + b) / 2)
+    return caps, cap(float(statistics.median(values)))
 
 
 def weight_count(num_samples: int, cap: int | None, attested: bool) -> int:

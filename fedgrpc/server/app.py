@@ -205,8 +205,15 @@ class Aggregator:
             pending_second=self._pending_second(rcfg, start_round),
             max_samples=cfg.limits.max_num_samples,
         )
+        registry = self.servicer.registry
         for p in self.ledger.parties():
-            self.engine.join(str(p["party_id"]), max(1, int(p["num_samples"])))
+            pid = str(p["party_id"])
+            attested = registry.attested_samples(pid) if registry else None
+            try:
+                self.engine.join(pid, max(1, int(p["num_samples"])), attested)
+            except FedGrpcError as e:
+                # The parties file now attests less than the party joined with.
+                raise ConfigError(f"--resume: party {pid}: {e}") from e
         join_info = wire.JoinInfo(
             self.run_id, tuple(validation.specs), rcfg, start_round, ""
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -128,6 +129,11 @@ class AggregatorServicer:
         self._ready = threading.Event()
         self._run: Run | None = None
         self._start_error = ""
+
+    @property
+    def registry(self) -> PartyRegistry | None:
+        """The parties file the servicer authenticates against, if any."""
+        return self._registry
 
     # ------------------------------------------------------------- the run
     def attach(self, run: Run) -> None:
@@ -345,11 +351,15 @@ class AggregatorServicer:
             st = self._run.engine.status()
         if ident is not None and not ident.is_admin and not self._publish:
             # A party sees no other party's id (DESIGN §5).
+            # Nor the validation metrics: each round's measured drop minus its own
+            # score would give the others' total.
             me = ident.name
             st = replace(
                 st,
                 joined=tuple(p for p in st.joined if p == me),
                 submitted=tuple(p for p in st.submitted if p == me),
                 late=tuple(p for p in st.late if p == me),
+                val_loss=math.nan,
+                val_acc=math.nan,
             )
         return wire.status_to_proto(replace(st, run_id=self._run_id))
