@@ -70,8 +70,9 @@ def configs(rounds: int, seed: int) -> dict[str, RoundConfig]:
         "delta": replace(
             base, update_kind=UpdateKind.DELTA, lr=0.05, local_steps=10, batch_size=32
         ),
-        # Large steps, where the first-order credits overshoot the measured drop.
-        "gradient-lr2": replace(base, update_kind=UpdateKind.GRADIENT, server_lr=2.0),
+        # Larger steps, where the first-order credits overshoot the measured drop
+        # (server lr 2 diverges on this setup: accuracy 0.2, no usable ground truth).
+        "gradient-lr1": replace(base, update_kind=UpdateKind.GRADIENT, server_lr=1.0),
     }
 
 
@@ -155,7 +156,7 @@ def main() -> int:
     ap.add_argument("--train-count", type=int, default=2400)
     ap.add_argument("--val-holdout", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--kinds", default="gradient,delta,gradient-lr2")
+    ap.add_argument("--kinds", default="gradient,delta,gradient-lr1")
     ap.add_argument("--skip-fidelity", action="store_true")
     ap.add_argument("--skip-manipulation", action="store_true")
     ap.add_argument("--defences", default="default,off")

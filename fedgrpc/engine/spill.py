@@ -159,12 +159,12 @@ class DirSpill:
 
 def _memory_handle(staged: object) -> tuple[int, str, np.ndarray]:
     assert isinstance(staged, tuple) and len(staged) == 3
-    return staged  # type: ignore[return-value]
+    return staged
 
 
 def _dir_handle(staged: object) -> tuple[Path, Path]:
     assert isinstance(staged, tuple) and len(staged) == 2
-    return staged  # type: ignore[return-value]
+    return staged
 
 
 def blocked_dot(v: np.ndarray, u: np.ndarray) -> float:
