@@ -64,10 +64,10 @@ def early_fold_limit(previous_bound: float, rule: str) -> float:
 def count_caps(
     claims: Mapping[str, int], factor: float
 ) -> tuple[dict[str, int], int | None]:
-    """The most each party's unattested claim weighs: ``factor`` x the median claim of
-    the *other* joined parties (so an inflated claim never lifts its own cap).
+    """Per-party caps on unattested claims: ``factor`` x the others' median claim.
 
-    Returns the per-party caps and the cap of a party that joins later (``factor`` x
+    The median is over the *other* joined parties, so an inflated claim never lifts
+    its own cap. Returns the per-party caps and the cap of a party that joins later (``factor`` x
     the median of every current claim); ``({}, None)`` when the cap is off or nobody
     has joined. A party alone has no cap. Attested parties are not capped: their
     claim was checked against the operator's count at Join.
