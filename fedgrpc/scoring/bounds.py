@@ -69,8 +69,8 @@ def count_caps(
     The median is over the *other* joined parties, so an inflated claim never lifts
     its own cap. Returns the per-party caps and the cap of a party that joins later
     (``factor`` x the median of every current claim); ``({}, None)`` when the cap is
-    off or nobody has joined. A party alone has no cap. Attested parties are not capped: their
-    claim was checked against the operator's count at Join.
+    off or nobody has joined. A party alone has no cap. Attested parties are not
+    capped: their claim was checked against the operator's count at Join.
     """
     if factor <= 0 or not claims:
         return {}, None
