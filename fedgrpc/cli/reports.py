@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from typing import Any
 
 from fedgrpc.types import ContributionReport, PartyContribution
@@ -62,6 +63,13 @@ def report_table(report: ContributionReport) -> str:
             f"{report.method} fidelity: credits sum to {pred:.4f}, measured drop "
             f"{meas:.4f} (residual {meas - pred:+.4f})"
         )
+        other = "digfl-2" if report.method == "digfl-1" else "digfl-1"
+        pred2 = sum(r.predicted(other) for r in ok)
+        if math.isfinite(pred2):
+            lines.append(
+                f"{other} fidelity: credits sum to {pred2:.4f} (residual "
+                f"{meas - pred2:+.4f}); choose with --method"
+            )
         low = low_fidelity_rounds(report)
         if low:
             lines.append(
