@@ -48,17 +48,18 @@ def clip_factor(norm: float, bound: float) -> float:
 def early_fold_limit(previous_bound: float, rule: str) -> float:
     """Updates up to this norm may be folded on arrival, before B_t is known.
 
-    With a fixed bound (or none) that is the bound itself. Under ``auto`` it is half
-    the previous round's bound (0 in the first round: everything waits for the close),
-    so an early-folded update is almost never bounded later, and when it is, its
-    correction subtracts a vector of about B_t's size, never a huge one.
+    With a fixed bound (or none) that is the bound itself. Under ``auto`` it is the
+    previous round's bound (0 in the first round: everything waits for the close).
+    Medians move little between rounds, so an early-folded update is rarely over B_t;
+    when it is, its correction w_i (c_i - 1) u_i subtracts a vector of about B_t's
+    size, never a huge one (huge updates always wait for the close).
     """
     fixed = parse_norm_bound(rule)
     if fixed is not None:
         return fixed
     if not math.isfinite(previous_bound):
         return 0.0
-    return 0.5 * previous_bound
+    return previous_bound
 
 
 def count_caps(

@@ -237,7 +237,7 @@ def test_bounds_clip_factor() -> None:
 
 def test_bounds_early_fold_limit() -> None:
     assert bounds.early_fold_limit(math.inf, "auto") == 0.0  # round 0: all wait
-    assert bounds.early_fold_limit(4.0, "auto") == 2.0
+    assert bounds.early_fold_limit(4.0, "auto") == 4.0
     assert bounds.early_fold_limit(4.0, "1.5") == 1.5
     assert bounds.early_fold_limit(4.0, "off") == math.inf
 
@@ -296,7 +296,7 @@ def test_bounds_scaled_update_is_clipped_in_round_0() -> None:
 
 def test_bounds_early_folded_update_over_the_bound_is_corrected() -> None:
     run = _run(N3)
-    r0 = {p: _with_norm(i, 1.0) for i, p in enumerate(N3)}  # B_0 = 2: limit 1 next
+    r0 = {p: _with_norm(i, 1.0) for i, p in enumerate(N3)}  # B_0 = 2: limit 2 next
     _round(run, 0, r0, N3)
     theta1 = run.commits[0][1]
     r1 = {"a": _with_norm(4, 0.2), "b": _with_norm(5, 0.25), "c": _with_norm(6, 0.9)}
@@ -304,7 +304,7 @@ def test_bounds_early_folded_update_over_the_bound_is_corrected() -> None:
         _submit(run.engine, p, 1, N3[p], u)
     rnd = run.engine._round
     assert rnd is not None
-    assert rnd.fold_limit == pytest.approx(1.0, rel=1e-6)
+    assert rnd.fold_limit == pytest.approx(2.0, rel=1e-6)
     assert all(e.folded for e in rnd.accepted.values())  # all under the limit
 
     run.engine.tick()
@@ -326,7 +326,7 @@ def test_bounds_oracle_over_rounds_with_varying_scales() -> None:
         {"a": 3.0, "b": 0.1, "c": 0.2},  # a over the limit, bounded at the close
         {"a": 0.05, "b": 0.06, "c": 0.19},  # c early-folded (<= 0.2), corrected
     ]
-    # Folded on arrival: under half the last bound (none in round 0).
+    # Folded on arrival: under the last bound (none in round 0).
     early = [set(), {"a", "b", "c"}, {"b", "c"}, {"a", "b", "c"}]
     theta = THETA_0.astype(np.float64)
     folded = []
