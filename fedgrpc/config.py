@@ -41,6 +41,26 @@ class Limits:
     """How long an upload waits for a free slot before RESOURCE_EXHAUSTED (s)."""
     upload_idle_s: float = 60.0
     """An upload sending nothing for this long is discarded, its slot freed (s)."""
+    upload_min_rate_bytes_s: float = 64 << 10
+    """Slowest average upload rate tolerated after ``upload_grace_s`` (bytes/s of
+    wire data); a slower upload is discarded, its slot freed. Together with the
+    grace it sets every upload's overall deadline: grace + model bytes / rate."""
+    upload_grace_s: float = 30.0
+    """Time an upload stream gets before its rate is judged, and the longest the
+    server waits for its first (header) message (s)."""
+    max_concurrent_streams: int = 0
+    """Long-lived streams (GetModel, SubmitGradient) open at once, server-wide;
+    more get RESOURCE_EXHAUSTED at once. 0 = 2 x max_parties + 8."""
+    max_concurrent_unary: int = 32
+    """Unary calls (Join, GetStatus, GetContributions) in progress at once,
+    server-wide; more get RESOURCE_EXHAUSTED at once."""
+    max_unary_per_identity: int = 8
+    """Unary calls of one method one caller may have in progress at once."""
+
+    @property
+    def stream_cap(self) -> int:
+        """The server-wide cap on long-lived streams."""
+        return self.max_concurrent_streams or 2 * self.max_parties + 8
 
     def __post_init__(self) -> None:
         for name in (
@@ -52,11 +72,20 @@ class Limits:
             "max_inflight_uploads",
             "upload_slot_timeout_s",
             "upload_idle_s",
+            "upload_min_rate_bytes_s",
+            "upload_grace_s",
+            "max_concurrent_unary",
+            "max_unary_per_identity",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(
                     f"limit {name} must be positive, got {getattr(self, name)}"
                 )
+        if self.max_concurrent_streams < 0:
+            raise ConfigError(
+                "limit max_concurrent_streams must be >= 0 (0 = automatic), got "
+                f"{self.max_concurrent_streams}"
+            )
 
 
 @dataclass(frozen=True)
@@ -171,6 +200,9 @@ class ServerConfig:
     validator: str = "process"
     """Where the validation passes run: ``process`` (a worker process sharing theta
     and v_t through memory; keeps torch out of the aggregator) or ``thread``."""
+    open_enrolment: bool = False
+    """TLS with neither a parties file nor client certificates: every caller may
+    join as any party id. Refused unless asked for; no contributions are served."""
 
     def __post_init__(self) -> None:
         if self.validator not in VALIDATORS:
@@ -181,6 +213,19 @@ class ServerConfig:
             raise ConfigError(
                 "no TLS certificate given: pass --tls-cert/--tls-key or run with "
                 "--insecure"
+            )
+        anonymous = self.parties_file is None and not self.tls.require_client_cert
+        if not self.insecure and anonymous and not self.open_enrolment:
+            raise ConfigError(
+                "TLS without a parties file or client certificates would let anyone "
+                "join and upload as any party: pass --parties-file, or "
+                "--require-client-cert with --tls-ca, or --open-enrolment to accept "
+                "that"
+            )
+        if self.open_enrolment and (self.insecure or not anonymous):
+            raise ConfigError(
+                "--open-enrolment applies only to TLS without a parties file or "
+                "client certificates"
             )
 
 

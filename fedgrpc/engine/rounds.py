@@ -93,6 +93,9 @@ class RoundEngine:
         max_in_flight: uploads buffered at once (each holds one model-sized buffer).
         max_parties: parties that may join.
         upload_idle_s: an upload that sends nothing for this long is discarded.
+        upload_min_rate_bytes_s: after ``upload_grace_s`` an upload slower than this
+            (on average) is discarded, which also bounds its overall time.
+        upload_grace_s: time an upload gets before its rate is judged.
         theta_buffers: two model-sized float32 vectors the engine alternates between:
             one holds theta_t, the other accumulates the round's weighted sum and
             becomes theta_{t+1} at the close (allocated here when ``None``). So
@@ -117,6 +120,8 @@ class RoundEngine:
         max_in_flight: int = _LIMITS.max_inflight_uploads,
         max_parties: int = _LIMITS.max_parties,
         upload_idle_s: float = _LIMITS.upload_idle_s,
+        upload_min_rate_bytes_s: float = _LIMITS.upload_min_rate_bytes_s,
+        upload_grace_s: float = _LIMITS.upload_grace_s,
         theta_buffers: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         self.cfg = cfg
@@ -133,7 +138,15 @@ class RoundEngine:
         self._clock = clock
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
-        self.uploads = UploadPool(self.layout.size, max_in_flight, upload_idle_s, clock)
+        self.uploads = UploadPool(
+            self.layout.size,
+            max_in_flight,
+            upload_idle_s,
+            clock,
+            min_rate_bytes_s=upload_min_rate_bytes_s,
+            grace_s=upload_grace_s,
+            wire_itemsize=4 if cfg.wire_dtype == "float32" else 2,
+        )
         self.parties = PartyTable(max_parties, clock)
         self.state = RunState.WAITING
         self.reason = ""
@@ -252,6 +265,9 @@ class RoundEngine:
                         f"wait for round {rnd.index + 1}"
                     )
                 return Resend(self.layout, rnd.index, party_id, submission_id, prev)
+            # One party holds at most its share of the slots, so a stalled or
+            # drip-feeding party never locks the honest ones out.
+            share = max(1, self.uploads.slots // max(1, len(self.parties.active())))
             weight = (
                 None
                 if aggregate.buffers_updates(self.cfg.aggregation)
@@ -272,6 +288,7 @@ class RoundEngine:
                 weight,
                 slot_timeout_s,
                 self._clock,
+                share,
             )
 
     def _open_for_updates(self, label: str, round_index: int) -> OpenRound:
@@ -331,6 +348,15 @@ class RoundEngine:
         if ending is None:
             self._run_effects()
         else:
+            # Uploads still streaming into the closing round can no longer count:
+            # free their slots for the next round now.
+            dropped = self.uploads.abort_round(ending[0].index)
+            if dropped:
+                log.info(
+                    "round %d closing: %d uploads in flight discarded",
+                    ending[0].index,
+                    dropped,
+                )
             self._conclude(*ending, now)
 
     def _step(self, now: float) -> tuple[OpenRound, Ending] | None:

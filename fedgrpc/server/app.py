@@ -21,7 +21,12 @@ from grpc_reflection.v1alpha import reflection
 
 import fedgrpc
 from fedgrpc import wire
-from fedgrpc.config import ServerConfig, round_config_from_json, round_config_to_json
+from fedgrpc.config import (
+    Limits,
+    ServerConfig,
+    round_config_from_json,
+    round_config_to_json,
+)
 from fedgrpc.engine import RoundEngine
 from fedgrpc.errors import ConfigError, FedGrpcError
 from fedgrpc.layout import FlatLayout
@@ -29,6 +34,7 @@ from fedgrpc.proto import aggregator_pb2
 from fedgrpc.security.registry import PartyRegistry
 from fedgrpc.server.auth import server_credentials
 from fedgrpc.server.broadcast import ModelBroadcaster
+from fedgrpc.server.guard import pool_size
 from fedgrpc.server.servicer import AggregatorServicer, Run
 from fedgrpc.server.validation import ValidationSetup, open_validation
 from fedgrpc.store.files import atomic_write
@@ -141,9 +147,16 @@ class Aggregator:
             mtls=cfg.tls.require_client_cert,
             limits=cfg.limits,
             stopping=self._stopping,
+            open_enrolment=cfg.open_enrolment,
         )
+        if cfg.open_enrolment:
+            log.warning(
+                "OPEN ENROLMENT: TLS without a parties file or client certificates; "
+                "anyone who reaches this port can join and upload as any party id. "
+                "Nobody's contributions will be served."
+            )
         self.health = health.HealthServicer()
-        self.server = _grpc_server(self.servicer, self.health, cfg.limits.max_parties)
+        self.server = _grpc_server(self.servicer, self.health, cfg.limits)
         self._driver = threading.Thread(
             target=self._drive, name="round-driver", daemon=True
         )
@@ -190,6 +203,8 @@ class Aggregator:
             max_in_flight=cfg.limits.max_inflight_uploads,
             max_parties=cfg.limits.max_parties,
             upload_idle_s=cfg.limits.upload_idle_s,
+            upload_min_rate_bytes_s=cfg.limits.upload_min_rate_bytes_s,
+            upload_grace_s=cfg.limits.upload_grace_s,
         )
         for p in self.ledger.parties():
             self.engine.join(str(p["party_id"]), max(1, int(p["num_samples"])))
@@ -197,8 +212,20 @@ class Aggregator:
             self.run_id, tuple(validation.specs), rcfg, start_round, ""
         )
         self.servicer.attach(
-            Run(self.engine, self.broadcaster, join_info, self.ledger.contributions)
+            Run(
+                self.engine,
+                self.broadcaster,
+                join_info,
+                self.ledger.contributions,
+                known_parties=self._known_parties,
+            )
         )
+
+    def _known_parties(self) -> set[str]:
+        """Every party id of the run: joined now, or recorded in the ledger."""
+        return set(self.engine.parties.ids()) | {
+            str(p["party_id"]) for p in self.ledger.parties()
+        }
 
     # ------------------------------------------------------------ durability
     def _commit(self, result: RoundResult, theta_next: np.ndarray) -> None:
@@ -331,14 +358,15 @@ class Aggregator:
 
 
 def _grpc_server(
-    servicer: AggregatorServicer, health_servicer: health.HealthServicer, parties: int
+    servicer: AggregatorServicer, health_servicer: health.HealthServicer, limits: Limits
 ) -> grpc.Server:
     """The gRPC server: the Aggregator service, health checking and reflection."""
     server = grpc.server(
         # Each GetModel stream and each upload holds a worker thread while it lasts;
-        # threads start lazily, so the bound costs nothing until used.
+        # threads start lazily, so the bound costs nothing until used. The servicer's
+        # caps (server.guard) stay below it, so health checks always find a thread.
         futures.ThreadPoolExecutor(
-            max_workers=2 * parties + 16, thread_name_prefix="rpc"
+            max_workers=pool_size(limits), thread_name_prefix="rpc"
         ),
         options=[
             ("grpc.so_reuseport", 0),
@@ -349,6 +377,14 @@ def _grpc_server(
             # Clients ping every 10 s to detect dead links; allow it.
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            # The server probes silent connections too: a peer that vanished
+            # without closing frees its streams (and threads) within ~40 s.
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            # A client pinging more often than allowed is disconnected.
+            ("grpc.http2.max_ping_strikes", 3),
+            # Connections with no call for 10 min are closed.
+            ("grpc.max_connection_idle_ms", 600_000),
         ],
     )
     server.add_generic_rpc_handlers((build_handler(servicer),))
