@@ -9,7 +9,12 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from fedgrpc.errors import InvalidUpdateError, LimitError
+from fedgrpc.errors import (
+    DuplicateSubmissionError,
+    ForbiddenError,
+    InvalidUpdateError,
+    LimitError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,8 @@ class PartyTable:
         self._max = max_parties
         self._clock = clock
         self._by_id: dict[str, PartyInfo] = {}
+        self.evicted: set[str] = set()
+        """Ids an operator evicted (``fedgrpc parties evict``): they cannot join."""
 
     def join(self, party_id: str, num_samples: int) -> bool:
         """Register or re-register a party; True when it is new or its count changed."""
@@ -39,9 +46,19 @@ class PartyTable:
             raise InvalidUpdateError(
                 f"party {party_id} declared {num_samples} samples; need > 0"
             )
+        if party_id in self.evicted:
+            raise ForbiddenError(f"party {party_id} was evicted from this run")
         now = self._clock()
         info = self._by_id.get(party_id)
         changed = info is None or info.num_samples != num_samples
+        if info is not None and changed and info.active:
+            # Whoever can send a Join under an id must not re-weight (or, through
+            # the sample-count check at upload, lock out) the party using it.
+            raise DuplicateSubmissionError(
+                f"party {party_id} is active with {info.num_samples} samples; a Join "
+                f"cannot change it to {num_samples} (it can once the party has missed "
+                "a round)"
+            )
         if info is None:
             if len(self._by_id) >= self._max:
                 raise LimitError(

@@ -206,6 +206,7 @@ class Aggregator:
             upload_min_rate_bytes_s=cfg.limits.upload_min_rate_bytes_s,
             upload_grace_s=cfg.limits.upload_grace_s,
         )
+        self.engine.parties.evicted = self.ledger.evicted()
         for p in self.ledger.parties():
             self.engine.join(str(p["party_id"]), max(1, int(p["num_samples"])))
         join_info = wire.JoinInfo(
@@ -343,6 +344,7 @@ class Aggregator:
                 self.run_dir.path,
             )
         self.server.stop(grace_s).wait()
+        self.servicer.close()
         if self._driver.is_alive():
             self._driver.join(timeout=5)
         if self._executor is not None:

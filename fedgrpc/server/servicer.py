@@ -144,6 +144,10 @@ class AggregatorServicer:
         self._run = run
         self._ready.set()
 
+    def close(self) -> None:
+        """Stop the watchdog thread (after the server stopped)."""
+        self._watchdog.stop()
+
     @property
     def ready(self) -> bool:
         """Whether the run is attached."""

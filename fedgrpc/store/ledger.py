@@ -226,6 +226,10 @@ def _round_from_row(r: sqlite3.Row, parties: tuple[PartyRound, ...]) -> RoundRes
     )
 
 
+EVICTED_KEY = "evicted_parties"
+"""State key: party ids an operator evicted (a JSON list)."""
+
+
 class Ledger:
     """The run ledger: one SQLite file, one connection, guarded by a lock.
 
@@ -447,6 +451,40 @@ class Ledger:
             "FROM parties ORDER BY party_id"
         ).fetchall()
         return [dict(r) for r in rows]
+
+    def evict_parties(self, party_ids: Sequence[str]) -> list[str]:
+        """Drop parties from the registry and bar them from joining this run again.
+
+        Their recorded rounds and scores stay (the ledger never rewrites history);
+        they no longer count against ``max_parties`` and are not re-registered at
+        ``--resume``. Returns the ids that were registered. One transaction.
+        """
+        self._writable()
+        ids = list(dict.fromkeys(party_ids))
+        with self._lock, self._transaction() as conn:
+            marks = ",".join("?" * len(ids))
+            found = [
+                str(r[0])
+                for r in conn.execute(
+                    f"SELECT party_id FROM parties WHERE party_id IN ({marks})",
+                    ids,
+                )
+            ]
+            conn.execute(f"DELETE FROM parties WHERE party_id IN ({marks})", ids)
+            row = conn.execute(
+                "SELECT value FROM state WHERE key = ?", (EVICTED_KEY,)
+            ).fetchone()
+            evicted = set(json.loads(row["value"])) if row else set()
+            conn.execute(
+                "INSERT INTO state (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (EVICTED_KEY, _dumps(sorted(evicted | set(ids)))),
+            )
+        return sorted(found)
+
+    def evicted(self) -> set[str]:
+        """Party ids evicted from this run."""
+        return {str(p) for p in self.get_state(EVICTED_KEY, [])}
 
     # -- rounds -----------------------------------------------------------------------
 

@@ -269,6 +269,7 @@ def test_engine_on_join_called_for_new_party_or_new_count() -> None:
 
     engine.join("a", 5)
     engine.join("a", 5)
+    engine.parties.deactivate(["a"])  # an active party's count cannot change
     engine.join("a", 7)
     engine.join("b", 1)
 
@@ -278,7 +279,7 @@ def test_engine_on_join_called_for_new_party_or_new_count() -> None:
 def test_engine_join_max_parties() -> None:
     engine = RoundEngine(_cfg(), SPECS, THETA_0, QuadraticValidator(), max_parties=1)
     engine.join("a", 1)
-    engine.join("a", 2)  # re-joining is not a new party
+    engine.join("a", 1)  # re-joining is not a new party
 
     with pytest.raises(LimitError, match="party b cannot join: 1 parties already"):
         engine.join("b", 1)
