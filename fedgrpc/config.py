@@ -249,6 +249,12 @@ class ClientConfig:
     """Simulated attack (evaluation only), e.g. ``label-flip:0.8``."""
     threads: int = 1
     """torch intra-op threads."""
+    max_refused_rounds: int = 3
+    """Consecutive rounds whose upload is refused as INVALID_ARGUMENT before the
+    party gives up (a RESOURCE_EXHAUSTED refusal only skips the round)."""
+    tls_server_name: str = ""
+    """Name to check the aggregator's certificate against, when it differs from the
+    host in ``server`` (e.g. reaching a DNS-named certificate by IP)."""
 
     def __post_init__(self) -> None:
         if not self.insecure and self.tls.ca is None:

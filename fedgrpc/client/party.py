@@ -19,7 +19,16 @@ from fedgrpc.types import TrainingDone
 log = logging.getLogger(__name__)
 
 # Status codes after which the party gives the round up and follows the stream.
-_SKIP_ROUND = {ErrorCode.FAILED_PRECONDITION, ErrorCode.ALREADY_EXISTS}
+_SKIP_ROUND = {
+    ErrorCode.FAILED_PRECONDITION,
+    ErrorCode.ALREADY_EXISTS,
+    # Transient: every upload slot busy, or the upload discarded as too slow.
+    ErrorCode.RESOURCE_EXHAUSTED,
+}
+# Refusals that may be transient (a restarted aggregator, a round that changed
+# under the upload) but would repeat forever if they are not: the party skips the
+# round, and gives up after ClientConfig.max_refused_rounds of them in a row.
+_SKIP_A_FEW = {ErrorCode.INVALID_ARGUMENT}
 # Status codes after which the party reconnects (stream broken or expired).
 _RECONNECT = {
     ErrorCode.UNAVAILABLE,
@@ -64,6 +73,7 @@ def run_party(cfg: ClientConfig, data: Dataset | None = None) -> PartyResult:
         stream_timeout = 2 * rcfg.round_timeout_s + 60.0
         next_round = joined.open_round
         submitted = 0
+        refused = [0]  # consecutive rounds refused as invalid
         last_loss = float("nan")
         while True:
             try:
@@ -79,7 +89,9 @@ def run_party(cfg: ClientConfig, data: Dataset | None = None) -> PartyResult:
                             submitted, item.rounds_completed, item.reason, last_loss
                         )
                     last_loss = (
-                        _train_and_submit(client, item, trainer, data, cfg, attack)
+                        _train_and_submit(
+                            client, item, trainer, data, cfg, attack, refused
+                        )
                         or last_loss
                     )
                     submitted += 1
@@ -103,6 +115,7 @@ def _train_and_submit(
     data: Dataset,
     cfg: ClientConfig,
     attack: Attack | None,
+    refused: list[int],
 ) -> float | None:
     t0 = time.perf_counter()
     update, loss = trainer.train(item.flat, data, cfg.party_id, item.round, attack)
@@ -117,12 +130,24 @@ def _train_and_submit(
             model_digest=item.digest,
         )
     except RemoteError as err:
-        if err.code in _SKIP_ROUND:
+        if err.code in _SKIP_A_FEW:
+            refused[0] += 1
+            if refused[0] >= cfg.max_refused_rounds:
+                raise RemoteError(
+                    f"party {cfg.party_id}: {refused[0]} rounds in a row refused as "
+                    f"invalid; giving up. Last: {err}",
+                    code=err.code,
+                ) from None
+        if err.code in _SKIP_ROUND | _SKIP_A_FEW:
             log.warning(
-                "party %s: round %d not counted: %s", cfg.party_id, item.round, err
+                "party %s: round %d not counted (will try the next): %s",
+                cfg.party_id,
+                item.round,
+                err,
             )
             return None
         raise
+    refused[0] = 0
     log.info(
         "party %s round %d: loss %.4f, trained %.2f s, %s",
         cfg.party_id,
