@@ -174,6 +174,22 @@ class TlsConfig:
     require_client_cert: bool = False
 
 
+def check_address(address: str) -> None:
+    """Raise ConfigError unless ``address`` is ``host:port`` with a valid port.
+
+    gRPC would otherwise bind a random port for ``host:99999`` without a word.
+    """
+    if address.startswith("unix:"):
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"address {address!r}: expected HOST:PORT")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(
+            f"address {address!r}: port {port!r} is not a number from 0 to 65535"
+        )
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """The aggregator process: address, run directory, data, security, limits."""
@@ -214,6 +230,7 @@ class ServerConfig:
                 "no TLS certificate given: pass --tls-cert/--tls-key or run with "
                 "--insecure"
             )
+        check_address(self.address)
         anonymous = self.parties_file is None and not self.tls.require_client_cert
         if not self.insecure and anonymous and not self.open_enrolment:
             raise ConfigError(

@@ -7,6 +7,7 @@ import logging
 import os
 import platform
 import signal
+import sqlite3
 import threading
 import time
 import uuid
@@ -105,8 +106,20 @@ class Aggregator:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
         self.run_dir = RunDir(cfg.run_dir)
+        # Everything that can be checked without the run directory is checked
+        # before it is created, so a failed start leaves nothing behind.
+        self._credentials = None if cfg.insecure else server_credentials(cfg.tls)
+        self._registry = (
+            PartyRegistry.load(cfg.parties_file) if cfg.parties_file else None
+        )
+        self._new_dir = not self.run_dir.path.exists()
+        self._new_ledger = not self.run_dir.ledger_path.exists()
+        self._started = False
+        if cfg.resume and self._new_ledger:
+            raise ConfigError(f"--resume {self.run_dir.path}: no run recorded there")
         self.run_dir.path.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(self.run_dir.ledger_path)
+        self.run_dir.clean_temp_files()
+        self.ledger = _open_ledger(self.run_dir)
         self._stopping = threading.Event()
         self._done = threading.Event()
         self._closed = False
@@ -117,7 +130,16 @@ class Aggregator:
             self._open(cfg)
         except BaseException:
             self.ledger.close()
+            self._discard_if_new()
             raise
+
+    def _discard_if_new(self) -> None:
+        """A fresh run that never started leaves no ledger behind (issue 11)."""
+        if not self._started and self._new_ledger and not self.cfg.resume:
+            self.run_dir.discard_new(remove_dir=self._new_dir)
+            log.info(
+                "start failed: removed the new run's files in %s", self.run_dir.path
+            )
 
     def _open(self, cfg: ServerConfig) -> None:
         if cfg.resume:
@@ -139,11 +161,10 @@ class Aggregator:
             self.run_id = uuid.uuid4().hex[:12]
             self._round_cfg = cfg.round
             self._val = (cfg.val_data, cfg.val_count)
-        registry = PartyRegistry.load(cfg.parties_file) if cfg.parties_file else None
         self.servicer = AggregatorServicer(
             self.run_id,
             self._round_cfg.rounds,
-            registry=registry,
+            registry=self._registry,
             mtls=cfg.tls.require_client_cert,
             limits=cfg.limits,
             stopping=self._stopping,
@@ -258,12 +279,16 @@ class Aggregator:
         The port (and ``port_file``) is live before the run is set up; a set-up
         failure is raised here, after which RPCs answer UNAVAILABLE naming it.
         """
-        if self.cfg.insecure:
-            port = self.server.add_insecure_port(self.cfg.address)
-        else:
-            port = self.server.add_secure_port(
-                self.cfg.address, server_credentials(self.cfg.tls)
-            )
+        try:
+            if self._credentials is None:
+                port = self.server.add_insecure_port(self.cfg.address)
+            else:
+                port = self.server.add_secure_port(self.cfg.address, self._credentials)
+        except RuntimeError as err:  # grpcio: "Failed to bind to address ..."
+            raise ConfigError(
+                f"cannot listen on {self.cfg.address}: the port is in use or the "
+                "address is not one of this host's"
+            ) from err
         if port == 0:
             raise ConfigError(f"cannot listen on {self.cfg.address}")
         self.port = port
@@ -285,7 +310,13 @@ class Aggregator:
             self.servicer.start_failed(str(err))
             if self.validation is not None:
                 self.validation.close()  # no worker outlives a failed start
+            if isinstance(err, sqlite3.DatabaseError):
+                raise ConfigError(
+                    f"{self.run_dir.ledger_path} is damaged ({err}); restore it from "
+                    "a backup (fedgrpc backup) or start a new --run-dir"
+                ) from err
             raise
+        self._started = True
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("run %s ready", self.run_id)
@@ -352,11 +383,28 @@ class Aggregator:
         if self.validation is not None:
             self.validation.close()
         self.ledger.close()
+        self._discard_if_new()
 
     @property
     def succeeded(self) -> bool:
         """True when the run completed every round."""
         return self.servicer.ready and self.engine.state == RunState.DONE
+
+
+def _open_ledger(run_dir: RunDir) -> Ledger:
+    """The run's ledger; a damaged file is a named ConfigError, not a traceback."""
+    ledger: Ledger | None = None
+    try:
+        ledger = Ledger(run_dir.ledger_path)
+        ledger.run_info()  # reads the first pages: a torn file fails here
+        return ledger
+    except sqlite3.DatabaseError as err:
+        if ledger is not None:
+            ledger.close()
+        raise ConfigError(
+            f"{run_dir.ledger_path} is not a readable fedgrpc ledger ({err}); restore "
+            "it from a backup or start a new --run-dir"
+        ) from err
 
 
 def _grpc_server(

@@ -11,6 +11,7 @@ the resume pointer, so the pointer never names a file that is not whole on disk.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -83,6 +84,43 @@ class RunDir:
             expected_sha256=state["checkpoint_sha256"],
         )
         return layout.flatten(arrays), int(state["next_round"])
+
+    def clean_temp_files(self) -> list[Path]:
+        """Delete the temp files of writes a kill interrupted; return them.
+
+        Every file is written as ``.NAME.XXXX.tmp`` beside its target and renamed
+        (``store.files.atomic_write``), so a dot-file ending in ``.tmp`` is never a
+        finished file. Call only while no aggregator writes to this directory.
+        """
+        removed = []
+        for where in (self.path, self.path / CHECKPOINTS):
+            for tmp in where.glob(".*.tmp") if where.is_dir() else ():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+        if removed:
+            log.warning(
+                "%s: removed %d temp files left by an interrupted write",
+                self.path,
+                len(removed),
+            )
+        return removed
+
+    def discard_new(self, *, remove_dir: bool) -> None:
+        """Remove what a run that never started left (its ledger, checkpoints).
+
+        So a corrected command can use the same ``--run-dir``. Only for a
+        directory whose ledger this attempt created; the ledger must be closed.
+        """
+        for name in (LEDGER_FILE, f"{LEDGER_FILE}-wal", f"{LEDGER_FILE}-shm"):
+            (self.path / name).unlink(missing_ok=True)
+        ckpt = self.path / CHECKPOINTS
+        if ckpt.is_dir():
+            for f in ckpt.iterdir():
+                f.unlink(missing_ok=True)
+            ckpt.rmdir()
+        if remove_dir:
+            with contextlib.suppress(OSError):  # only if empty: never others' files
+                self.path.rmdir()
 
     def save_final(
         self, layout: FlatLayout, theta: np.ndarray, meta: dict[str, Any]
