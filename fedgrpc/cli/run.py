@@ -22,6 +22,7 @@ from fedgrpc.config import (
     ServerConfig,
     TlsConfig,
 )
+from fedgrpc.errors import ConfigError
 
 _SERVER = ServerConfig(insecure=True)  # defaults only
 _ROUND = RoundConfig()
@@ -51,8 +52,8 @@ def _serve_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--val-data",
-        default=_SERVER.val_data,
-        help="digits, mnist:DIR, npz:FILE, mod:fn",
+        help="the server's validation set (required for a new run): digits (the "
+        "bundled scikit-learn digits), mnist:DIR, npz:FILE, mod:fn",
     )
     p.add_argument(
         "--val-count",
@@ -184,7 +185,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         round=round_config(a, min_parties=a.min_parties, expected=a.expected_parties),
         address=a.address,
         run_dir=a.resume or a.run_dir,
-        val_data=a.val_data,
+        val_data=a.val_data or _SERVER.val_data,
         val_count=a.val_count,
         insecure=a.insecure,
         tls=TlsConfig(
@@ -216,6 +217,12 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         resume=a.resume is not None,
         validator=a.validator,
     )
+    if a.val_data is None and a.resume is None:
+        # Scoring on a data set the operator never chose would be silently wrong.
+        raise ConfigError(
+            "no validation data: pass --val-data (digits for the bundled scikit-learn "
+            "digits, mnist:DIR, npz:FILE or module:factory)"
+        )
     return serve(cfg)
 
 

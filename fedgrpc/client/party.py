@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedgrpc.client.stub import AggregatorClient, ModelVersion
-from fedgrpc.config import ClientConfig
+from fedgrpc.config import ClientConfig, RoundConfig
 from fedgrpc.datasets.attacks import Attack, parse_attack
 from fedgrpc.datasets.sources import Dataset, load_dataset
 from fedgrpc.errors import ConfigError, ErrorCode, RemoteError
@@ -54,14 +54,12 @@ def run_party(cfg: ClientConfig, data: Dataset | None = None) -> PartyResult:
     data = data if data is not None else load_dataset(cfg.data)
     attack = parse_attack(cfg.attack)
     with AggregatorClient(cfg) as client:
+        # Check the data fits the run before joining: a party that joins and then
+        # cannot train would make every round wait out its deadline for it.
+        _check_fits(cfg, data, client.join(len(data), check_only=True).config)
         joined = client.join(len(data))
         rcfg = joined.config
-        if tuple(data.x.shape[1:]) != rcfg.input_shape:
-            raise ConfigError(
-                f"party {cfg.party_id}: local samples have shape "
-                f"{list(data.x.shape[1:])}; "
-                f"the run's model expects {list(rcfg.input_shape)}"
-            )
+        _check_fits(cfg, data, rcfg)
         trainer = LocalTrainer(rcfg, client.specs, f"party {cfg.party_id}", cfg.threads)
         log.info(
             "party %s joined run %s at round %d (%d samples)",
@@ -106,6 +104,23 @@ def run_party(cfg: ClientConfig, data: Dataset | None = None) -> PartyResult:
                 time.sleep(cfg.backoff_initial_s)
                 client.join(len(data))  # the aggregator may have restarted
                 next_round = 0  # ask for the current model, whichever round it is
+
+
+def _check_fits(cfg: ClientConfig, data: Dataset, rcfg: RoundConfig) -> None:
+    """Raise ConfigError naming the shapes unless ``data`` fits the run's model."""
+    if tuple(data.x.shape[1:]) != rcfg.input_shape:
+        raise ConfigError(
+            f"party {cfg.party_id}: local samples have shape "
+            f"{list(data.x.shape[1:])}; "
+            f"the run's model expects {list(rcfg.input_shape)}"
+        )
+    top = int(np.max(data.y)) if len(data.y) else -1
+    if top >= rcfg.num_classes or (len(data.y) and int(np.min(data.y)) < 0):
+        raise ConfigError(
+            f"party {cfg.party_id}: local labels range over "
+            f"[{int(np.min(data.y))}, {top}]; the run's model has "
+            f"{rcfg.num_classes} classes (0-{rcfg.num_classes - 1})"
+        )
 
 
 def _train_and_submit(

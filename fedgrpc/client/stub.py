@@ -174,10 +174,15 @@ class AggregatorClient:
             ) from None
 
     # ------------------------------------------------------------------ RPCs
-    def join(self, num_samples: int) -> wire.JoinInfo:
-        """Join (retried while the aggregator is unreachable); learn spec and config."""
+    def join(self, num_samples: int, *, check_only: bool = False) -> wire.JoinInfo:
+        """Join (retried while the aggregator is unreachable); learn spec and config.
+
+        With ``check_only`` the aggregator registers nothing: the party learns the
+        model and its input shape first, to refuse data that does not fit before
+        the run waits for it.
+        """
         req = wire.join_request_to_proto(
-            self.cfg.party_id, num_samples, fedgrpc.__version__
+            self.cfg.party_id, num_samples, fedgrpc.__version__, check_only=check_only
         )
         reply: aggregator_pb2.JoinReply = self.retry(
             lambda: self._stub.Join(

@@ -212,13 +212,13 @@ class AggregatorServicer:
     ) -> aggregator_pb2.JoinReply:
         """Register the calling party; reply with spec, config and the open round."""
         with self._guard.admit("Join"):
-            claimed, num_samples, _ = wire.join_request_from_proto(
-                wire.parse_message(aggregator_pb2.JoinRequest, raw)
-            )
+            msg = wire.parse_message(aggregator_pb2.JoinRequest, raw)
+            claimed, num_samples, _ = wire.join_request_from_proto(msg)
             party = self._party(context, claimed)
             with self._guard.per_identity(f"party {party}", "Join"):
                 run = self._wait_run(context)
-                run.engine.join(party, num_samples)
+                if not wire.join_is_check_only(msg):
+                    run.engine.join(party, num_samples)
                 info = replace(
                     run.join_info, open_round=run.engine.open_round, party_id=party
                 )

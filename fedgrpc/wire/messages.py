@@ -162,12 +162,20 @@ class JoinInfo:
 
 
 def join_request_to_proto(
-    party_id: str, num_samples: int, client_version: str
+    party_id: str, num_samples: int, client_version: str, *, check_only: bool = False
 ) -> aggregator_pb2.JoinRequest:
-    """A JoinRequest."""
+    """A JoinRequest (``check_only``: ask for spec and config without joining)."""
     return aggregator_pb2.JoinRequest(
-        party_id=party_id, num_samples=num_samples, client_version=client_version
+        party_id=party_id,
+        num_samples=num_samples,
+        client_version=client_version,
+        check_only=check_only,
     )
+
+
+def join_is_check_only(msg: aggregator_pb2.JoinRequest) -> bool:
+    """Whether a JoinRequest only asks for the spec and config."""
+    return bool(msg.check_only)
 
 
 def join_request_from_proto(msg: aggregator_pb2.JoinRequest) -> tuple[str, int, str]:

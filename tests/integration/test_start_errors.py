@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 
 from fedgrpc.cli.main import main
+from fedgrpc.client.party import run_party
 from fedgrpc.config import ServerConfig
-from fedgrpc.datasets.sources import read_idx
+from fedgrpc.datasets.sources import Dataset, load_dataset, read_idx, subset
 from fedgrpc.errors import ConfigError
 from fedgrpc.store.checkpoint import save_arrays
-from tests.conftest import MakeServer
+from tests.conftest import MakeServer, client_config
+from tests.integration.test_service import StubFor, _state
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +37,7 @@ def _serve(run_dir: Path, *extra: str) -> list[str]:
         str(run_dir),
         "--join-timeout",
         "1",
-        *extra,
+        *(extra or ("--val-data", "digits")),
     ]
 
 
@@ -54,7 +56,10 @@ def test_garbage_ledger_is_a_clean_error(
     run.mkdir()
     (run / "ledger.sqlite").write_bytes(np.random.default_rng(0).bytes(8192))
 
-    code = main([*_serve(run)[:-4], "--resume", str(run)])
+    code = main(
+        ["serve", "--insecure", "--validator", "thread", "--address", "localhost:0",
+         "--resume", str(run)]
+    )  # fmt: skip
 
     assert code == 2
     assert "is not a readable fedgrpc ledger" in _error_line(capsys)
@@ -158,6 +163,18 @@ def test_failed_start_does_not_block_the_corrected_command(
     assert agg.ledger.run_info() is not None
 
 
+def test_serve_without_val_data_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _serve(tmp_path / "run", "--rounds", "1")  # no --val-data
+
+    code = main(args)
+
+    assert code == 2
+    assert "no validation data: pass --val-data" in _error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
 def test_orphan_temp_files_are_removed_at_resume(
     make_server: MakeServer, tmp_path: Path
 ) -> None:
@@ -176,3 +193,27 @@ def test_orphan_temp_files_are_removed_at_resume(
 
     assert [o.exists() for o in orphans] == [False, False]
     assert keep.exists()
+
+
+@pytest.mark.parametrize("what", ["shape", "labels"])
+def test_party_whose_data_does_not_fit_is_refused_before_joining(
+    make_server: MakeServer, stub_for: StubFor, what: str
+) -> None:
+    agg = make_server(rounds=1, min_parties=2)
+    digits = subset(load_dataset("digits"), np.arange(50))
+    if what == "shape":
+        bad = Dataset(
+            digits.x.reshape(50, 1, 4, 16), digits.y, digits.num_classes, "bad"
+        )
+        needle = (
+            "local samples have shape [1, 4, 16]; the run's model expects [1, 8, 8]"
+        )
+    else:
+        bad = Dataset(digits.x, digits.y + 5, digits.num_classes + 5, "bad")
+        needle = "local labels range over [5, 14]; the run's model has 10 classes"
+
+    with pytest.raises(ConfigError) as info:
+        run_party(client_config(agg, "alice"), bad)
+
+    assert needle in str(info.value)
+    assert list(_state(stub_for(agg)).joined) == []  # the run never waits for it
