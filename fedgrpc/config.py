@@ -216,6 +216,9 @@ class ServerConfig:
     validator: str = "process"
     """Where the validation passes run: ``process`` (a worker process sharing theta
     and v_t through memory; keeps torch out of the aggregator) or ``thread``."""
+    worker_restarts: int = 1
+    """Times a validation worker that died is replaced by a fresh one before the
+    run stops (resumable: the parties keep waiting)."""
     open_enrolment: bool = False
     """TLS with neither a parties file nor client certificates: every caller may
     join as any party id. Refused unless asked for; no contributions are served."""

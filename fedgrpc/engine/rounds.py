@@ -165,6 +165,8 @@ class RoundEngine:
         # Set under the lock, carried out by _run_effects once it is released.
         self._pending_publish: tuple[int, np.ndarray] | None = None
         self._finish_pending = False
+        self.stop_error: BaseException | None = None
+        """What stopped the run from outside the rounds' own logic, if anything."""
         if start_round >= cfg.rounds:
             self.state = RunState.DONE
             self.reason = "completed"
@@ -387,6 +389,10 @@ class RoundEngine:
         """Close, commit and advance, or record the failure (outside the lock)."""
         reason, what = ending.reason, ending.what
         if ending.stop_run:
+            if rnd.val_grad.done() and rnd.val_grad.exception() is not None:
+                # Not the round's fault (e.g. the validation worker died): the
+                # owner may treat the stop as resumable.
+                self.stop_error = rnd.val_grad.exception()
             with self._lock:
                 self._round = None
                 self._set_finished(RunState.FAILED, f"failed: {reason}")

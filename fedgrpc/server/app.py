@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import platform
@@ -115,6 +116,9 @@ class Aggregator:
         self._new_dir = not self.run_dir.path.exists()
         self._new_ledger = not self.run_dir.ledger_path.exists()
         self._started = False
+        self.failure = ""
+        """Why the run stopped in a way ``--resume`` fixes (disk full, the
+        validation worker gone): the parties are not told "done" and keep waiting."""
         if cfg.resume and self._new_ledger:
             raise ConfigError(f"--resume {self.run_dir.path}: no run recorded there")
         self.run_dir.path.mkdir(parents=True, exist_ok=True)
@@ -190,6 +194,7 @@ class Aggregator:
             self._round_cfg,
             *self._val,
             None if cfg.resume else cfg.init_model,
+            worker_restarts=cfg.worker_restarts,
         )
         rcfg = validation.round_cfg
         self.round_cfg = rcfg
@@ -268,8 +273,25 @@ class Aggregator:
             "state": state.value,
             "reason": reason,
         }
-        self.run_dir.save_final(self.layout, self.engine.theta, meta)
-        self.broadcaster.finish(self.engine.rounds_done, reason)
+        err = self.engine.stop_error
+        if err is not None and not self.failure:
+            self.failure = _named_failure(err, self.run_dir)
+        try:
+            self.run_dir.save_final(self.layout, self.engine.theta, meta)
+        except OSError as err:
+            # Never let a failed write kill the thread that reports the end.
+            self.failure = self.failure or _named_failure(err, self.run_dir)
+            log.error("cannot write the final model: %s", self.failure)
+        if self.failure:
+            log.error(
+                "run %s stopped: %s; the parties keep waiting: fix the cause and "
+                "restart with --resume %s",
+                self.run_id,
+                self.failure,
+                self.run_dir.path,
+            )
+        else:
+            self.broadcaster.finish(self.engine.rounds_done, reason)
         self._done.set()
 
     # -------------------------------------------------------------- running
@@ -329,13 +351,15 @@ class Aggregator:
         while not self._stopping.is_set() and not self.engine.finished:
             try:
                 self.engine.tick()
-            except FedGrpcError as err:  # e.g. the validation worker died
-                log.error("round engine stopped: %s", err)
-                self.engine.stop(f"failed: {err}")
-                break
-            except Exception:
-                log.exception("round engine failed")
-                self.engine.stop("failed: internal error")
+            except Exception as err:  # disk full, the validation worker gone, ...
+                # Resumable: the ledger holds every committed round. Name the
+                # cause, stop, and leave the parties waiting for --resume.
+                self.failure = _named_failure(err, self.run_dir)
+                if isinstance(err, FedGrpcError | OSError | sqlite3.Error):
+                    log.error("round engine stopped: %s", self.failure)
+                else:
+                    log.exception("round engine failed")
+                self.engine.stop(f"failed: {self.failure}")
                 break
             self.engine.wait(0.05)
 
@@ -387,8 +411,27 @@ class Aggregator:
 
     @property
     def succeeded(self) -> bool:
-        """True when the run completed every round."""
-        return self.servicer.ready and self.engine.state == RunState.DONE
+        """True when the run completed every round (and its final model is saved)."""
+        return (
+            self.servicer.ready
+            and self.engine.state == RunState.DONE
+            and not self.failure
+        )
+
+
+def _named_failure(err: BaseException, run_dir: RunDir) -> str:
+    """A failure as an operator can act on it: ENOSPC and the path, say."""
+    if isinstance(err, OSError):
+        name = errno.errorcode.get(err.errno or 0, "OSError")
+        where = err.filename or run_dir.path
+        return f"{name}: {err.strerror or err} ({where})"
+    if isinstance(err, sqlite3.OperationalError) and "full" in str(err):
+        return f"ENOSPC: the ledger cannot grow: {err} ({run_dir.ledger_path})"
+    if isinstance(err, sqlite3.Error):
+        return f"ledger error: {err} ({run_dir.ledger_path})"
+    if isinstance(err, FedGrpcError):
+        return str(err)
+    return f"internal error: {type(err).__name__}: {err}"
 
 
 def _open_ledger(run_dir: RunDir) -> Ledger:
@@ -499,7 +542,9 @@ def serve(cfg: ServerConfig) -> int:
             pass
         if not stop.is_set():
             _report(agg)
-            if cfg.keep_serving:
+            if agg.failure:
+                pass  # no done message: the parties wait for --resume
+            elif cfg.keep_serving:
                 log.info("training over; still serving queries until SIGTERM")
                 stop.wait()
                 received.clear()
@@ -519,16 +564,19 @@ def serve(cfg: ServerConfig) -> int:
 
 def _report(agg: Aggregator) -> None:
     st = agg.engine.status()
-    agg.run_dir.write_summary(
-        {
-            "run_id": agg.run_id,
-            "state": st.state.value,
-            "rounds_done": st.rounds_done,
-            "val_loss": st.val_loss,
-            "val_acc": st.val_acc,
-            "reason": st.reason,
-        }
-    )
+    try:
+        agg.run_dir.write_summary(
+            {
+                "run_id": agg.run_id,
+                "state": st.state.value,
+                "rounds_done": st.rounds_done,
+                "val_loss": st.val_loss,
+                "val_acc": st.val_acc,
+                "reason": st.reason,
+            }
+        )
+    except OSError as err:
+        log.error("cannot write the summary: %s", _named_failure(err, agg.run_dir))
     log.info(
         "run %s %s after %d rounds: val acc %.4f",
         agg.run_id,
