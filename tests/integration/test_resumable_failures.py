@@ -140,7 +140,7 @@ def test_disk_full_stops_named_parties_wait_and_resume_finishes_identically(
 
     assert state == RunState.FAILED
     assert "ENOSPC" in failure and str(mnt) in failure, failure
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert start == 2
     assert final_state == RunState.DONE
     np.testing.assert_array_equal(theta, ref_theta)
@@ -199,4 +199,4 @@ def test_worker_dead_beyond_its_restarts_stops_the_run_without_done(
     agg.shutdown(grace_s=0.2, save_open_round=False)
     with pytest.raises(grpc.RpcError) as info:
         list(waiting)
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
