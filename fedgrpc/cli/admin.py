@@ -30,6 +30,15 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("party_id")
     s.set_defaults(func=_cmd_certs_issue)
 
+    b = sub.add_parser(
+        "backup",
+        help="consistent online copy of a run directory (ledger via SQLite's backup "
+        "API, then the checkpoint it points to and the final model)",
+    )
+    b.add_argument("run_dir", type=Path)
+    b.add_argument("dest", type=Path)
+    b.set_defaults(func=_cmd_backup)
+
     p = sub.add_parser("parties", help="manage the aggregator's parties file")
     psub = p.add_subparsers(dest="parties_cmd", required=True)
     add = psub.add_parser(
@@ -110,4 +119,19 @@ def _cmd_parties_evict(a: argparse.Namespace) -> int:
     for pid in a.party_ids:
         what = "evicted" if pid in found else "barred (was not registered)"
         print(f"{pid}: {what}")
+    return 0
+
+
+def _cmd_backup(a: argparse.Namespace) -> int:
+    from fedgrpc.errors import ConfigError
+    from fedgrpc.store.ledger import Ledger
+    from fedgrpc.store.run_dir import RunDir
+
+    run = RunDir(a.run_dir)
+    if not run.ledger_path.is_file():
+        raise ConfigError(f"no run in {a.run_dir} (no {run.ledger_path.name})")
+    with Ledger.open_readonly(run.ledger_path) as ledger:  # the run may be live
+        written = run.backup(ledger, a.dest)
+    for path in written:
+        print(path)
     return 0

@@ -265,6 +265,9 @@ class Aggregator:
             self.run_dir.prune_checkpoints(result.round + 1)
         else:
             self.ledger.record_round(result)
+        # Every round into the database file, not only the WAL (issue 11).
+        if not self.ledger.checkpoint_wal():
+            log.debug("ledger WAL checkpoint incomplete (a reader holds frames)")
 
     def _on_finish(self, state: RunState, reason: str) -> None:
         meta = {
