@@ -83,15 +83,19 @@ class CallGuard:
                 self._total[kind] -= 1
 
     @contextmanager
-    def per_identity(self, who: str, method: str, label: str = "") -> Iterator[None]:
+    def per_identity(
+        self, who: str, method: str, label: str = "", *, scale: int = 1
+    ) -> Iterator[None]:
         """Hold one of ``who``'s calls of ``method`` while the body runs.
 
         Args:
             who: the caller's key (party id, admin name or connection).
             method: the RPC.
             label: how to name the caller in the refusal (default ``who``).
+            scale: multiplies the cap (a connection may carry several parties).
         """
         _, _, cap = self._caps(method)
+        cap *= scale
         key = (who, method)
         with self._lock:
             held = self._per.get(key, 0)

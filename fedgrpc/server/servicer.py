@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+CONNECTION_SCALE = 4
+"""Uploads one connection may have waiting for their header, in units of
+``max_streams_per_party`` (the server-wide cap bounds the sum)."""
+
 CANCEL_AFTER_S = 2.0
 """How long a discarded upload's sender has to hear why before its stream is
 cancelled (a quiet sender would otherwise hold a worker thread)."""
@@ -281,7 +285,11 @@ class AggregatorServicer:
             # No channel identity: the party id is in the header; until it arrives
             # the connection is what is counted.
             with self._guard.per_identity(
-                f"connection {context.peer()}", "SubmitGradient"
+                f"connection {context.peer()}",
+                "SubmitGradient",
+                # One connection may carry several parties (gRPC shares them
+                # within a process): headers only, read within the grace.
+                scale=CONNECTION_SCALE,
             ):
                 first = self._read_header(messages, context)
             party = self._party(context, first.party_id)

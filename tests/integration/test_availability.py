@@ -154,6 +154,17 @@ def test_upload_of_a_closing_round_is_discarded_and_frees_its_slot(
             "the close to free the slot", lambda: agg.engine.uploads.in_flight == 0
         )
         good = _update(specs, 1)
+        _wait_for(
+            "round 0's failure to be recorded", lambda: len(agg.ledger.rounds()) == 1
+        )
+        _wait_for(
+            "the retry of round 0 to open",
+            lambda: (
+                agg.engine.status().state == "training"
+                and agg.engine.uploads.in_flight == 0
+                and not getattr(agg.engine._round, "closing", True)
+            ),
+        )
 
         reply = stub.SubmitGradient(
             iter(_submission("alice", 0, specs, good)), timeout=_TIMEOUT_S
