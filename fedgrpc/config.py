@@ -70,6 +70,26 @@ class Limits:
     max_num_samples: int = 1 << 40
     """Largest sample count a party may claim: the sum over max_parties parties still
     fits the ledger's 64-bit integers and stays exact in a float64 weight."""
+    upload_min_rate_bytes_s: float = 64 << 10
+    """Slowest average upload rate tolerated after ``upload_grace_s`` (bytes/s of
+    wire data); a slower upload is discarded, its slot freed. Together with the
+    grace it sets every upload's overall deadline: grace + model bytes / rate."""
+    upload_grace_s: float = 30.0
+    """Time an upload stream gets before its rate is judged, and the longest the
+    server waits for its first (header) message (s)."""
+    max_concurrent_streams: int = 0
+    """Long-lived streams (GetModel, SubmitGradient) open at once, server-wide;
+    more get RESOURCE_EXHAUSTED at once. 0 = 2 x max_parties + 8."""
+    max_concurrent_unary: int = 32
+    """Unary calls (Join, GetStatus, GetContributions) in progress at once,
+    server-wide; more get RESOURCE_EXHAUSTED at once."""
+    max_unary_per_identity: int = 8
+    """Unary calls of one method one caller may have in progress at once."""
+
+    @property
+    def stream_cap(self) -> int:
+        """The server-wide cap on long-lived streams."""
+        return self.max_concurrent_streams or 2 * self.max_parties + 8
 
     def __post_init__(self) -> None:
         for name in (
@@ -82,11 +102,20 @@ class Limits:
             "upload_slot_timeout_s",
             "upload_idle_s",
             "max_num_samples",
+            "upload_min_rate_bytes_s",
+            "upload_grace_s",
+            "max_concurrent_unary",
+            "max_unary_per_identity",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(
                     f"limit {name} must be positive, got {getattr(self, name)}"
                 )
+        if self.max_concurrent_streams < 0:
+            raise ConfigError(
+                "limit max_concurrent_streams must be >= 0 (0 = automatic), got "
+                f"{self.max_concurrent_streams}"
+            )
 
 
 @dataclass(frozen=True)
@@ -230,6 +259,22 @@ class TlsConfig:
     require_client_cert: bool = False
 
 
+def check_address(address: str) -> None:
+    """Raise ConfigError unless ``address`` is ``host:port`` with a valid port.
+
+    gRPC would otherwise bind a random port for ``host:99999`` without a word.
+    """
+    if address.startswith("unix:"):
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"address {address!r}: expected HOST:PORT")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(
+            f"address {address!r}: port {port!r} is not a number from 0 to 65535"
+        )
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """The aggregator process: address, run directory, data, security, limits."""
@@ -259,6 +304,12 @@ class ServerConfig:
     validator: str = "process"
     """Where the validation passes run: ``process`` (a worker process sharing theta
     and v_t through memory; keeps torch out of the aggregator) or ``thread``."""
+    worker_restarts: int = 1
+    """Times a validation worker that died is replaced by a fresh one before the
+    run stops (resumable: the parties keep waiting)."""
+    open_enrolment: bool = False
+    """TLS with neither a parties file nor client certificates: every caller may
+    join as any party id. Refused unless asked for; no contributions are served."""
 
     def __post_init__(self) -> None:
         if self.validator not in VALIDATORS:
@@ -269,6 +320,20 @@ class ServerConfig:
             raise ConfigError(
                 "no TLS certificate given: pass --tls-cert/--tls-key or run with "
                 "--insecure"
+            )
+        check_address(self.address)
+        anonymous = self.parties_file is None and not self.tls.require_client_cert
+        if not self.insecure and anonymous and not self.open_enrolment:
+            raise ConfigError(
+                "TLS without a parties file or client certificates would let anyone "
+                "join and upload as any party: pass --parties-file, or "
+                "--require-client-cert with --tls-ca, or --open-enrolment to accept "
+                "that"
+            )
+        if self.open_enrolment and (self.insecure or not anonymous):
+            raise ConfigError(
+                "--open-enrolment applies only to TLS without a parties file or "
+                "client certificates"
             )
 
 
@@ -292,6 +357,12 @@ class ClientConfig:
     """Simulated attack (evaluation only), e.g. ``label-flip:0.8``."""
     threads: int = 1
     """torch intra-op threads."""
+    max_refused_rounds: int = 3
+    """Consecutive rounds whose upload is refused as INVALID_ARGUMENT before the
+    party gives up (a RESOURCE_EXHAUSTED refusal only skips the round)."""
+    tls_server_name: str = ""
+    """Name to check the aggregator's certificate against, when it differs from the
+    host in ``server`` (e.g. reaching a DNS-named certificate by IP)."""
 
     def __post_init__(self) -> None:
         if not self.insecure and self.tls.ca is None:

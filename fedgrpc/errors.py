@@ -120,3 +120,9 @@ class UnavailableError(FedGrpcError):
 
 class RemoteError(FedGrpcError):
     """An RPC failed; ``code`` is its gRPC status."""
+
+
+class ConnectionSetupError(FedGrpcError):
+    """A connection that can never work as configured (TLS names, CA, mode)."""
+
+    code = ErrorCode.FAILED_PRECONDITION

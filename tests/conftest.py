@@ -19,6 +19,8 @@ MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
 
 MakeServer = Callable[..., Aggregator]
 
+_SERVER_DEFAULTS: dict[str, Any] = {"validator": "thread", "insecure": True}
+
 
 @pytest.fixture
 def make_server(tmp_path: Path) -> Iterator[MakeServer]:
@@ -46,11 +48,10 @@ def make_server(tmp_path: Path) -> Iterator[MakeServer]:
             run_dir=run_dir or tmp_path / f"run{len(started)}",
             val_data="digits",
             val_count=200,
-            insecure=True,
             limits=limits or Limits(),
             # In-process validation keeps each test's start-up short; the worker
             # process (the serve default) has its own tests and runs in every e2e test.
-            **({"validator": "thread"} | (server or {})),
+            **(_SERVER_DEFAULTS | (server or {})),
         )
         agg = Aggregator(cfg)
         started.append(agg)  # shut down at teardown even if start() raises

@@ -30,6 +30,15 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("party_id")
     s.set_defaults(func=_cmd_certs_issue)
 
+    b = sub.add_parser(
+        "backup",
+        help="consistent online copy of a run directory (ledger via SQLite's backup "
+        "API, then the checkpoint it points to and the final model)",
+    )
+    b.add_argument("run_dir", type=Path)
+    b.add_argument("dest", type=Path)
+    b.set_defaults(func=_cmd_backup)
+
     p = sub.add_parser("parties", help="manage the aggregator's parties file")
     psub = p.add_subparsers(dest="parties_cmd", required=True)
     add = psub.add_parser(
@@ -42,6 +51,21 @@ def add_parsers(sub: Any) -> None:
         "--token-out", type=Path, help="write the token to this file (0600)"
     )
     add.set_defaults(func=_cmd_parties_add)
+    rm = psub.add_parser(
+        "remove", help="remove a party (or admin) from the parties file"
+    )
+    rm.add_argument("file", type=Path)
+    rm.add_argument("party_id")
+    rm.add_argument("--admin", action="store_true")
+    rm.set_defaults(func=_cmd_parties_remove)
+    ev = psub.add_parser(
+        "evict",
+        help="bar party ids from a run (stop the aggregator first; takes effect "
+        "at --resume): they leave the registry and cannot join again",
+    )
+    ev.add_argument("run_dir", type=Path)
+    ev.add_argument("party_ids", nargs="+")
+    ev.set_defaults(func=_cmd_parties_evict)
 
 
 def _cmd_certs_init(a: argparse.Namespace) -> int:
@@ -71,4 +95,43 @@ def _cmd_parties_add(a: argparse.Namespace) -> int:
         print(f"token for {a.party_id} written to {a.token_out}")
     else:
         print(token)
+    return 0
+
+
+def _cmd_parties_remove(a: argparse.Namespace) -> int:
+    from fedgrpc.security.registry import remove_party
+
+    remove_party(a.file, a.party_id, admin=a.admin)
+    print(f"removed {'admin' if a.admin else 'party'} {a.party_id} from {a.file}")
+    return 0
+
+
+def _cmd_parties_evict(a: argparse.Namespace) -> int:
+    from fedgrpc.errors import ConfigError
+    from fedgrpc.store.ledger import Ledger
+    from fedgrpc.store.run_dir import RunDir
+
+    path = RunDir(a.run_dir).ledger_path
+    if not path.is_file():
+        raise ConfigError(f"no run in {a.run_dir} (no {path.name})")
+    with Ledger(path) as ledger:
+        found = ledger.evict_parties(a.party_ids)
+    for pid in a.party_ids:
+        what = "evicted" if pid in found else "barred (was not registered)"
+        print(f"{pid}: {what}")
+    return 0
+
+
+def _cmd_backup(a: argparse.Namespace) -> int:
+    from fedgrpc.errors import ConfigError
+    from fedgrpc.store.ledger import Ledger
+    from fedgrpc.store.run_dir import RunDir
+
+    run = RunDir(a.run_dir)
+    if not run.ledger_path.is_file():
+        raise ConfigError(f"no run in {a.run_dir} (no {run.ledger_path.name})")
+    with Ledger.open_readonly(run.ledger_path) as ledger:  # the run may be live
+        written = run.backup(ledger, a.dest)
+    for path in written:
+        print(path)
     return 0

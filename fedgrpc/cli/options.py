@@ -211,6 +211,12 @@ def add_tls_client_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--token-file", type=Path, help="file holding this caller's bearer token"
     )
+    g.add_argument(
+        "--tls-server-name",
+        default="",
+        help="name to check the aggregator's certificate against (when --server "
+        "is an IP or another name than the certificate's)",
+    )
 
 
 def add_timeout_options(p: argparse.ArgumentParser, defaults: ClientConfig) -> None:
@@ -234,6 +240,7 @@ def channel_options(a: argparse.Namespace) -> dict[str, Any]:
     return {
         "insecure": a.insecure,
         "tls": TlsConfig(cert=a.tls_cert, key=a.tls_key, ca=a.tls_ca),
+        "tls_server_name": a.tls_server_name,
         "token": read_token(a.token_file),
         "rpc_timeout_s": a.rpc_timeout,
         "connect_timeout_s": a.connect_timeout,

@@ -22,6 +22,7 @@ from fedgrpc.config import (
     ServerConfig,
     TlsConfig,
 )
+from fedgrpc.errors import ConfigError
 
 _SERVER = ServerConfig(insecure=True)  # defaults only
 _ROUND = RoundConfig()
@@ -51,8 +52,8 @@ def _serve_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--val-data",
-        default=_SERVER.val_data,
-        help="digits, mnist:DIR, npz:FILE, mod:fn",
+        help="the server's validation set (required for a new run): digits (the "
+        "bundled scikit-learn digits), mnist:DIR, npz:FILE, mod:fn",
     )
     p.add_argument(
         "--val-count",
@@ -111,6 +112,12 @@ def _add_security_options(p: argparse.ArgumentParser) -> None:
         help="mutual TLS: party identity from its certificate",
     )
     g.add_argument("--parties-file", type=Path, help="TOML file of parties and tokens")
+    g.add_argument(
+        "--open-enrolment",
+        action="store_true",
+        help="TLS without a parties file or client certificates: anyone may join as "
+        "any party id (refused unless given; no contributions are served)",
+    )
 
 
 def _add_limit_options(p: argparse.ArgumentParser) -> None:
@@ -143,6 +150,38 @@ def _add_limit_options(p: argparse.ArgumentParser) -> None:
         default=_LIMITS.upload_idle_s,
         help="seconds without data after which an upload is discarded",
     )
+    g.add_argument(
+        "--upload-min-rate",
+        type=float,
+        default=_LIMITS.upload_min_rate_bytes_s,
+        help="bytes/s an upload must average after --upload-grace; sets each "
+        "upload's overall deadline (grace + model bytes / rate)",
+    )
+    g.add_argument(
+        "--upload-grace",
+        type=float,
+        default=_LIMITS.upload_grace_s,
+        help="seconds an upload has before its rate is judged (and to send its header)",
+    )
+    g.add_argument(
+        "--max-concurrent-streams",
+        type=int,
+        default=_LIMITS.max_concurrent_streams,
+        help="GetModel and SubmitGradient streams open at once, server-wide "
+        "(0 = 2 x --max-parties + 8)",
+    )
+    g.add_argument(
+        "--max-concurrent-unary",
+        type=int,
+        default=_LIMITS.max_concurrent_unary,
+        help="unary calls in progress at once, server-wide",
+    )
+    g.add_argument(
+        "--max-unary-per-identity",
+        type=int,
+        default=_LIMITS.max_unary_per_identity,
+        help="unary calls of one method one caller may have in progress",
+    )
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
@@ -152,7 +191,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         round=round_config(a, min_parties=a.min_parties, expected=a.expected_parties),
         address=a.address,
         run_dir=a.resume or a.run_dir,
-        val_data=a.val_data,
+        val_data=a.val_data or _SERVER.val_data,
         val_count=a.val_count,
         insecure=a.insecure,
         tls=TlsConfig(
@@ -162,6 +201,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
             require_client_cert=a.require_client_cert,
         ),
         parties_file=a.parties_file,
+        open_enrolment=a.open_enrolment,
         limits=Limits(
             max_chunk_bytes=a.max_chunk_bytes,
             max_tensor_bytes=a.max_tensor_bytes,
@@ -171,6 +211,11 @@ def _cmd_serve(a: argparse.Namespace) -> int:
             max_inflight_uploads=a.max_inflight_uploads,
             upload_slot_timeout_s=a.upload_slot_timeout,
             upload_idle_s=a.upload_idle,
+            upload_min_rate_bytes_s=a.upload_min_rate,
+            upload_grace_s=a.upload_grace,
+            max_concurrent_streams=a.max_concurrent_streams,
+            max_concurrent_unary=a.max_concurrent_unary,
+            max_unary_per_identity=a.max_unary_per_identity,
         ),
         port_file=a.port_file,
         keep_serving=a.keep_serving,
@@ -179,6 +224,12 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         resume=a.resume is not None,
         validator=a.validator,
     )
+    if a.val_data is None and a.resume is None:
+        # Scoring on a data set the operator never chose would be silently wrong.
+        raise ConfigError(
+            "no validation data: pass --val-data (digits for the bundled scikit-learn "
+            "digits, mnist:DIR, npz:FILE or module:factory)"
+        )
     return serve(cfg)
 
 

@@ -24,8 +24,14 @@ from fedgrpc.client.credentials import (
     token_call_credentials,
     token_metadata,
 )
+from fedgrpc.client.probe import cause_from_details, probe
 from fedgrpc.config import ClientConfig
-from fedgrpc.errors import ErrorCode, InvalidUpdateError, RemoteError
+from fedgrpc.errors import (
+    ConnectionSetupError,
+    ErrorCode,
+    InvalidUpdateError,
+    RemoteError,
+)
 from fedgrpc.proto import aggregator_pb2, aggregator_pb2_grpc
 from fedgrpc.types import (
     ContributionReport,
@@ -88,9 +94,10 @@ class AggregatorClient:
                 creds = grpc.composite_channel_credentials(
                     creds, token_call_credentials(cfg.token)
                 )
-            self._channel = grpc.secure_channel(
-                cfg.server, creds, options=CHANNEL_OPTIONS
-            )
+            options: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)
+            if cfg.tls_server_name:
+                options.append(("grpc.ssl_target_name_override", cfg.tls_server_name))
+            self._channel = grpc.secure_channel(cfg.server, creds, options=options)
         self._stub = aggregator_pb2_grpc.AggregatorStub(self._channel)
         # Model streams and uploads move pre-serialized messages: chunks are framed by
         # hand straight from the array buffer, and parsed without copying their data.
@@ -109,6 +116,7 @@ class AggregatorClient:
             response_deserializer=aggregator_pb2.SubmitReply.FromString,
         )
         self._jitter = random.Random()
+        self._probes_left = 3  # direct probes of an ambiguous "Socket closed"
         self.specs: tuple[TensorSpec, ...] = ()
         self.wire_dtype = "float32"
 
@@ -132,6 +140,8 @@ class AggregatorClient:
                 return fn()
             except grpc.RpcError as err:
                 code = err.code() if hasattr(err, "code") else None
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    self._fail_if_permanent(err, what)
                 if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= give_up:
                     raise remote_error(err) from None
                 wait = min(delay, self.cfg.backoff_max_s) * (
@@ -146,11 +156,33 @@ class AggregatorClient:
                 time.sleep(wait)
                 delay = min(delay * 2, self.cfg.backoff_max_s)
 
+    def _fail_if_permanent(self, err: grpc.RpcError, what: str) -> None:
+        """Raise ConnectionSetupError if ``err`` can never go away by retrying."""
+        details = (err.details() if hasattr(err, "details") else "") or ""
+        cfg = self.cfg
+        cause = cause_from_details(details, cfg.server, insecure=cfg.insecure)
+        if not cause and "Socket closed" in details and self._probes_left > 0:
+            self._probes_left -= 1
+            cause = probe(
+                cfg.server,
+                insecure=cfg.insecure,
+                has_client_cert=cfg.tls.cert is not None,
+            )
+        if cause:
+            raise ConnectionSetupError(
+                f"{what}: cannot connect to the aggregator at {cfg.server}: {cause}"
+            ) from None
+
     # ------------------------------------------------------------------ RPCs
-    def join(self, num_samples: int) -> wire.JoinInfo:
-        """Join (retried while the aggregator is unreachable); learn spec and config."""
+    def join(self, num_samples: int, *, check_only: bool = False) -> wire.JoinInfo:
+        """Join (retried while the aggregator is unreachable); learn spec and config.
+
+        With ``check_only`` the aggregator registers nothing: the party learns the
+        model and its input shape first, to refuse data that does not fit before
+        the run waits for it.
+        """
         req = wire.join_request_to_proto(
-            self.cfg.party_id, num_samples, fedgrpc.__version__
+            self.cfg.party_id, num_samples, fedgrpc.__version__, check_only=check_only
         )
         reply: aggregator_pb2.JoinReply = self.retry(
             lambda: self._stub.Join(

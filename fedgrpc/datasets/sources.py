@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,7 +214,7 @@ def read_idx(path: Path, ndim: int) -> npt.NDArray[np.uint8]:
     dims = tuple(
         int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)
     )
-    expected = int(np.prod(dims, dtype=np.int64))
+    expected = math.prod(dims)  # Python ints: huge declared dimensions cannot wrap
     if len(data) - header != expected:
         raise ConfigError(
             f"{path}: IDX payload is {len(data) - header} bytes, expected "

@@ -9,7 +9,12 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from fedgrpc.errors import InvalidUpdateError, LimitError, PreconditionError
+from fedgrpc.errors import (
+    ForbiddenError,
+    InvalidUpdateError,
+    LimitError,
+    PreconditionError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,8 @@ class PartyTable:
         self._max_samples = max_samples
         self._clock = clock
         self._by_id: dict[str, PartyInfo] = {}
+        self.evicted: set[str] = set()
+        """Ids an operator evicted (``fedgrpc parties evict``): they cannot join."""
 
     def check(
         self, party_id: str, num_samples: int, attested: int | None = None
@@ -53,6 +60,8 @@ class PartyTable:
             raise InvalidUpdateError(
                 f"party {party_id} declared {num_samples} samples; need > 0"
             )
+        if party_id in self.evicted:
+            raise ForbiddenError(f"party {party_id} was evicted from this run")
         if num_samples > self._max_samples:
             raise InvalidUpdateError(
                 f"party {party_id} claims {num_samples} samples; the most a party "

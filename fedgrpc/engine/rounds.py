@@ -105,6 +105,9 @@ class RoundEngine:
         pending_second: a resumed run's last committed round still waiting for
             its digfl-2 scores.
         max_samples: the largest sample count a party may claim.
+        upload_min_rate_bytes_s: after ``upload_grace_s`` an upload slower than this
+            (on average) is discarded, which also bounds its overall time.
+        upload_grace_s: time an upload gets before its rate is judged.
         theta_buffers: two model-sized float32 vectors the engine alternates between:
             one holds theta_t, the other accumulates the round's weighted sum and
             becomes theta_{t+1} at the close (allocated here when ``None``). So
@@ -129,6 +132,8 @@ class RoundEngine:
         max_in_flight: int = _LIMITS.max_inflight_uploads,
         max_parties: int = _LIMITS.max_parties,
         upload_idle_s: float = _LIMITS.upload_idle_s,
+        upload_min_rate_bytes_s: float = _LIMITS.upload_min_rate_bytes_s,
+        upload_grace_s: float = _LIMITS.upload_grace_s,
         theta_buffers: tuple[np.ndarray, np.ndarray] | None = None,
         spill: Spill | None = None,
         on_second_order: Callable[[SecondOrder], None] | None = None,
@@ -149,7 +154,15 @@ class RoundEngine:
         self._clock = clock
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
-        self.uploads = UploadPool(self.layout.size, max_in_flight, upload_idle_s, clock)
+        self.uploads = UploadPool(
+            self.layout.size,
+            max_in_flight,
+            upload_idle_s,
+            clock,
+            min_rate_bytes_s=upload_min_rate_bytes_s,
+            grace_s=upload_grace_s,
+            wire_itemsize=4 if cfg.wire_dtype == "float32" else 2,
+        )
         self.parties = PartyTable(max_parties, clock, max_samples)
         self.spill: Spill = spill if spill is not None else MemorySpill()
         self._on_second_order = on_second_order
@@ -174,6 +187,8 @@ class RoundEngine:
         # Set under the lock, carried out by _run_effects once it is released.
         self._pending_publish: tuple[int, np.ndarray] | None = None
         self._finish_pending = False
+        self.stop_error: BaseException | None = None
+        """What stopped the run from outside the rounds' own logic, if anything."""
         if start_round >= cfg.rounds:
             self.state = RunState.DONE
             self.reason = "completed"
@@ -285,6 +300,9 @@ class RoundEngine:
                 rnd.count_caps.get(party_id, rnd.count_cap_late),
                 info.attested is not None,
             )
+            # One party holds at most its share of the slots, so a stalled or
+            # drip-feeding party never locks the honest ones out.
+            share = max(1, self.uploads.slots // max(1, len(self.parties.active())))
             weight = (
                 None
                 if aggregate.buffers_updates(self.cfg.aggregation)
@@ -306,6 +324,7 @@ class RoundEngine:
                 slot_timeout_s,
                 self._clock,
                 counted,
+                share,
             )
 
     def _open_for_updates(self, label: str, round_index: int) -> OpenRound:
@@ -382,6 +401,15 @@ class RoundEngine:
         if ending is None:
             self._run_effects()
         else:
+            # Uploads still streaming into the closing round can no longer count:
+            # free their slots for the next round now.
+            dropped = self.uploads.abort_round(ending[0].index)
+            if dropped:
+                log.info(
+                    "round %d closing: %d uploads in flight discarded",
+                    ending[0].index,
+                    dropped,
+                )
             self._conclude(*ending, now)
 
     def _step(self, now: float) -> tuple[OpenRound, Ending] | None:
@@ -412,6 +440,10 @@ class RoundEngine:
         """Close, commit and advance, or record the failure (outside the lock)."""
         reason, what = ending.reason, ending.what
         if ending.stop_run:
+            if rnd.val_grad.done() and rnd.val_grad.exception() is not None:
+                # Not the round's fault (e.g. the validation worker died): the
+                # owner may treat the stop as resumable.
+                self.stop_error = rnd.val_grad.exception()
             with self._lock:
                 self._round = None
                 self._set_finished(RunState.FAILED, f"failed: {reason}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from fedgrpc.errors import (
     FedGrpcError,
     InvalidUpdateError,
     LimitError,
+    StaleRoundError,
 )
 from fedgrpc.layout import FlatLayout
 from fedgrpc.types import SubmitOutcome
@@ -63,7 +65,7 @@ class Acceptor(Protocol):
 
 
 class UploadPool:
-    """Upload slots, their model-sized buffers, and idle expiry of uploads in flight.
+    """Upload slots, their model-sized buffers, and expiry of uploads in flight.
 
     Args:
         size: elements of one buffer (the model's).
@@ -71,29 +73,78 @@ class UploadPool:
         idle_s: an upload that sends nothing for this long is discarded, so stalled
             or hostile streams cannot starve the others.
         clock: monotonic seconds.
+        min_rate_bytes_s: after ``grace_s`` with its slot, an upload must have
+            delivered at least this many bytes per second since: a drip-feeding
+            stream (a few bytes per idle period) cannot keep its slot. Its overall
+            deadline follows: ``grace_s + wire_bytes / min_rate_bytes_s``.
+        grace_s: the time an upload gets before its rate is judged.
+        wire_itemsize: bytes per element on the wire (4 for float32, 2 for the
+            16-bit wire dtypes); the rate counts wire bytes.
     """
 
     def __init__(
-        self, size: int, slots: int, idle_s: float, clock: Callable[[], float]
+        self,
+        size: int,
+        slots: int,
+        idle_s: float,
+        clock: Callable[[], float],
+        *,
+        min_rate_bytes_s: float = 0.0,
+        grace_s: float = 0.0,
+        wire_itemsize: int = 4,
     ) -> None:
         self.size = size
         self.slots = slots
         self.idle_s = idle_s
+        self.min_rate_bytes_s = min_rate_bytes_s
+        self.grace_s = grace_s
+        self.wire_itemsize = wire_itemsize
         self._clock = clock
-        self._sem = threading.BoundedSemaphore(slots)
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
         self._spare: list[np.ndarray] = []
         self._uploads: set[Submission] = set()
 
-    def acquire(self, upload: Submission, timeout_s: float) -> np.ndarray:
-        """A slot and a buffer for ``upload`` (waits while every slot is busy)."""
-        if not self._sem.acquire(timeout=timeout_s):
-            raise LimitError(
-                f"{upload.label}: {self.slots} uploads in flight for {timeout_s:g} s; "
-                "try again"
-            )
-        upload.last_activity = self._clock()
-        with self._lock:
+    @property
+    def deadline_s(self) -> float:
+        """The longest one whole upload may hold a slot (s); inf without a rate."""
+        if self.min_rate_bytes_s <= 0:
+            return float("inf")
+        return self.grace_s + self.size * self.wire_itemsize / self.min_rate_bytes_s
+
+    def acquire(
+        self, upload: Submission, timeout_s: float, share: int | None = None
+    ) -> np.ndarray:
+        """A slot and a buffer for ``upload`` (waits while every slot is busy).
+
+        Args:
+            upload: the upload that needs a slot.
+            timeout_s: how long to wait for one.
+            share: the most slots one party may hold at once (its share of the
+                pool; None = all), so one party cannot take every slot.
+        """
+        cap = self.slots if share is None else max(1, min(share, self.slots))
+        # Real time, like the semaphore this replaced: the wait is a thread's.
+        end = time.monotonic() + timeout_s
+        with self._freed:
+            while True:
+                held = sum(1 for u in self._uploads if u.party_id == upload.party_id)
+                if len(self._uploads) < self.slots and held < cap:
+                    break
+                left = end - time.monotonic()
+                if left <= 0:
+                    if held >= cap:
+                        raise LimitError(
+                            f"{upload.label}: the party already holds {held} of the "
+                            f"{self.slots} upload slots (its share is {cap}) for "
+                            f"{timeout_s:g} s; try again"
+                        )
+                    raise LimitError(
+                        f"{upload.label}: {self.slots} uploads in flight for "
+                        f"{timeout_s:g} s; try again"
+                    )
+                self._freed.wait(left)
+            upload.last_activity = upload.slot_since = self._clock()
             self._uploads.add(upload)
             if self._spare:
                 return self._spare.pop()
@@ -101,13 +152,13 @@ class UploadPool:
 
     def release(self, upload: Submission, buffer: np.ndarray | None) -> None:
         """End ``upload``'s hold: its slot, and its buffer unless the round kept it."""
-        with self._lock:
+        with self._freed:
             if upload not in self._uploads:
                 return
             self._uploads.discard(upload)
             if buffer is not None:
                 self._keep_spare(buffer)
-        self._sem.release()
+            self._freed.notify_all()
 
     def recycle(self, buffer: np.ndarray) -> None:
         """Take back a buffer a round kept (digfl) once the round is done with it."""
@@ -120,22 +171,55 @@ class UploadPool:
             self._spare.append(buffer)
 
     def expire_idle(self, now: float) -> None:
-        """Discard every upload idle for more than ``idle_s``."""
+        """Discard every upload idle for ``idle_s`` or slower than the minimum rate."""
         with self._lock:
-            idle = [u for u in self._uploads if now - u.last_activity > self.idle_s]
-        for upload in idle:
-            log.warning(
-                "%s: upload idle for %.0f s; discarded",
-                upload.label,
-                now - upload.last_activity,
+            uploads = list(self._uploads)
+        for upload in uploads:
+            why = self._overdue(upload, now)
+            if why:
+                log.warning("%s: %s; discarded", upload.label, why)
+                upload.expire(why)
+
+    def _overdue(self, upload: Submission, now: float) -> str:
+        """Why ``upload`` must go now, or "" if it may keep its slot."""
+        idle = now - upload.last_activity
+        if idle > self.idle_s:
+            return f"upload idle for {idle:.0f} s (limit {self.idle_s:g} s)"
+        if self.min_rate_bytes_s <= 0:
+            return ""
+        held = now - upload.slot_since
+        if held > self.deadline_s:
+            return (
+                f"upload not finished after {held:.0f} s (deadline "
+                f"{self.deadline_s:.0f} s for {self.size * self.wire_itemsize} bytes)"
             )
-            upload.expire()
+        owed = self.min_rate_bytes_s * (held - self.grace_s)
+        got = upload.elements_received * self.wire_itemsize
+        if owed > 0 and got < owed:
+            return (
+                f"upload too slow: {got} bytes in {held:.0f} s; the minimum is "
+                f"{self.min_rate_bytes_s:g} B/s after {self.grace_s:g} s"
+            )
+        return ""
+
+    def abort_round(self, round_index: int) -> int:
+        """Discard every upload in flight for ``round_index`` (it closed); count."""
+        with self._lock:
+            doomed = [u for u in self._uploads if u.round == round_index]
+        for upload in doomed:
+            upload.expire("the round closed while the update was in flight", stale=True)
+        return len(doomed)
 
     @property
     def in_flight(self) -> int:
         """Uploads holding a slot now."""
         with self._lock:
             return len(self._uploads)
+
+    def held_by(self, party_id: str) -> int:
+        """Slots ``party_id`` holds now."""
+        with self._lock:
+            return sum(1 for u in self._uploads if u.party_id == party_id)
 
 
 class Submission:
@@ -158,6 +242,7 @@ class Submission:
         slot_timeout_s: how long to wait for an upload slot.
         clock: monotonic seconds.
         weight_samples: the count w_i derives from (the claim capped, DESIGN §4).
+        share: the most upload slots this party may hold at once (None = all).
     """
 
     def __init__(
@@ -175,6 +260,7 @@ class Submission:
         slot_timeout_s: float,
         clock: Callable[[], float],
         weight_samples: int = 0,
+        share: int | None = None,
     ) -> None:
         self._acceptor = acceptor
         self._pool = pool
@@ -191,6 +277,14 @@ class Submission:
         self.weight_samples = weight_samples or num_samples
         self.label = f"party {party_id}, round {round_index}"
         self.last_activity = clock()
+        self.slot_since = self.last_activity
+        self.elements_received = 0
+        self._share = share
+        self._expiry = ""
+        self._stale = False
+        self.on_expire: Callable[[str], None] | None = None
+        """Called (from the driver thread) when the upload is discarded for being
+        idle, too slow or too late: the servicer frees the stream's thread."""
         self._dot = 0.0
         self._norm_sq = 0.0
         self._closed = False
@@ -214,7 +308,7 @@ class Submission:
 
     def _ensure_buffer(self) -> None:
         if self._buffer is None:
-            self._buffer = self._pool.acquire(self, self._slot_timeout_s)
+            self._buffer = self._pool.acquire(self, self._slot_timeout_s, self._share)
 
     def add(self, tensor_index: int, elem_offset: int, values: np.ndarray) -> None:
         """Take 1-D float32 ``values`` for a tensor, starting at ``elem_offset``."""
@@ -230,6 +324,7 @@ class Submission:
             if self._closed:
                 raise self._closed_error()
             self.last_activity = self._clock()
+            self.elements_received += values.size
             self._add(name, start, end, elem_offset, values)
 
     def _add(
@@ -279,6 +374,8 @@ class Submission:
         """Hand the whole update to the engine (the caller checked completeness)."""
         with self._lock:
             if self._closed:
+                if self._expired:
+                    raise self._closed_error()
                 raise LimitError(f"{self.label}: upload was discarded (idle or closed)")
             self._closed = True
         try:
@@ -299,17 +396,31 @@ class Submission:
         log.info("%s: upload discarded", self.label)
         self._release()
 
-    def expire(self) -> None:
-        """Discard an upload that stopped sending (called by the driver thread)."""
-        self._expired = True
+    def expire(self, why: str = "", *, stale: bool = False) -> None:
+        """Discard an upload that is idle, too slow, or whose round closed.
+
+        With ``stale`` (the round closed) the sender hears FAILED_PRECONDITION.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._expired = True
+            self._stale = stale
+            self._expiry = why or f"upload idle for more than {self._pool.idle_s:g} s"
         self.abort()
+        if self.on_expire is not None:
+            self.on_expire(self._expiry)
+
+    def check_open(self) -> None:
+        """Raise why the upload was discarded, if it was (idle, slow, round closed)."""
+        if self._expired:
+            raise self._closed_error()
 
     def _closed_error(self) -> FedGrpcError:
+        if self._expired and self._stale:
+            return StaleRoundError(f"{self.label}: {self._expiry}; it was discarded")
         if self._expired:
-            return LimitError(
-                f"{self.label}: upload idle for more than {self._pool.idle_s:g} s; it "
-                "was discarded"
-            )
+            return LimitError(f"{self.label}: {self._expiry}; it was discarded")
         return InvalidUpdateError(f"{self.label}: submission already closed")
 
     def _release(self) -> None:
@@ -386,6 +497,9 @@ class Resend:
 
     def abort(self) -> None:
         """Nothing to discard."""
+
+    def check_open(self) -> None:
+        """A resend holds nothing that could be discarded."""
 
 
 Upload = Submission | Resend

@@ -74,8 +74,10 @@ def setup_model(cfg: RoundConfig, init_model: Path | None = None) -> ModelSetup:
             raise ConfigError(f"--init-model {init_model}: {err}") from None
         try:
             theta0 = layout.flatten(
-                {k: v.astype(np.float32) for k, v in arrays.items()}
+                {k: _init_tensor(init_model, k, v) for k, v in arrays.items()}
             )
+        except ConfigError:
+            raise
         except Exception as err:
             raise ConfigError(
                 f"--init-model {init_model}: {err} (model {cfg.model!r} for inputs "
@@ -87,6 +89,32 @@ def setup_model(cfg: RoundConfig, init_model: Path | None = None) -> ModelSetup:
         )
         theta0 = layout.flatten(params)
     return ModelSetup(model, specs, layout, theta0)
+
+
+def _init_tensor(path: Path, name: str, value: np.ndarray) -> np.ndarray:
+    """One tensor of ``--init-model`` as float32; refuse complex or non-finite ones.
+
+    Round 0 would otherwise open on a model whose validation pass fails.
+    """
+    if np.iscomplexobj(value) or not (
+        np.issubdtype(value.dtype, np.floating)
+        or np.issubdtype(value.dtype, np.integer)
+    ):
+        raise ConfigError(
+            f"--init-model {path}: tensor {name!r} has dtype {value.dtype}; need real "
+            "numbers (float or int)"
+        )
+    with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf: refused
+        out = value.astype(np.float32)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        first = np.unravel_index(int(np.flatnonzero(bad)[0]), out.shape)
+        raise ConfigError(
+            f"--init-model {path}: tensor {name!r} has {int(bad.sum())} non-finite "
+            f"values (NaN, Inf, or beyond float32), the first at index "
+            f"{tuple(int(i) for i in first)}: {value[first]}"
+        )
+    return out
 
 
 @dataclass

@@ -51,22 +51,26 @@ class JoinRequest(_message.Message):
     PARTY_ID_FIELD_NUMBER: _builtins.int
     NUM_SAMPLES_FIELD_NUMBER: _builtins.int
     CLIENT_VERSION_FIELD_NUMBER: _builtins.int
+    CHECK_ONLY_FIELD_NUMBER: _builtins.int
     party_id: _builtins.str
     """must equal the channel identity when one is configured"""
     num_samples: _builtins.int
     """number of local training samples (count)"""
     client_version: _builtins.str
     """fedgrpc version of the party, informational"""
+    check_only: _builtins.bool
+    """true: reply with spec and config, register nothing (a party checks its data fits first)"""
     def __init__(
         self,
         *,
         party_id: _builtins.str = ...,
         num_samples: _builtins.int = ...,
         client_version: _builtins.str = ...,
+        check_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_version", b"client_version", "num_samples", b"num_samples", "party_id", b"party_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_only", b"check_only", "client_version", b"client_version", "num_samples", b"num_samples", "party_id", b"party_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -343,3 +343,41 @@ def add_party(path: Path, party_id: str, *, admin: bool = False) -> str:
     atomic_write(path, new.encode("utf-8"), _KEY_MODE)
     log.info("added %s %s to %s", section, party_id, path)
     return token
+
+
+def remove_party(path: Path, party_id: str, *, admin: bool = False) -> None:
+    """Remove a party (or admin) from a parties file; its token stops working.
+
+    The file is rewritten atomically (mode 0600) from its parsed entries, so
+    comments are not kept. A running aggregator reads the file at start: restart it
+    (``--resume``) for the removal to take effect.
+
+    Raises:
+        ConfigError: No such entry, or the file is missing or malformed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no parties file at {path}")
+    creds = _credentials_from_toml(tomllib.loads(path.read_text(encoding="utf-8")))
+    kept = [
+        c
+        for c in creds
+        if not (c.identity.name == party_id and c.identity.is_admin == admin)
+    ]
+    if len(kept) == len(creds):
+        raise ConfigError(
+            f"{'admin' if admin else 'party'} {party_id!r} is not in {path}"
+        )
+    blocks = []
+    for c in kept:
+        section, key = ("admin", "name") if c.identity.is_admin else ("party", "id")
+        lines = [f"[[{section}]]", f'{key} = "{c.identity.name}"']
+        if c.token_sha256:
+            lines.append(f'token_sha256 = "{c.token_sha256}"')
+        if c.cert_name and c.identity.is_admin:  # a party's is its id
+            lines.append(f'cert_name = "{c.cert_name}"')
+        blocks.append("\n".join(lines) + "\n")
+    new = "\n".join(blocks)
+    PartyRegistry(_credentials_from_toml(tomllib.loads(new)))  # never write a bad file
+    atomic_write(path, new.encode("utf-8"), _KEY_MODE)
+    log.info("removed %s %s from %s", "admin" if admin else "party", party_id, path)

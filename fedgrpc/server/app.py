@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import math
 import os
 import platform
 import signal
+import sqlite3
 import threading
 import time
 import uuid
@@ -23,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 import fedgrpc
 from fedgrpc import wire
 from fedgrpc.config import (
+    Limits,
     RoundConfig,
     ServerConfig,
     round_config_from_json,
@@ -37,6 +40,7 @@ from fedgrpc.proto import aggregator_pb2
 from fedgrpc.security.registry import PartyRegistry
 from fedgrpc.server.auth import server_credentials
 from fedgrpc.server.broadcast import ModelBroadcaster
+from fedgrpc.server.guard import pool_size
 from fedgrpc.server.servicer import AggregatorServicer, Run
 from fedgrpc.server.validation import ValidationSetup, open_validation
 from fedgrpc.store.files import atomic_write
@@ -107,8 +111,23 @@ class Aggregator:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
         self.run_dir = RunDir(cfg.run_dir)
+        # Everything that can be checked without the run directory is checked
+        # before it is created, so a failed start leaves nothing behind.
+        self._credentials = None if cfg.insecure else server_credentials(cfg.tls)
+        self._registry = (
+            PartyRegistry.load(cfg.parties_file) if cfg.parties_file else None
+        )
+        self._new_dir = not self.run_dir.path.exists()
+        self._new_ledger = not self.run_dir.ledger_path.exists()
+        self._started = False
+        self.failure = ""
+        """Why the run stopped in a way ``--resume`` fixes (disk full, the
+        validation worker gone): the parties are not told "done" and keep waiting."""
+        if cfg.resume and self._new_ledger:
+            raise ConfigError(f"--resume {self.run_dir.path}: no run recorded there")
         self.run_dir.path.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(self.run_dir.ledger_path)
+        self.run_dir.clean_temp_files()
+        self.ledger = _open_ledger(self.run_dir)
         self._stopping = threading.Event()
         self._done = threading.Event()
         self._closed = False
@@ -119,7 +138,16 @@ class Aggregator:
             self._open(cfg)
         except BaseException:
             self.ledger.close()
+            self._discard_if_new()
             raise
+
+    def _discard_if_new(self) -> None:
+        """A fresh run that never started leaves no ledger behind (issue 11)."""
+        if not self._started and self._new_ledger and not self.cfg.resume:
+            self.run_dir.discard_new(remove_dir=self._new_dir)
+            log.info(
+                "start failed: removed the new run's files in %s", self.run_dir.path
+            )
 
     def _open(self, cfg: ServerConfig) -> None:
         if cfg.resume:
@@ -141,18 +169,24 @@ class Aggregator:
             self.run_id = uuid.uuid4().hex[:12]
             self._round_cfg = cfg.round
             self._val = (cfg.val_data, cfg.val_count)
-        registry = PartyRegistry.load(cfg.parties_file) if cfg.parties_file else None
         self.servicer = AggregatorServicer(
             self.run_id,
             self._round_cfg.rounds,
-            registry=registry,
+            registry=self._registry,
             mtls=cfg.tls.require_client_cert,
             limits=cfg.limits,
             stopping=self._stopping,
             publish_to_parties=cfg.publish_to_parties,
+            open_enrolment=cfg.open_enrolment,
         )
+        if cfg.open_enrolment:
+            log.warning(
+                "OPEN ENROLMENT: TLS without a parties file or client certificates; "
+                "anyone who reaches this port can join and upload as any party id. "
+                "Nobody's contributions will be served."
+            )
         self.health = health.HealthServicer()
-        self.server = _grpc_server(self.servicer, self.health, cfg.limits.max_parties)
+        self.server = _grpc_server(self.servicer, self.health, cfg.limits)
         self._driver = threading.Thread(
             target=self._drive, name="round-driver", daemon=True
         )
@@ -165,6 +199,7 @@ class Aggregator:
             self._round_cfg,
             *self._val,
             None if cfg.resume else cfg.init_model,
+            worker_restarts=cfg.worker_restarts,
         )
         rcfg = validation.round_cfg
         self.round_cfg = rcfg
@@ -204,10 +239,15 @@ class Aggregator:
             on_second_order=self.ledger.record_second_order,
             pending_second=self._pending_second(rcfg, start_round),
             max_samples=cfg.limits.max_num_samples,
+            upload_min_rate_bytes_s=cfg.limits.upload_min_rate_bytes_s,
+            upload_grace_s=cfg.limits.upload_grace_s,
         )
+        self.engine.parties.evicted = self.ledger.evicted()
         registry = self.servicer.registry
         for p in self.ledger.parties():
             pid = str(p["party_id"])
+            if pid in self.engine.parties.evicted:
+                continue
             attested = registry.attested_samples(pid) if registry else None
             try:
                 self.engine.join(pid, max(1, int(p["num_samples"])), attested)
@@ -218,7 +258,13 @@ class Aggregator:
             self.run_id, tuple(validation.specs), rcfg, start_round, ""
         )
         self.servicer.attach(
-            Run(self.engine, self.broadcaster, join_info, self.ledger.contributions)
+            Run(
+                self.engine,
+                self.broadcaster,
+                join_info,
+                self.ledger.contributions,
+                known_parties=self._known_parties,
+            )
         )
 
     def _pending_second(
@@ -243,6 +289,12 @@ class Aggregator:
         self.spill.drop_all(keep.round if keep else None)
         return keep
 
+    def _known_parties(self) -> set[str]:
+        """Every party id of the run: joined now, or recorded in the ledger."""
+        return set(self.engine.parties.ids()) | {
+            str(p["party_id"]) for p in self.ledger.parties()
+        }
+
     # ------------------------------------------------------------ durability
     def _commit(self, result: RoundResult, theta_next: np.ndarray) -> None:
         """Checkpoint theta_{t+1}; then commit the round and resume pointer at once."""
@@ -254,6 +306,9 @@ class Aggregator:
             self.run_dir.prune_checkpoints(result.round + 1)
         else:
             self.ledger.record_round(result)
+        # Every round into the database file, not only the WAL (issue 11).
+        if not self.ledger.checkpoint_wal():
+            log.debug("ledger WAL checkpoint incomplete (a reader holds frames)")
 
     def _on_finish(self, state: RunState, reason: str) -> None:
         meta = {
@@ -262,10 +317,27 @@ class Aggregator:
             "state": state.value,
             "reason": reason,
         }
-        self.run_dir.save_final(self.layout, self.engine.theta, meta)
-        if state is RunState.DONE:  # a failed run keeps its spill for --resume
-            self.spill.drop_all()
-        self.broadcaster.finish(self.engine.rounds_done, reason)
+        err = self.engine.stop_error
+        if err is not None and not self.failure:
+            self.failure = _named_failure(err, self.run_dir)
+        try:
+            self.run_dir.save_final(self.layout, self.engine.theta, meta)
+        except OSError as err:
+            # Never let a failed write kill the thread that reports the end.
+            self.failure = self.failure or _named_failure(err, self.run_dir)
+            log.error("cannot write the final model: %s", self.failure)
+        if self.failure:
+            log.error(
+                "run %s stopped: %s; the parties keep waiting: fix the cause and "
+                "restart with --resume %s",
+                self.run_id,
+                self.failure,
+                self.run_dir.path,
+            )
+        else:
+            if state is RunState.DONE:  # a failed run keeps its spill for --resume
+                self.spill.drop_all()
+            self.broadcaster.finish(self.engine.rounds_done, reason)
         self._done.set()
 
     # -------------------------------------------------------------- running
@@ -275,12 +347,16 @@ class Aggregator:
         The port (and ``port_file``) is live before the run is set up; a set-up
         failure is raised here, after which RPCs answer UNAVAILABLE naming it.
         """
-        if self.cfg.insecure:
-            port = self.server.add_insecure_port(self.cfg.address)
-        else:
-            port = self.server.add_secure_port(
-                self.cfg.address, server_credentials(self.cfg.tls)
-            )
+        try:
+            if self._credentials is None:
+                port = self.server.add_insecure_port(self.cfg.address)
+            else:
+                port = self.server.add_secure_port(self.cfg.address, self._credentials)
+        except RuntimeError as err:  # grpcio: "Failed to bind to address ..."
+            raise ConfigError(
+                f"cannot listen on {self.cfg.address}: the port is in use or the "
+                "address is not one of this host's"
+            ) from err
         if port == 0:
             raise ConfigError(f"cannot listen on {self.cfg.address}")
         self.port = port
@@ -302,7 +378,13 @@ class Aggregator:
             self.servicer.start_failed(str(err))
             if self.validation is not None:
                 self.validation.close()  # no worker outlives a failed start
+            if isinstance(err, sqlite3.DatabaseError):
+                raise ConfigError(
+                    f"{self.run_dir.ledger_path} is damaged ({err}); restore it from "
+                    "a backup (fedgrpc backup) or start a new --run-dir"
+                ) from err
             raise
+        self._started = True
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("run %s ready", self.run_id)
@@ -315,13 +397,15 @@ class Aggregator:
         while not self._stopping.is_set() and not self.engine.finished:
             try:
                 self.engine.tick()
-            except FedGrpcError as err:  # e.g. the validation worker died
-                log.error("round engine stopped: %s", err)
-                self.engine.stop(f"failed: {err}")
-                break
-            except Exception:
-                log.exception("round engine failed")
-                self.engine.stop("failed: internal error")
+            except Exception as err:  # disk full, the validation worker gone, ...
+                # Resumable: the ledger holds every committed round. Name the
+                # cause, stop, and leave the parties waiting for --resume.
+                self.failure = _named_failure(err, self.run_dir)
+                if isinstance(err, FedGrpcError | OSError | sqlite3.Error):
+                    log.error("round engine stopped: %s", self.failure)
+                else:
+                    log.exception("round engine failed")
+                self.engine.stop(f"failed: {self.failure}")
                 break
             self.engine.wait(0.05)
 
@@ -361,6 +445,7 @@ class Aggregator:
                 self.run_dir.path,
             )
         self.server.stop(grace_s).wait()
+        self.servicer.close()
         if self._driver.is_alive():
             self._driver.join(timeout=5)
         if self._executor is not None:
@@ -368,22 +453,59 @@ class Aggregator:
         if self.validation is not None:
             self.validation.close()
         self.ledger.close()
+        self._discard_if_new()
 
     @property
     def succeeded(self) -> bool:
-        """True when the run completed every round."""
-        return self.servicer.ready and self.engine.state == RunState.DONE
+        """True when the run completed every round (and its final model is saved)."""
+        return (
+            self.servicer.ready
+            and self.engine.state == RunState.DONE
+            and not self.failure
+        )
+
+
+def _named_failure(err: BaseException, run_dir: RunDir) -> str:
+    """A failure as an operator can act on it: ENOSPC and the path, say."""
+    if isinstance(err, OSError):
+        name = errno.errorcode.get(err.errno or 0, "OSError")
+        where = err.filename or run_dir.path
+        return f"{name}: {err.strerror or err} ({where})"
+    if isinstance(err, sqlite3.OperationalError) and "full" in str(err):
+        return f"ENOSPC: the ledger cannot grow: {err} ({run_dir.ledger_path})"
+    if isinstance(err, sqlite3.Error):
+        return f"ledger error: {err} ({run_dir.ledger_path})"
+    if isinstance(err, FedGrpcError):
+        return str(err)
+    return f"internal error: {type(err).__name__}: {err}"
+
+
+def _open_ledger(run_dir: RunDir) -> Ledger:
+    """The run's ledger; a damaged file is a named ConfigError, not a traceback."""
+    ledger: Ledger | None = None
+    try:
+        ledger = Ledger(run_dir.ledger_path)
+        ledger.run_info()  # reads the first pages: a torn file fails here
+        return ledger
+    except sqlite3.DatabaseError as err:
+        if ledger is not None:
+            ledger.close()
+        raise ConfigError(
+            f"{run_dir.ledger_path} is not a readable fedgrpc ledger ({err}); restore "
+            "it from a backup or start a new --run-dir"
+        ) from err
 
 
 def _grpc_server(
-    servicer: AggregatorServicer, health_servicer: health.HealthServicer, parties: int
+    servicer: AggregatorServicer, health_servicer: health.HealthServicer, limits: Limits
 ) -> grpc.Server:
     """The gRPC server: the Aggregator service, health checking and reflection."""
     server = grpc.server(
         # Each GetModel stream and each upload holds a worker thread while it lasts;
-        # threads start lazily, so the bound costs nothing until used.
+        # threads start lazily, so the bound costs nothing until used. The servicer's
+        # caps (server.guard) stay below it, so health checks always find a thread.
         futures.ThreadPoolExecutor(
-            max_workers=2 * parties + 16, thread_name_prefix="rpc"
+            max_workers=pool_size(limits), thread_name_prefix="rpc"
         ),
         options=[
             ("grpc.so_reuseport", 0),
@@ -394,6 +516,14 @@ def _grpc_server(
             # Clients ping every 10 s to detect dead links; allow it.
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            # The server probes silent connections too: a peer that vanished
+            # without closing frees its streams (and threads) within ~40 s.
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            # A client pinging more often than allowed is disconnected.
+            ("grpc.http2.max_ping_strikes", 3),
+            # Connections with no call for 10 min are closed.
+            ("grpc.max_connection_idle_ms", 600_000),
         ],
     )
     server.add_generic_rpc_handlers((build_handler(servicer),))
@@ -458,7 +588,9 @@ def serve(cfg: ServerConfig) -> int:
             pass
         if not stop.is_set():
             _report(agg)
-            if cfg.keep_serving:
+            if agg.failure:
+                pass  # no done message: the parties wait for --resume
+            elif cfg.keep_serving:
                 log.info("training over; still serving queries until SIGTERM")
                 stop.wait()
                 received.clear()
@@ -478,16 +610,19 @@ def serve(cfg: ServerConfig) -> int:
 
 def _report(agg: Aggregator) -> None:
     st = agg.engine.status()
-    agg.run_dir.write_summary(
-        {
-            "run_id": agg.run_id,
-            "state": st.state.value,
-            "rounds_done": st.rounds_done,
-            "val_loss": st.val_loss,
-            "val_acc": st.val_acc,
-            "reason": st.reason,
-        }
-    )
+    try:
+        agg.run_dir.write_summary(
+            {
+                "run_id": agg.run_id,
+                "state": st.state.value,
+                "rounds_done": st.rounds_done,
+                "val_loss": st.val_loss,
+                "val_acc": st.val_acc,
+                "reason": st.reason,
+            }
+        )
+    except OSError as err:
+        log.error("cannot write the summary: %s", _named_failure(err, agg.run_dir))
     log.info(
         "run %s %s after %d rounds: val acc %.4f",
         agg.run_id,

@@ -12,7 +12,7 @@ import functools
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, NoReturn, TypeVar
 
@@ -21,11 +21,12 @@ import grpc
 from fedgrpc import wire
 from fedgrpc.config import Limits
 from fedgrpc.engine import RoundEngine
+from fedgrpc.engine.uploads import Submission
 from fedgrpc.errors import (
     FedGrpcError,
     ForbiddenError,
     InvalidUpdateError,
-    LimitError,
+    NotFoundError,
     StaleRoundError,
     UnavailableError,
 )
@@ -33,11 +34,20 @@ from fedgrpc.proto import aggregator_pb2
 from fedgrpc.security.registry import PARTY_ID_RE, Identity, PartyRegistry
 from fedgrpc.server.auth import identity_from_context
 from fedgrpc.server.broadcast import ModelBroadcaster
+from fedgrpc.server.guard import CallGuard, Watchdog
 from fedgrpc.types import ContributionReport, RunState, RunStatus, SubmitHeader
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+CONNECTION_SCALE = 4
+"""Uploads one connection may have waiting for their header, in units of
+``max_streams_per_party`` (the server-wide cap bounds the sum)."""
+
+CANCEL_AFTER_S = 2.0
+"""How long a discarded upload's sender has to hear why before its stream is
+cancelled (a quiet sender would otherwise hold a worker thread)."""
 
 STARTUP_WAIT_S = 60.0
 """Longest an RPC waits for a starting run (its own deadline may be shorter)."""
@@ -89,6 +99,8 @@ class Run:
     broadcaster: ModelBroadcaster
     join_info: wire.JoinInfo  # the run's constant part of every JoinReply
     contributions: Callable[..., ContributionReport]  # Ledger.contributions
+    known_parties: Callable[[], Collection[str]] | None = None
+    """Every party id the run knows (GetContributions refuses others, NOT_FOUND)."""
 
 
 class AggregatorServicer:
@@ -99,10 +111,12 @@ class AggregatorServicer:
         rounds_total: rounds of the run (GetStatus while starting).
         registry: parties file, or None (no tokens).
         mtls: whether client certificates are required (identity from the certificate).
-        limits: decode limits; ``max_streams_per_party`` bounds concurrent uploads.
+        limits: decode limits and the caps on concurrent calls (server.guard).
         stopping: set when the server shuts down (model streams end UNAVAILABLE).
         publish_to_parties: let a party see the global figures (shares, round
             metrics, other party ids); by default it sees only its own (DESIGN §5).
+        open_enrolment: TLS without any caller identity, asked for explicitly:
+            nobody's contributions are served.
     """
 
     def __init__(
@@ -115,6 +129,7 @@ class AggregatorServicer:
         limits: Limits | None = None,
         stopping: threading.Event | None = None,
         publish_to_parties: bool = False,
+        open_enrolment: bool = False,
     ) -> None:
         self._run_id = run_id
         self._publish = publish_to_parties
@@ -122,8 +137,10 @@ class AggregatorServicer:
         self._registry = registry
         self._mtls = mtls
         self._limits = limits or Limits()
-        self._streams: dict[str, int] = {}
         self._streams_lock = threading.Lock()
+        self._guard = CallGuard(self._limits)
+        self._watchdog = Watchdog()
+        self._open_enrolment = open_enrolment
         self.model_streams = 0  # open GetModel streams (the server waits for them)
         self._stopping = stopping or threading.Event()
         self._ready = threading.Event()
@@ -140,6 +157,10 @@ class AggregatorServicer:
         """The run is ready: RPCs are served from now on."""
         self._run = run
         self._ready.set()
+
+    def close(self) -> None:
+        """Stop the watchdog thread (after the server stopped)."""
+        self._watchdog.stop()
 
     @property
     def ready(self) -> bool:
@@ -190,28 +211,50 @@ class AggregatorServicer:
         return ident.name
 
     # ------------------------------------------------------------------ RPCs
+    def _caller_key(self, context: grpc.ServicerContext, claimed: str = "") -> str:
+        """Whom a call's per-identity cap counts against (authenticates the call)."""
+        ident = self._identity(context)
+        if ident is not None:
+            return f"{'admin' if ident.is_admin else 'party'} {ident.name}"
+        if claimed and PARTY_ID_RE.fullmatch(claimed):
+            return f"party {claimed}"
+        return f"connection {context.peer()}"
+
     @_unary
     def Join(
         self, raw: bytes, context: grpc.ServicerContext
     ) -> aggregator_pb2.JoinReply:
         """Register the calling party; reply with spec, config and the open round."""
-        claimed, num_samples, _ = wire.join_request_from_proto(
-            wire.parse_message(aggregator_pb2.JoinRequest, raw)
-        )
-        party = self._party(context, claimed)
-        run = self._wait_run(context)
-        attested = self._registry.attested_samples(party) if self._registry else None
-        run.engine.join(party, num_samples, attested)
-        info = replace(run.join_info, open_round=run.engine.open_round, party_id=party)
-        return wire.join_reply_to_proto(info)
+        with self._guard.admit("Join"):
+            msg = wire.parse_message(aggregator_pb2.JoinRequest, raw)
+            claimed, num_samples, _ = wire.join_request_from_proto(msg)
+            party = self._party(context, claimed)
+            with self._guard.per_identity(f"party {party}", "Join"):
+                run = self._wait_run(context)
+                attested = (
+                    self._registry.attested_samples(party) if self._registry else None
+                )
+                if not wire.join_is_check_only(msg):
+                    run.engine.join(party, num_samples, attested)
+                info = replace(
+                    run.join_info, open_round=run.engine.open_round, party_id=party
+                )
+                return wire.join_reply_to_proto(info)
 
     @_streaming
     def GetModel(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         """Stream each model version from ``from_round`` on (pre-encoded), then done."""
-        claimed, next_round = wire.get_model_request_from_proto(
-            wire.parse_message(aggregator_pb2.GetModelRequest, raw)
-        )
-        party = self._party(context, claimed)
+        with self._guard.admit("GetModel"):
+            claimed, next_round = wire.get_model_request_from_proto(
+                wire.parse_message(aggregator_pb2.GetModelRequest, raw)
+            )
+            party = self._party(context, claimed)
+            with self._guard.per_identity(f"party {party}", "GetModel"):
+                yield from self._stream_models(party, next_round, context)
+
+    def _stream_models(
+        self, party: str, next_round: int, context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
         run = self._wait_run(context)
         run.engine.touch(party)
         with self._streams_lock:
@@ -235,30 +278,93 @@ class AggregatorServicer:
     def SubmitGradient(
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> aggregator_pb2.SubmitReply:
-        """Receive one update: header, chunks, trailer; fold it in only when whole."""
-        messages = wire.read_messages(request_iterator, aggregator_pb2.SubmitMessage)
-        kind, first = next(messages, ("", None))
+        """Receive one update: header, chunks, trailer; fold it in only when whole.
+
+        The caller is authenticated and counted against its caps from the call's
+        metadata before any message is read; the header must arrive within
+        ``upload_grace_s``.
+        """
+        with self._guard.admit("SubmitGradient"):
+            messages = wire.read_messages(
+                request_iterator, aggregator_pb2.SubmitMessage
+            )
+            ident = self._identity(context)
+            if ident is not None:
+                party = self._party(context, "")
+                with self._guard.per_identity(f"party {party}", "SubmitGradient"):
+                    first = self._read_header(messages, context)
+                    self._party(context, first.party_id)
+                    return self._submit(party, first, messages, context)
+            # No channel identity: the party id is in the header; until it arrives
+            # the connection is what is counted.
+            with self._guard.per_identity(
+                f"connection {context.peer()}",
+                "SubmitGradient",
+                # One connection may carry several parties (gRPC shares them
+                # within a process): headers only, read within the grace.
+                scale=CONNECTION_SCALE,
+            ):
+                first = self._read_header(messages, context)
+            party = self._party(context, first.party_id)
+            with self._guard.per_identity(
+                f"party {party}",
+                "SubmitGradient",
+                f"party {party}, round {first.round}",
+            ):
+                return self._submit(party, first, messages, context)
+
+    def _read_header(
+        self, messages: Iterator[tuple[str, Any]], context: grpc.ServicerContext
+    ) -> Any:
+        """The upload's header message; the stream is cancelled if it is late."""
+        grace = self._limits.upload_grace_s
+        peer = context.peer()
+
+        def too_late() -> None:
+            log.warning("upload from %s sent no header within %g s", peer, grace)
+            context.cancel()
+
+        handle = self._watchdog.after(grace, too_late)
+        try:
+            kind, first = next(messages, ("", None))
+        finally:
+            self._watchdog.cancel(handle)
         if kind != "header" or first is None:
             raise InvalidUpdateError("submission must start with a header message")
-        party = self._party(context, first.party_id)  # identity before anything else
+        return first
+
+    def _submit(
+        self,
+        party: str,
+        first: Any,
+        messages: Iterator[tuple[str, Any]],
+        context: grpc.ServicerContext,
+    ) -> aggregator_pb2.SubmitReply:
         run = self._wait_run(context)
-        with self._streams_lock:
-            open_streams = self._streams.get(party, 0)
-            if open_streams >= self._limits.max_streams_per_party:
-                raise LimitError(
-                    f"party {party}, round {first.round}: {open_streams} uploads "
-                    f"already open; limit is {self._limits.max_streams_per_party}"
-                )
-            self._streams[party] = open_streams + 1
+        hdr = replace(wire.submit_header_from_proto(first), party_id=party)
+        done = threading.Event()
+
+        def discarded(why: str) -> None:
+            # The engine freed the slot; a sender that keeps quiet still holds this
+            # thread, so cancel its stream unless it hears the refusal first.
+            def cancel() -> None:
+                if not done.is_set():
+                    log.warning("party %s: upload stream cancelled: %s", party, why)
+                    context.cancel()
+
+            self._watchdog.after(CANCEL_AFTER_S, cancel)
+
         try:
-            hdr = replace(wire.submit_header_from_proto(first), party_id=party)
-            return self._receive(run, hdr, messages)
+            return self._receive(run, hdr, messages, discarded)
         finally:
-            with self._streams_lock:
-                self._streams[party] -= 1
+            done.set()
 
     def _receive(
-        self, run: Run, hdr: SubmitHeader, it: Iterator[tuple[str, Any]]
+        self,
+        run: Run,
+        hdr: SubmitHeader,
+        it: Iterator[tuple[str, Any]],
+        on_expire: Callable[[str], None] | None = None,
     ) -> aggregator_pb2.SubmitReply:
         label = f"party {hdr.party_id}, round {hdr.round}"
         latest = run.broadcaster.latest
@@ -282,6 +388,8 @@ class AggregatorServicer:
             submission_id=hdr.submission_id,
             slot_timeout_s=self._limits.upload_slot_timeout_s,
         )
+        if isinstance(sub, Submission):
+            sub.on_expire = on_expire
         try:
             sub.reserve()  # before reading any chunk: waiting uploads pin no data
             dec = wire.BundleDecoder(
@@ -305,6 +413,7 @@ class AggregatorServicer:
                         f"{label}: unexpected {kind or 'empty'} message inside the "
                         "update"
                     )
+            sub.check_open()  # discarded meanwhile: say why, not just "truncated"
             raise InvalidUpdateError(
                 f"{label}: stream ended without its trailer after {dec.bytes_received} "
                 "bytes"
@@ -318,10 +427,27 @@ class AggregatorServicer:
         self, raw: bytes, context: grpc.ServicerContext
     ) -> aggregator_pb2.ContributionsReply:
         """The ledger's contributions; parties see only their own, admins everything."""
+        with (
+            self._guard.admit("GetContributions"),
+            self._guard.per_identity(self._caller_key(context), "GetContributions"),
+        ):
+            return self._contributions(raw, context)
+
+    def _contributions(
+        self, raw: bytes, context: grpc.ServicerContext
+    ) -> aggregator_pb2.ContributionsReply:
         wanted, from_round, to_round, method = wire.contributions_request_from_proto(
             wire.parse_message(aggregator_pb2.ContributionsRequest, raw)
         )
+        if wanted is not None:
+            wanted = list(dict.fromkeys(wanted))  # a repeated id is asked for once
         ident = self._identity(context)
+        if ident is None and self._open_enrolment:
+            raise ForbiddenError(
+                "open enrolment: callers have no verified identity, so no party's "
+                "contributions are served; give the aggregator a parties file or "
+                "client certificates"
+            )
         if ident is not None and not ident.is_admin:
             if wanted is not None and wanted != [ident.name]:
                 others = sorted(set(wanted) - {ident.name})
@@ -331,6 +457,14 @@ class AggregatorServicer:
                 )
             wanted = [ident.name]
         run = self._wait_run(context)
+        if wanted is not None and run.known_parties is not None:
+            known = set(run.known_parties())
+            unknown = [p for p in wanted if p not in known]
+            if unknown:
+                raise NotFoundError(
+                    f"no party {unknown[0]!r} in run {self._run_id}"
+                    + (f" (and {len(unknown) - 1} more unknown)" if unknown[1:] else "")
+                )
         report = run.contributions(wanted, from_round, to_round, method)
         viewer = None if ident is None or ident.is_admin else ident.name
         if viewer is not None and not self._publish:
@@ -342,24 +476,34 @@ class AggregatorServicer:
         self, raw: bytes, context: grpc.ServicerContext
     ) -> aggregator_pb2.StatusReply:
         """Run progress (``starting`` while the run is being set up)."""
-        wire.parse_message(aggregator_pb2.StatusRequest, raw)
-        ident = self._identity(context)  # authenticate when credentials are configured
-        if self._run is None:
-            state = RunState.FAILED if self._start_error else RunState.STARTING
-            st = RunStatus(state, 0, self._rounds_total, 0, reason=self._start_error)
-        else:
-            st = self._run.engine.status()
-        if ident is not None and not ident.is_admin and not self._publish:
-            # A party sees no other party's id (DESIGN §5).
-            # Nor the validation metrics: each round's measured drop minus its own
-            # score would give the others' total.
-            me = ident.name
-            st = replace(
-                st,
-                joined=tuple(p for p in st.joined if p == me),
-                submitted=tuple(p for p in st.submitted if p == me),
-                late=tuple(p for p in st.late if p == me),
-                val_loss=math.nan,
-                val_acc=math.nan,
-            )
-        return wire.status_to_proto(replace(st, run_id=self._run_id))
+        with self._guard.admit("GetStatus"):
+            wire.parse_message(aggregator_pb2.StatusRequest, raw)
+            # Authenticates when credentials are configured.
+            with self._guard.per_identity(self._caller_key(context), "GetStatus"):
+                ident = self._identity(context)
+                if self._run is None:
+                    state = RunState.FAILED if self._start_error else RunState.STARTING
+                    st = RunStatus(
+                        state, 0, self._rounds_total, 0, reason=self._start_error
+                    )
+                else:
+                    st = self._run.engine.status()
+                if ident is not None and not ident.is_admin and not self._publish:
+                    st = _party_status(st, ident.name)
+                return wire.status_to_proto(replace(st, run_id=self._run_id))
+
+
+def _party_status(st: RunStatus, me: str) -> RunStatus:
+    """What a party may see of the run's status (DESIGN §5).
+
+    No other party's id, and no validation metrics: each round's measured drop minus
+    its own score would give the others' total.
+    """
+    return replace(
+        st,
+        joined=tuple(p for p in st.joined if p == me),
+        submitted=tuple(p for p in st.submitted if p == me),
+        late=tuple(p for p in st.late if p == me),
+        val_loss=math.nan,
+        val_acc=math.nan,
+    )

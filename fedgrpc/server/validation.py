@@ -37,7 +37,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import numpy as np
 
@@ -61,11 +61,17 @@ from fedgrpc.types import TensorSpec
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 START_TIMEOUT_S = 600.0  # loading a large validation set can take a while
 
 
 class ValidationWorkerError(UnavailableError):
     """The validation worker process failed or exited (the run stops; resumable)."""
+
+
+class WorkerDiedError(ValidationWorkerError):
+    """The worker process is gone (exited or killed): a restart may help."""
 
 
 @dataclass
@@ -88,10 +94,17 @@ def open_validation(
     val_spec: str,
     val_count: int,
     init_model: Path | None,
+    *,
+    worker_restarts: int = 0,
 ) -> ValidationSetup:
-    """Build the validation side: in a worker process or in this process."""
+    """Build the validation side: in a worker process or in this process.
+
+    ``worker_restarts``: how often a dead worker is replaced before a pass fails.
+    """
     if kind == "process":
-        return RemoteValidator.start(cfg, val_spec, val_count, init_model).setup
+        return RemoteValidator.start(
+            cfg, val_spec, val_count, init_model, restarts=worker_restarts
+        ).setup
     if kind != "thread":
         raise ConfigError(f"validator must be one of {VALIDATORS}, got {kind!r}")
     from fedgrpc.learning.validation import local_validation  # torch: this path only
@@ -130,6 +143,9 @@ class RemoteValidator:
         self._lock = threading.Lock()
         self._closed = False
         self.pid = proc.pid
+        self.restarts = 0  # workers replaced so far
+        self.restarts_left = 0
+        self._restart_args: tuple[RoundConfig, str, int, list[str] | None] | None = None
         specs = specs_from_json(setup_reply["specs"])
         grad = regions[GRAD]
         grad.flags.writeable = False  # the worker's output: read-only here
@@ -154,11 +170,13 @@ class RemoteValidator:
         init_model: Path | None,
         *,
         dirs: list[str] | None = None,
+        restarts: int = 0,
     ) -> RemoteValidator:
         """Start the worker, wait until it loaded data and model, map the regions.
 
         ``dirs``: where the shared file may go, first with room wins (default
-        :func:`shm_dirs`).
+        :func:`shm_dirs`). ``restarts``: how many times a worker that died is
+        replaced by a fresh one (the pass is then retried) before passes fail.
         """
         # The worker imports what this process can (``module:factory`` models and
         # datasets): same interpreter, same import path.
@@ -204,18 +222,59 @@ class RemoteValidator:
             size,
             str(reply["val_digest"])[:12],
         )
-        return cls(proc, regions, reply)
+        validator = cls(proc, regions, reply)
+        validator._restart_args = (cfg, val_spec, val_count, dirs)
+        validator.restarts_left = restarts
+        return validator
+
+    def _restart(self, err: WorkerDiedError) -> bool:
+        """Replace a dead worker by a fresh one; False if no restart is left."""
+        with self._lock:
+            if self._closed or self.restarts_left <= 0 or self._restart_args is None:
+                return False
+            self.restarts_left -= 1
+            log.warning("%s; starting a new validation worker", err)
+            cfg, val_spec, val_count, dirs = self._restart_args
+            fresh = RemoteValidator.start(cfg, val_spec, val_count, None, dirs=dirs)
+            _stop(self._proc)
+            # The engine's theta buffers stay in the old (still mapped) regions:
+            # the new worker is handed them through its scratch region.
+            self._proc, self._regions, self._grad = (
+                fresh._proc,
+                fresh._regions,
+                fresh._grad,
+            )
+            self.pid = self.setup.pid = fresh.pid
+            self.restarts += 1
+            log.warning("validation worker restarted: pid %d", self.pid)
+            return True
+
+    def _retrying(self, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except WorkerDiedError as err:
+            if not self._restart(err):
+                raise
+            return fn()
 
     # ------------------------------------------------------------ Validator
     def gradient(self, flat: np.ndarray) -> tuple[np.ndarray, float, float]:
         """v_t at ``flat`` (returned as a read-only view of the shared region)."""
-        reply = self._call({"op": "grad", "slot": self._slot_of(flat)})
-        return self._grad, float(reply["loss"]), float(reply["acc"])
+
+        def once() -> tuple[np.ndarray, float, float]:
+            reply = self._call({"op": "grad", "slot": self._slot_of(flat)})
+            return self._grad, float(reply["loss"]), float(reply["acc"])
+
+        return self._retrying(once)
 
     def evaluate(self, flat: np.ndarray) -> tuple[float, float]:
         """Validation loss and accuracy at ``flat``."""
-        reply = self._call({"op": "eval", "slot": self._slot_of(flat)})
-        return float(reply["loss"]), float(reply["acc"])
+
+        def once() -> tuple[float, float]:
+            reply = self._call({"op": "eval", "slot": self._slot_of(flat)})
+            return float(reply["loss"]), float(reply["acc"])
+
+        return self._retrying(once)
 
     def _slot_of(self, flat: np.ndarray) -> int:
         """The region holding ``flat``; other vectors are copied into scratch first."""
@@ -275,7 +334,7 @@ def _exchange(
             code = proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             code = None
-        raise ValidationWorkerError(
+        raise WorkerDiedError(
             f"validation worker (pid {proc.pid}) exited with code {code}; "
             "its log is above"
         )

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -252,6 +253,10 @@ def _round_from_row(r: sqlite3.Row, parties: tuple[PartyRound, ...]) -> RoundRes
     )
 
 
+EVICTED_KEY = "evicted_parties"
+"""State key: party ids an operator evicted (a JSON list)."""
+
+
 class Ledger:
     """The run ledger: one SQLite file, one connection, guarded by a lock.
 
@@ -383,6 +388,38 @@ class Ledger:
                 code=ErrorCode.FAILED_PRECONDITION,
             )
 
+    def checkpoint_wal(self) -> bool:
+        """Copy the WAL into the database file now (SQLite checkpoint, PASSIVE).
+
+        Without it the whole ledger can sit in ``ledger.sqlite-wal`` until a clean
+        exit, and a damaged WAL then silently loses committed rounds. Returns
+        whether every WAL frame reached the database (readers may hold some back).
+        """
+        self._writable()
+        with self._lock:
+            busy, frames, done = self._conn.execute(
+                "PRAGMA wal_checkpoint(PASSIVE)"
+            ).fetchone()
+        return not busy and frames == done
+
+    def backup(self, dest: Path) -> None:
+        """A consistent copy of the ledger at ``dest``, made online (SQLite backup API).
+
+        Safe while the aggregator writes: the copy is one committed state.
+        """
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.backup.tmp")
+        tmp.unlink(missing_ok=True)
+        target = sqlite3.connect(tmp)
+        try:
+            with self._lock:
+                self._conn.backup(target)
+            target.execute("PRAGMA journal_mode = DELETE")  # one self-contained file
+        finally:
+            target.close()
+        os.replace(tmp, dest)
+
     def close(self) -> None:
         """Close the connection; further calls fail."""
         with self._lock:
@@ -489,6 +526,40 @@ class Ledger:
             "FROM parties ORDER BY party_id"
         ).fetchall()
         return [dict(r) for r in rows]
+
+    def evict_parties(self, party_ids: Sequence[str]) -> list[str]:
+        """Drop parties from the registry and bar them from joining this run again.
+
+        Their recorded rounds and scores stay (the ledger never rewrites history);
+        they no longer count against ``max_parties`` and are not re-registered at
+        ``--resume``. Returns the ids that were registered. One transaction.
+        """
+        self._writable()
+        ids = list(dict.fromkeys(party_ids))
+        with self._lock, self._transaction() as conn:
+            marks = ",".join("?" * len(ids))
+            found = [
+                str(r[0])
+                for r in conn.execute(
+                    f"SELECT party_id FROM parties WHERE party_id IN ({marks})",
+                    ids,
+                )
+            ]
+            conn.execute(f"DELETE FROM parties WHERE party_id IN ({marks})", ids)
+            row = conn.execute(
+                "SELECT value FROM state WHERE key = ?", (EVICTED_KEY,)
+            ).fetchone()
+            evicted = set(json.loads(row["value"])) if row else set()
+            conn.execute(
+                "INSERT INTO state (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (EVICTED_KEY, _dumps(sorted(evicted | set(ids)))),
+            )
+        return sorted(found)
+
+    def evicted(self) -> set[str]:
+        """Party ids evicted from this run."""
+        return {str(p) for p in self.get_state(EVICTED_KEY, [])}
 
     # -- rounds -----------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ the resume pointer, so the pointer never names a file that is not whole on disk.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -78,11 +79,117 @@ class RunDir:
         state = ledger.get_state(RESUME_KEY)
         if state is None:
             raise ConfigError(f"--resume {self.path}: no committed checkpoint")
+        next_round = int(state["next_round"])
+        self.cross_check(next_round, str(state["checkpoint"]))
         arrays, _ = load_arrays(
             self.path / CHECKPOINTS / state["checkpoint"],
             expected_sha256=state["checkpoint_sha256"],
         )
-        return layout.flatten(arrays), int(state["next_round"])
+        return layout.flatten(arrays), next_round
+
+    def cross_check(self, next_round: int, checkpoint: str) -> None:
+        """Compare the ledger's resume pointer with the checkpoints on disk.
+
+        A checkpoint one round newer than the pointer is normal (killed between the
+        checkpoint and the ledger commit: warned). Newer still means the ledger lost
+        committed rounds (a damaged or truncated WAL), and a missing named file means
+        the directory was tampered with: both refuse, naming what is where.
+        """
+        on_disk = sorted(
+            int(p.stem.split("-")[1])
+            for p in (self.path / CHECKPOINTS).glob("round-*.npz")
+            if p.stem.split("-")[1].isdigit()
+        )
+        listed = ", ".join(f"round-{r:06d}.npz" for r in on_disk) or "none"
+        if not (self.path / CHECKPOINTS / checkpoint).is_file():
+            raise ConfigError(
+                f"--resume {self.path}: the ledger's resume pointer (round "
+                f"{next_round}) names checkpoints/{checkpoint}, which is missing; "
+                f"checkpoints on disk: {listed}. Restore the run directory from a "
+                "backup (fedgrpc backup)"
+            )
+        newest = on_disk[-1] if on_disk else next_round
+        if newest >= next_round + 2:
+            raise ConfigError(
+                f"--resume {self.path}: checkpoints/round-{newest:06d}.npz is newer "
+                f"than the ledger's resume pointer (round {next_round}): the ledger "
+                "lost committed rounds (a damaged or truncated WAL?). Restore "
+                "ledger.sqlite from a backup (fedgrpc backup) rather than redo rounds"
+            )
+        if newest == next_round + 1:
+            log.warning(
+                "%s: checkpoint round-%06d.npz is one round newer than the ledger's "
+                "pointer (killed before the round's commit?); resuming at round %d",
+                self.path,
+                newest,
+                next_round,
+            )
+
+    def backup(self, ledger: Ledger, dest: Path) -> list[Path]:
+        """Copy the run online to ``dest``: a consistent ledger, then its files.
+
+        The ledger copy comes first (SQLite's backup API); the checkpoint its resume
+        pointer names, the final model and the summary follow. Returns the files
+        written.
+        """
+        import shutil
+
+        dest = Path(dest)
+        if dest.exists() and any(dest.iterdir()):
+            raise ConfigError(f"backup destination {dest} is not empty")
+        ledger.backup(dest / LEDGER_FILE)
+        written = [dest / LEDGER_FILE]
+        with Ledger(dest / LEDGER_FILE) as copy:
+            state = copy.get_state(RESUME_KEY)
+        names = []
+        if state is not None:
+            ckpt = f"{CHECKPOINTS}/{state['checkpoint']}"
+            names += [ckpt, ckpt + ".sha256"]
+        names += [FINAL_MODEL, FINAL_MODEL + ".sha256", SUMMARY]
+        for name in names:
+            src = self.path / name
+            if src.is_file():
+                (dest / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dest / name)
+                written.append(dest / name)
+        return written
+
+    def clean_temp_files(self) -> list[Path]:
+        """Delete the temp files of writes a kill interrupted; return them.
+
+        Every file is written as ``.NAME.XXXX.tmp`` beside its target and renamed
+        (``store.files.atomic_write``), so a dot-file ending in ``.tmp`` is never a
+        finished file. Call only while no aggregator writes to this directory.
+        """
+        removed = []
+        for where in (self.path, self.path / CHECKPOINTS):
+            for tmp in where.glob(".*.tmp") if where.is_dir() else ():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+        if removed:
+            log.warning(
+                "%s: removed %d temp files left by an interrupted write",
+                self.path,
+                len(removed),
+            )
+        return removed
+
+    def discard_new(self, *, remove_dir: bool) -> None:
+        """Remove what a run that never started left (its ledger, checkpoints).
+
+        So a corrected command can use the same ``--run-dir``. Only for a
+        directory whose ledger this attempt created; the ledger must be closed.
+        """
+        for name in (LEDGER_FILE, f"{LEDGER_FILE}-wal", f"{LEDGER_FILE}-shm"):
+            (self.path / name).unlink(missing_ok=True)
+        ckpt = self.path / CHECKPOINTS
+        if ckpt.is_dir():
+            for f in ckpt.iterdir():
+                f.unlink(missing_ok=True)
+            ckpt.rmdir()
+        if remove_dir:
+            with contextlib.suppress(OSError):  # only if empty: never others' files
+                self.path.rmdir()
 
     def save_final(
         self, layout: FlatLayout, theta: np.ndarray, meta: dict[str, Any]

@@ -35,6 +35,9 @@ from fedgrpc.wire.tensors import (
 CHUNK_BYTES = 1 << 20
 """Default chunk payload (bytes); 1 MiB measured best here (DESIGN §9)."""
 
+MAX_TENSOR_NAME_CHARS = 256
+"""Longest tensor name a decoder accepts (a name must match the model's anyway)."""
+
 
 def _chunk_heads(
     name: str, dname: str, shape: tuple[int, ...], wire: np.ndarray, chunk_bytes: int
@@ -173,6 +176,11 @@ class BundleDecoder:
         """Check one chunk; return (tensor index, element offset, wire-dtype view)."""
         data = chunk.data  # read once: upb returns a new bytes object on every access
         name = chunk.name
+        if len(name) > MAX_TENSOR_NAME_CHARS:  # never echo it: it may be huge
+            raise self._err(
+                f"tensor name has {len(name)} characters; the limit is "
+                f"{MAX_TENSOR_NAME_CHARS}"
+            )
         if len(data) > self._limits.max_chunk_bytes:
             raise LimitError(
                 f"{self._label}chunk of tensor {name!r} has {len(data)} bytes; "

@@ -33,6 +33,36 @@ from fedgrpc.wire.tensors import dtype_from_proto, dtype_to_proto, itemsize
 
 _ROUND = RoundConfig()  # the defaults of fields a TrainingConfig leaves unset
 
+MAX_ID_CHARS = 256
+"""Longest party id the decoder passes on: the registry's rule (1-64 of
+[A-Za-z0-9_.-]) is checked after it, with the id quoted in the refusal; beyond this
+length the refusal does not quote it."""
+MAX_SUBMISSION_ID_CHARS = 128
+"""Longest submission id (the client's own are ``party:round:16 hex``, <= 90)."""
+MAX_VERSION_CHARS = 64
+"""Longest client version string."""
+MAX_DIGEST_BYTES = 64
+"""Longest model digest in an upload header (XXH3-128 digests have 16)."""
+MAX_FILTER_IDS = 4096
+"""Most party ids one GetContributions filter may name."""
+
+
+def bounded(value: str, limit: int, what: str, rule: str = "") -> str:
+    """``value`` if it has at most ``limit`` characters; else INVALID_ARGUMENT.
+
+    The refusal never echoes the value (it may be megabytes long); it states
+    ``rule``, or the limit.
+    """
+    if len(value) > limit:
+        raise InvalidUpdateError(
+            f"{what} has {len(value)} characters; " + (rule or f"the limit is {limit}")
+        )
+    return value
+
+
+_ID_RULE = "need 1-64 of [A-Za-z0-9_.-]"
+
+
 _KIND_TO_PROTO = {
     UpdateKind.GRADIENT: aggregator_pb2.GRADIENT,
     UpdateKind.DELTA: aggregator_pb2.DELTA,
@@ -139,17 +169,29 @@ class JoinInfo:
 
 
 def join_request_to_proto(
-    party_id: str, num_samples: int, client_version: str
+    party_id: str, num_samples: int, client_version: str, *, check_only: bool = False
 ) -> aggregator_pb2.JoinRequest:
-    """A JoinRequest."""
+    """A JoinRequest (``check_only``: ask for spec and config without joining)."""
     return aggregator_pb2.JoinRequest(
-        party_id=party_id, num_samples=num_samples, client_version=client_version
+        party_id=party_id,
+        num_samples=num_samples,
+        client_version=client_version,
+        check_only=check_only,
     )
 
 
+def join_is_check_only(msg: aggregator_pb2.JoinRequest) -> bool:
+    """Whether a JoinRequest only asks for the spec and config."""
+    return bool(msg.check_only)
+
+
 def join_request_from_proto(msg: aggregator_pb2.JoinRequest) -> tuple[str, int, str]:
-    """(party id, samples, client version) of a JoinRequest."""
-    return msg.party_id, int(msg.num_samples), msg.client_version
+    """(party id, samples, client version) of a JoinRequest (lengths bounded)."""
+    return (
+        bounded(msg.party_id, MAX_ID_CHARS, "party id", _ID_RULE),
+        int(msg.num_samples),
+        bounded(msg.client_version, MAX_VERSION_CHARS, "client version"),
+    )
 
 
 def join_reply_to_proto(info: JoinInfo) -> aggregator_pb2.JoinReply:
@@ -256,6 +298,17 @@ def submit_header_to_proto(header: SubmitHeader) -> aggregator_pb2.SubmitMessage
 
 def submit_header_from_proto(msg: aggregator_pb2.SubmitHeader) -> SubmitHeader:
     """The SubmitHeader of a header message (an unset kind is INVALID_ARGUMENT)."""
+    bounded(msg.party_id, MAX_ID_CHARS, "party id", _ID_RULE)
+    bounded(
+        msg.submission_id,
+        MAX_SUBMISSION_ID_CHARS,
+        f"party {msg.party_id}, round {msg.round}: submission id",
+    )
+    if len(msg.model_digest) > MAX_DIGEST_BYTES:
+        raise InvalidUpdateError(
+            f"party {msg.party_id}, round {msg.round}: model digest has "
+            f"{len(msg.model_digest)} bytes; the limit is {MAX_DIGEST_BYTES}"
+        )
     kind = update_kind_from_proto(msg.update_kind)
     if kind is None:
         raise InvalidUpdateError(
@@ -329,8 +382,15 @@ def contributions_request_from_proto(
 ) -> tuple[list[str] | None, int, int | None, str]:
     """(party ids or None, from round, to round or None, method) of a request."""
     to_round = int(msg.to_round) if msg.has_to_round else None
+    ids = list(msg.party_ids)
+    if len(ids) > MAX_FILTER_IDS:
+        raise InvalidUpdateError(
+            f"the filter names {len(ids)} party ids; the limit is {MAX_FILTER_IDS}"
+        )
+    for pid in ids:
+        bounded(pid, MAX_ID_CHARS, "party id in the filter", _ID_RULE)
     method = msg.method or "digfl-1"
-    return list(msg.party_ids) or None, int(msg.from_round), to_round, method
+    return ids or None, int(msg.from_round), to_round, method
 
 
 def report_to_proto(

@@ -56,7 +56,7 @@ def test_torch_free_serve_maps_no_torch_but_its_worker_does(tmp_path: Path) -> N
     args = [
         "serve", "--insecure", "--address", "localhost:0", "--port-file",
         str(port_file), "--run-dir", str(tmp_path / "run"), "--rounds", "1",
-        "--min-parties", "1", "--join-timeout", "600",
+        "--min-parties", "1", "--join-timeout", "600", "--val-data", "digits",
     ]  # fmt: skip
     with processes() as procs:
         proc = procs.start(args, log, console=True)

@@ -149,7 +149,9 @@ def test_process_and_thread_validators_give_the_same_run(
 def test_killed_worker_stops_the_run_with_its_reason(
     make_server: MakeServer,
 ) -> None:
-    agg = make_server(server={"validator": "process"}, rounds=3, min_parties=1)
+    agg = make_server(
+        server={"validator": "process", "worker_restarts": 0}, rounds=3, min_parties=1
+    )
     assert agg.validation is not None
     pid = agg.validation.pid
     assert pid is not None

@@ -97,7 +97,7 @@ def _run(
         on_commit=commit,
         on_join=lambda p, n: run.joins.append((p, n)),
         clock=FakeClock(),
-        max_in_flight=4,
+        max_in_flight=8,  # 2 slots per party: a second stream of one party
     )
     for pid, n in parties.items():
         run.engine.join(pid, n, (attested or {}).get(pid))
