@@ -512,7 +512,8 @@ def _messages(
 def test_refused_second_upload_cannot_bypass_the_norm_bound(
     make_server: MakeServer, stub_for: StubFor
 ) -> None:
-    agg = make_server(rounds=1, min_parties=3)
+    # 6 slots for 3 parties: each may hold 2, so a's second stream gets one.
+    agg = make_server(rounds=1, min_parties=3, limits=Limits(max_inflight_uploads=6))
     stub = stub_for(agg)
     for p in ("a", "b", "c"):
         _join(stub, p, 100)
