@@ -165,6 +165,11 @@ class ServerConfig:
     """Write the bound port here once listening (for tests and tools)."""
     keep_serving: bool = False
     """After the last round, keep answering queries until stopped."""
+    grace_period_s: float = 300.0
+    """After the last round (or on resuming a finished run), keep answering
+    GetStatus/GetContributions and telling reconnecting parties that training is
+    done for this long, then exit (s). 0 = exit once every open model stream got its
+    done message. ``keep_serving`` makes it unbounded."""
     init_model: Path | None = None
     """Start from these weights (.npz) instead of the seeded initialisation."""
     resume: bool = False
@@ -182,6 +187,8 @@ class ServerConfig:
                 "no TLS certificate given: pass --tls-cert/--tls-key or run with "
                 "--insecure"
             )
+        if not self.grace_period_s >= 0:
+            raise ConfigError(f"grace period must be >= 0 s, got {self.grace_period_s}")
 
 
 @dataclass(frozen=True)
@@ -233,6 +240,10 @@ SIMULATE_ROUND = RoundConfig(
     join_timeout_s=60.0,
 )
 """``fedgrpc simulate``'s training defaults (digits, MLP, local SGD)."""
+
+SIMULATE_TIMEOUT_S = 1800.0
+"""``fedgrpc simulate --timeout``: the whole run, and how long its own parties may
+take to start and join (s)."""
 
 
 @dataclass(frozen=True)

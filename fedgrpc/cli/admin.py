@@ -14,20 +14,36 @@ def add_parsers(sub: Any) -> None:
     i = csub.add_parser(
         "init", help="create a CA and the aggregator's certificate in DIR"
     )
-    i.add_argument("dir", type=Path)
+    i.add_argument("dir", type=Path, help="directory for the CA (created 0700)")
     i.add_argument(
         "--name",
         action="append",
         default=[],
-        help="server DNS name or IP (repeatable; default localhost, 127.0.0.1, ::1)",
+        help="a DNS name or IP address the aggregator is reached by (repeatable); "
+        "added to localhost, 127.0.0.1 and ::1, the first --name becomes the CN",
     )
-    i.add_argument("--force", action="store_true")
+    i.add_argument(
+        "--no-default-names",
+        action="store_true",
+        help="do not add localhost, 127.0.0.1 and ::1 (needs --name)",
+    )
+    i.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing CA; every certificate in DIR/parties/ is re-issued "
+        "by the new CA (ship the new files to their owners)",
+    )
     i.set_defaults(func=_cmd_certs_init)
     s = csub.add_parser(
         "issue", help="issue a party certificate whose name is PARTY_ID"
     )
-    s.add_argument("dir", type=Path)
-    s.add_argument("party_id")
+    s.add_argument("dir", type=Path, help="the CA directory made by certs init")
+    s.add_argument("party_id", help="the certificate's name (party or admin id)")
+    s.add_argument(
+        "--force",
+        action="store_true",
+        help="replace this party's existing certificate and key",
+    )
     s.set_defaults(func=_cmd_certs_issue)
 
     p = sub.add_parser("parties", help="manage the aggregator's parties file")
@@ -35,9 +51,15 @@ def add_parsers(sub: Any) -> None:
     add = psub.add_parser(
         "add", help="add a party (or admin) and print its new token once"
     )
-    add.add_argument("file", type=Path)
-    add.add_argument("party_id")
-    add.add_argument("--admin", action="store_true")
+    add.add_argument(
+        "file", type=Path, help="the parties file (TOML; created if missing)"
+    )
+    add.add_argument("party_id", help="the new party's (or admin's) id")
+    add.add_argument(
+        "--admin",
+        action="store_true",
+        help="an admin (reads every party's contributions) instead of a party",
+    )
     add.add_argument(
         "--token-out", type=Path, help="write the token to this file (0600)"
     )
@@ -45,18 +67,32 @@ def add_parsers(sub: Any) -> None:
 
 
 def _cmd_certs_init(a: argparse.Namespace) -> int:
-    from fedgrpc.security.pki import DEFAULT_SERVER_NAMES, init_ca
+    from fedgrpc.errors import ConfigError
+    from fedgrpc.security.pki import (
+        DEFAULT_SERVER_NAMES,
+        init_ca,
+        issue_party_cert,
+        issued_party_ids,
+    )
 
-    names = a.name or list(DEFAULT_SERVER_NAMES)
+    if a.no_default_names and not a.name:
+        raise ConfigError("--no-default-names needs at least one --name")
+    defaults = [] if a.no_default_names else list(DEFAULT_SERVER_NAMES)
+    names = list(dict.fromkeys([*a.name, *defaults]))  # first --name is the CN
+    reissue = issued_party_ids(a.dir) if a.force else []
     for k, v in init_ca(a.dir, server_names=names, force=a.force).items():
         print(f"{k}: {v}")
+    print(f"server names: {', '.join(names)}")
+    for party_id in reissue:
+        paths = issue_party_cert(a.dir, party_id, force=True)
+        print(f"re-issued by the new CA: {paths['cert']} {paths['key']}")
     return 0
 
 
 def _cmd_certs_issue(a: argparse.Namespace) -> int:
     from fedgrpc.security.pki import issue_party_cert
 
-    for k, v in issue_party_cert(a.dir, a.party_id).items():
+    for k, v in issue_party_cert(a.dir, a.party_id, force=a.force).items():
         print(f"{k}: {v}")
     return 0
 

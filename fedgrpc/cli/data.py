@@ -18,7 +18,12 @@ def add_parsers(sub: Any) -> None:
         "split", help="write each party's partition and the validation set"
     )
     add_data_options(p, defaults=_SPLIT, holdout_help="20%% of the data")
-    p.add_argument("--seed", type=int, default=_SPLIT.seed)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=_SPLIT.seed,
+        help="seed of the split, the partition and the attacks",
+    )
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.set_defaults(func=_cmd_split)
 

@@ -42,9 +42,19 @@ def report_table(report: ContributionReport) -> str:
             f"{last.val_loss_after:.4f}, "
             f"accuracy {ok[0].val_acc_before:.4f} -> {last.val_acc_after:.4f}"
         )
-        lines.append(
-            f"first-order fidelity: predicted drop {pred:.4f} vs measured {meas:.4f}"
-        )
+        if len(report.parties) > 1:
+            lines.append(
+                f"first-order fidelity: predicted drop {pred:.4f} vs measured "
+                f"{meas:.4f}"
+            )
+        else:
+            # A party's own view holds only its own scores: comparing them with the
+            # federation's measured drop would be meaningless (unless it is alone).
+            who = report.parties[0].party_id if report.parties else "this party"
+            lines.append(
+                f"predicted drop from {who}: {pred:.4f} (the federation's whole "
+                f"model dropped {meas:.4f}; comparable only if it is the only party)"
+            )
     failed = [r for r in report.rounds if not r.ok]
     if failed:
         lines.append(

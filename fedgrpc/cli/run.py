@@ -42,7 +42,12 @@ def _serve_parser(sub: Any) -> None:
         default=_SERVER.address,
         help="host:port to listen on (port 0 = any free port)",
     )
-    p.add_argument("--run-dir", type=Path, default=_SERVER.run_dir)
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        default=_SERVER.run_dir,
+        help="directory for the ledger, checkpoints, final model and summary",
+    )
     p.add_argument(
         "--resume",
         type=Path,
@@ -80,7 +85,18 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument(
         "--keep-serving",
         action="store_true",
-        help="after the last round keep answering queries until SIGTERM",
+        help="after the last round keep answering queries until SIGTERM "
+        "(an unbounded --grace-period)",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=float,
+        default=_SERVER.grace_period_s,
+        metavar="S",
+        help="after the last round (or when resuming a finished run) keep answering "
+        "status/contributions queries and telling reconnecting parties that "
+        "training is done for S seconds, then exit; 0 = exit as soon as the "
+        "connected parties have their done message",
     )
     add_training_options(p, defaults=_ROUND)
     _add_security_options(p)
@@ -94,8 +110,8 @@ def _add_security_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--insecure", action="store_true", help="plaintext (no TLS): tests only"
     )
-    g.add_argument("--tls-cert", type=Path)
-    g.add_argument("--tls-key", type=Path)
+    g.add_argument("--tls-cert", type=Path, help="the aggregator's certificate (PEM)")
+    g.add_argument("--tls-key", type=Path, help="its private key (PEM)")
     g.add_argument(
         "--tls-ca", type=Path, help="CA for client certificates (mutual TLS)"
     )
@@ -110,15 +126,36 @@ def _add_security_options(p: argparse.ArgumentParser) -> None:
 def _add_limit_options(p: argparse.ArgumentParser) -> None:
     """The ``limits`` group: what one party may make the aggregator hold or wait on."""
     g = p.add_argument_group("limits")
-    g.add_argument("--max-chunk-bytes", type=int, default=_LIMITS.max_chunk_bytes)
-    g.add_argument("--max-tensor-bytes", type=int, default=_LIMITS.max_tensor_bytes)
     g.add_argument(
-        "--max-submission-bytes", type=int, default=_LIMITS.max_submission_bytes
+        "--max-chunk-bytes",
+        type=int,
+        default=_LIMITS.max_chunk_bytes,
+        help="largest data field of one upload chunk (bytes)",
     )
     g.add_argument(
-        "--max-streams-per-party", type=int, default=_LIMITS.max_streams_per_party
+        "--max-tensor-bytes",
+        type=int,
+        default=_LIMITS.max_tensor_bytes,
+        help="largest single tensor of an upload (bytes)",
     )
-    g.add_argument("--max-parties", type=int, default=_LIMITS.max_parties)
+    g.add_argument(
+        "--max-submission-bytes",
+        type=int,
+        default=_LIMITS.max_submission_bytes,
+        help="largest whole upload (bytes)",
+    )
+    g.add_argument(
+        "--max-streams-per-party",
+        type=int,
+        default=_LIMITS.max_streams_per_party,
+        help="concurrent uploads one party may hold open",
+    )
+    g.add_argument(
+        "--max-parties",
+        type=int,
+        default=_LIMITS.max_parties,
+        help="parties that may join",
+    )
     g.add_argument(
         "--max-inflight-uploads",
         type=int,
@@ -168,6 +205,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         ),
         port_file=a.port_file,
         keep_serving=a.keep_serving,
+        grace_period_s=a.grace_period,
         init_model=a.init_model,
         resume=a.resume is not None,
         validator=a.validator,
@@ -178,7 +216,11 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 def _client_parser(sub: Any) -> None:
     p = sub.add_parser("client", help="run a party (client stub)")
     p.add_argument("--server", required=True, help="aggregator HOST:PORT")
-    p.add_argument("--party-id", required=True)
+    p.add_argument(
+        "--party-id",
+        required=True,
+        help="this party's id (must match its certificate or token when used)",
+    )
     p.add_argument("--data", required=True, help="digits, mnist:DIR, npz:FILE, mod:fn")
     add_timeout_options(p, _CLIENT)
     p.add_argument(

@@ -20,7 +20,13 @@ from fedgrpc.cli.options import (
     round_config,
     split_config,
 )
-from fedgrpc.config import SIMULATE_ROUND, ObserverConfig, RoundConfig, SplitConfig
+from fedgrpc.config import (
+    SIMULATE_ROUND,
+    SIMULATE_TIMEOUT_S,
+    ObserverConfig,
+    RoundConfig,
+    SplitConfig,
+)
 from fedgrpc.errors import FedGrpcError, RemoteError
 from fedgrpc.store.files import atomic_write
 from fedgrpc.types import ContributionReport, RunState, RunStatus
@@ -30,6 +36,9 @@ if TYPE_CHECKING:
     from fedgrpc.datasets.attacks import Attack
 
 log = logging.getLogger(__name__)
+
+SERVER_EXIT_WAIT_S = 30.0
+"""How long the aggregator may take to exit by itself after the run."""
 
 
 def add_parsers(sub: Any) -> None:
@@ -42,8 +51,20 @@ def add_parsers(sub: Any) -> None:
     p.add_argument(
         "--run-dir", type=Path, help="run directory (default runs/sim-YYYYmmdd-HHMMSS)"
     )
-    p.add_argument("--timeout", type=float, default=1800.0, help="give up after (s)")
-    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=SIMULATE_TIMEOUT_S,
+        help="give up after this many seconds; the aggregator waits this long for "
+        "its parties to start, however slowly they come up",
+    )
+    p.add_argument(
+        "--format",
+        choices=["table", "json"],
+        default="table",
+        help="table: progress and the contribution table on stdout; json: only the "
+        "summary (contributions.json) on stdout, progress on stderr",
+    )
     p.set_defaults(func=_cmd_simulate)
 
 
@@ -55,6 +76,7 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
         run_dir=a.run_dir,
         timeout_s=a.timeout,
         output_format=a.format,
+        quiet=a.quiet,
     )
 
 
@@ -94,10 +116,18 @@ def simulate(
     rcfg: RoundConfig,
     *,
     run_dir: Path | None = None,
-    timeout_s: float = 1800.0,
+    timeout_s: float = SIMULATE_TIMEOUT_S,
     output_format: str = "table",
+    quiet: bool = False,
 ) -> int:
-    """Split the data, start the aggregator and one client process per party, report."""
+    """Split the data, start the aggregator and one client process per party, report.
+
+    Progress lines go to stdout (stderr with ``output_format="json"``, so stdout is
+    only the JSON summary); ``quiet`` drops them.
+    """
+    progress = _Progress(
+        None if quiet else sys.stderr if output_format == "json" else sys.stdout
+    )
     from fedgrpc.client.stub import AggregatorClient
     from fedgrpc.datasets.attacks import parse_assignments
     from fedgrpc.datasets.split import prepare_parties, resolve_attacks, write_split
@@ -116,6 +146,7 @@ def simulate(
         data_dir=data_dir,
         port_file=port_file,
         n_parties=len(parties),
+        join_timeout_s=timeout_s,
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     # Filled as processes and log files are opened, so `finally` cleans up whatever
@@ -128,11 +159,10 @@ def simulate(
             server_cmd, run_dir / "server.log", env=env, procs=procs, logs=logs
         )
         address = f"localhost:{_wait_for_file(port_file, server, 60.0)}"
-        print(
+        progress.say(
             f"aggregator on {address}, run dir {run_dir}; {len(parties)} parties "
             f"({', '.join(f'{p}={len(d)}' for p, d in parties.items())}), "
-            f"validation {len(val)} samples",
-            flush=True,
+            f"validation {len(val)} samples; rounds are numbered from 0"
         )
         clients = _start_clients(
             list(parties),
@@ -144,21 +174,30 @@ def simulate(
             procs=procs,
             logs=logs,
         )
-        observer = AggregatorClient(ObserverConfig(server=address, insecure=True))
-        st = _watch(
-            observer,
-            server,
-            clients,
-            run_dir=run_dir,
-            t_start=t_start,
-            timeout_s=timeout_s,
-            min_parties=rcfg.min_parties,
+        # Short connect timeout: the aggregator exits at the end of the run (no
+        # grace period) and every failed call re-checks whether it did.
+        observer = AggregatorClient(
+            ObserverConfig(server=address, insecure=True, connect_timeout_s=5.0)
         )
+        try:
+            shown = _watch(
+                observer,
+                server,
+                clients,
+                progress,
+                run_dir=run_dir,
+                t_start=t_start,
+                timeout_s=timeout_s,
+                min_parties=rcfg.min_parties,
+            )
+        finally:
+            observer.close()
         results = _client_results(clients)
-        report = observer.contributions()
-        observer.close()
-        report = _with_attacks(report, attacks)
+        _wait_server(server, run_dir)
         elapsed = time.monotonic() - t_start
+        st, report = _read_run(run_dir / "server")
+        _print_rounds(progress, report, shown, st.rounds_total)
+        report = _with_attacks(report, attacks)
         _report(report, st, results, elapsed, run_dir, output_format)
         return 0 if st.state is RunState.DONE else 1
     finally:
@@ -174,6 +213,7 @@ def _serve_cmd(
     data_dir: Path,
     port_file: Path,
     n_parties: int,
+    join_timeout_s: float,
 ) -> list[str]:
     """The ``fedgrpc serve`` command line that runs ``rcfg`` for ``n_parties``."""
     # repr() for floats: the child must parse back exactly the value we hold.
@@ -189,7 +229,9 @@ def _serve_cmd(
         str(run_dir / "server"),
         "--val-data",
         f"npz:{data_dir / 'val.npz'}",
-        "--keep-serving",
+        # No grace period: this process reads the ledger from disk once it exits.
+        "--grace-period",
+        "0",
         "--min-parties",
         str(rcfg.min_parties),
         "--expected-parties",
@@ -220,8 +262,10 @@ def _serve_cmd(
         rcfg.wire_dtype,
         "--round-timeout",
         repr(rcfg.round_timeout_s),
+        # Its own parties are waited for however slowly they start (this process
+        # watches them and stops the run if they die).
         "--join-timeout",
-        repr(rcfg.join_timeout_s),
+        repr(max(rcfg.join_timeout_s, join_timeout_s)),
         "--quorum-retries",
         str(rcfg.quorum_retries),
     ]
@@ -289,17 +333,32 @@ def _start_clients(
     return clients
 
 
+class _Progress:
+    """Human progress lines on one stream, or nowhere (``-q``)."""
+
+    def __init__(self, stream: IO[str] | None) -> None:
+        self.stream = stream
+
+    def say(self, line: str) -> None:
+        if self.stream is not None:
+            print(line, file=self.stream, flush=True)
+
+
 def _watch(
     observer: AggregatorClient,
     server: subprocess.Popen[bytes],
     clients: Mapping[str, subprocess.Popen[bytes]],
+    progress: _Progress,
     *,
     run_dir: Path,
     t_start: float,
     timeout_s: float,
     min_parties: int,
-) -> RunStatus:
+) -> int:
     """Poll the aggregator, printing each closed round, until the run finishes.
+
+    Returns:
+        How many rounds were printed (the rest are read from the ledger).
 
     Raises:
         FedGrpcError: the timeout passed, the aggregator died or cannot be reached,
@@ -310,25 +369,72 @@ def _watch(
         if time.monotonic() - t_start > timeout_s:
             raise FedGrpcError(f"simulation did not finish within {timeout_s:g} s")
         if server.poll() is not None:
+            if server.returncode in (0, 1):  # the run ended (done or failed)
+                return shown
             raise FedGrpcError(
                 f"aggregator exited with code {server.returncode}; see "
                 f"{run_dir / 'server.log'}"
             )
         try:
             st = observer.status()
+            if st.rounds_done > shown:
+                report = observer.contributions(None, shown, st.rounds_done - 1)
+                shown = _print_rounds(progress, report, shown, st.rounds_total)
         except RemoteError as err:
+            if server.poll() is not None:
+                continue  # it exited between two calls: decided above
             raise FedGrpcError(f"cannot query the aggregator: {err}") from None
-        if st.rounds_done > shown:
-            _print_rounds(observer, shown, st.rounds_done, st.rounds_total)
-            shown = st.rounds_done
         if st.state.finished:
-            return st
+            return shown
         dead = [p for p, c in clients.items() if c.poll() not in (None, 0)]
         if dead and len(dead) > len(clients) - min_parties:
             raise FedGrpcError(
                 f"parties {dead} exited with errors; see their logs in {run_dir}"
             )
-        time.sleep(0.2)
+        time.sleep(0.1)
+
+
+def _wait_server(server: subprocess.Popen[bytes], run_dir: Path) -> None:
+    """Wait for the aggregator to exit by itself after the run (bounded)."""
+    try:
+        code = server.wait(timeout=SERVER_EXIT_WAIT_S)
+    except subprocess.TimeoutExpired:
+        log.warning(
+            "aggregator still running %g s after the run; stopping it",
+            SERVER_EXIT_WAIT_S,
+        )
+        return
+    if code not in (0, 1):
+        raise FedGrpcError(
+            f"aggregator exited with code {code}; see {run_dir / 'server.log'}"
+        )
+
+
+def _read_run(server_dir: Path) -> tuple[RunStatus, ContributionReport]:
+    """The finished run's status and contributions, from its run directory."""
+    from fedgrpc.store.ledger import Ledger
+    from fedgrpc.store.run_dir import SUMMARY
+
+    with Ledger.open_readonly(server_dir / "ledger.sqlite") as ledger:
+        report = ledger.contributions(None, 0, None)
+        info = ledger.run_info() or {}
+    try:
+        summary = json.loads((server_dir / SUMMARY).read_text())
+    except (OSError, ValueError) as err:
+        raise FedGrpcError(
+            f"the aggregator left no readable {server_dir / SUMMARY}: {err}"
+        ) from None
+    ok = [r for r in report.rounds if r.ok]
+    st = RunStatus(
+        state=RunState(summary["state"]),
+        open_round=int(summary["rounds_done"]),
+        rounds_total=int(info.get("config", {}).get("round", {}).get("rounds", 0)),
+        rounds_done=int(summary["rounds_done"]),
+        val_loss=ok[-1].val_loss_after if ok else float("nan"),
+        val_acc=ok[-1].val_acc_after if ok else float("nan"),
+        reason=str(summary.get("reason") or ""),
+    )
+    return st, report
 
 
 def _client_results(
@@ -392,16 +498,21 @@ def _report(
     )
 
 
-def _print_rounds(observer: Any, first: int, done: int, total: int) -> None:
-    """Print the metrics of rounds [first, done) as recorded in the ledger."""
-    report: ContributionReport = observer.contributions(None, first, done - 1)
+def _print_rounds(
+    progress: _Progress, report: ContributionReport, shown: int, total: int
+) -> int:
+    """Print the rounds of ``report`` from index ``shown`` on; return the new count."""
     for r in report.rounds:
-        print(
-            f"round {r.round + 1:>3}/{total}: {r.status:<6} val loss "
+        if r.round < shown:
+            continue
+        progress.say(
+            f"round {r.round:>3} ({r.round + 1:>{len(str(total))}}/{total}): "
+            f"{r.status:<6} val loss "
             f"{r.val_loss_after:.4f}  acc {r.val_acc_after:.4f}  "
-            f"({len(r.parties)} parties, {r.duration_s:.2f} s)",
-            flush=True,
+            f"({len(r.parties)} parties, {r.duration_s:.2f} s)"
         )
+        shown = r.round + 1
+    return shown
 
 
 def _with_attacks(

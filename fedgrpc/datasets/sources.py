@@ -262,7 +262,7 @@ def _infer_classes(y: npt.NDArray[Any], name: str) -> int:
 
 def _load_factory_dataset(spec: str) -> Dataset:
     """Call a ``package.module:factory`` and accept a Dataset or an ``(x, y)`` pair."""
-    result = load_factory(spec)()
+    result = load_factory(spec, ("digits", "mnist:DIR", "npz:FILE"))()
     if isinstance(result, Dataset):
         return result
     if isinstance(result, tuple) and len(result) == 2:

@@ -413,22 +413,45 @@ def serve(cfg: ServerConfig) -> int:
             pass
         if not stop.is_set():
             _report(agg)
-            if cfg.keep_serving:
-                log.info("training over; still serving queries until SIGTERM")
-                stop.wait()
-                received.clear()
-            else:
-                # Let every GetModel stream deliver its done message before closing
-                # (bounded: a party that vanished must not keep the process alive).
-                end = time.monotonic() + 10.0
-                while agg.servicer.model_streams and time.monotonic() < end:
-                    time.sleep(0.05)
-                time.sleep(0.2)
+            if _linger(cfg, stop):
+                received.clear()  # a signal that ends the grace period is no failure
+            # Let every GetModel stream deliver its done message before closing
+            # (bounded: a party that vanished must not keep the process alive).
+            end = time.monotonic() + DONE_DRAIN_S
+            while agg.servicer.model_streams and time.monotonic() < end:
+                time.sleep(0.02)
+            if agg.servicer.model_streams == 0:
+                time.sleep(0.05)  # the last done message leaves the socket
     finally:
         agg.shutdown(save_open_round=True)
     if received:
         return 128 + received[0]
     return 0 if agg.succeeded else 1
+
+
+DONE_DRAIN_S = 10.0
+"""After the grace period, how long open model streams get to take their done
+message before the server closes (a party that vanished must not hold it up)."""
+
+
+def _linger(cfg: ServerConfig, stop: threading.Event) -> bool:
+    """Keep serving a finished run for its grace period; True if a signal ended it.
+
+    During the grace period GetStatus and GetContributions answer and a party that
+    reconnects (Join, GetModel) is told that training is done.
+    """
+    if cfg.keep_serving:
+        log.info("training over; still serving queries until SIGTERM")
+        stop.wait()
+        return True
+    if cfg.grace_period_s <= 0:
+        return False
+    log.info(
+        "training over; answering queries and reconnecting parties for %g s more "
+        "(--grace-period; SIGTERM or Ctrl-C ends it now)",
+        cfg.grace_period_s,
+    )
+    return stop.wait(cfg.grace_period_s)
 
 
 def _report(agg: Aggregator) -> None:

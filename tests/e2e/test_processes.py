@@ -166,6 +166,8 @@ def test_aggregator_killed_and_resumed_finishes_like_uninterrupted_run(
                 f"localhost:{port}",
                 "--resume",
                 str(run_dir),
+                "--grace-period",
+                "0",
             ],
             log,
         )
