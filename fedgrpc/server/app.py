@@ -315,14 +315,18 @@ class Aggregator:
                 len(st.submitted),
                 self.run_dir.path,
             )
+        t0 = time.monotonic()
         self.server.stop(grace_s).wait()
+        log.debug("gRPC server stopped in %.3f s", time.monotonic() - t0)
         if self._driver.is_alive():
             self._driver.join(timeout=5)
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
         if self.validation is not None:
             self.validation.close()
+            log.debug("validation closed at %.3f s", time.monotonic() - t0)
         self.ledger.close()
+        log.debug("shut down in %.3f s", time.monotonic() - t0)
 
     @property
     def succeeded(self) -> bool:
@@ -417,11 +421,13 @@ def serve(cfg: ServerConfig) -> int:
                 received.clear()  # a signal that ends the grace period is no failure
             # Let every GetModel stream deliver its done message before closing
             # (bounded: a party that vanished must not keep the process alive).
-            end = time.monotonic() + DONE_DRAIN_S
+            t0 = time.monotonic()
+            end = t0 + DONE_DRAIN_S
             while agg.servicer.model_streams and time.monotonic() < end:
                 time.sleep(0.02)
             if agg.servicer.model_streams == 0:
                 time.sleep(0.05)  # the last done message leaves the socket
+            log.debug("model streams drained in %.3f s", time.monotonic() - t0)
     finally:
         agg.shutdown(save_open_round=True)
     if received:
