@@ -14,12 +14,12 @@ import sys
 from collections.abc import Sequence
 
 import fedgrpc
-from fedgrpc.cli import admin, data, observe, run, shapley, simulate
+from fedgrpc.cli import admin, configfile, data, observe, run, shapley, simulate
 from fedgrpc.errors import FedGrpcError
 
 log = logging.getLogger("fedgrpc")
 
-COMMANDS = (run, simulate, data, observe, admin, shapley)
+COMMANDS = (run, simulate, data, observe, admin, shapley, configfile)
 """Command modules, in help order; each has ``add_parsers(subparsers)``."""
 
 
@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
         module.add_parsers(sub)
+    for name in configfile.CONFIG_COMMANDS:
+        command = configfile.command_parser(parser, name)
+        assert command is not None
+        configfile.add_config_option(command)
+    configfile.bind_parser_builder(parser, build_parser)
     for leaf in _leaf_parsers(parser):
         _add_verbosity(leaf, top=False)
     for p in all_parsers(parser):
@@ -104,9 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (default ``sys.argv[1:]``), a ``--config`` file included.
+
+    Raises:
+        ConfigError: the config file is unreadable or has a bad key or value.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    configfile.apply_config_file(parser, argv)
+    return parser.parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedgrpc`` console script."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except FedGrpcError as err:
+        print(f"fedgrpc: error: {err}", file=sys.stderr)
+        return 2
     # gRPC's C core logs INFO lines (``I1201 ... ssl_transport_security.cc``) to
     # stderr by default, mixed into ours; its errors reach us as status codes
     # anyway. Set before grpc is imported; an explicit GRPC_VERBOSITY wins, and the

@@ -450,8 +450,12 @@ def _watch(
                 report = observer.contributions(None, shown, st.rounds_done - 1)
                 shown = _print_rounds(progress, report, shown, st.rounds_total)
         except RemoteError as err:
+            # The aggregator exits by itself at the end of the run; a call caught
+            # in its shutdown fails (UNAVAILABLE, CANCELLED): see whether it exits.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.wait(timeout=SERVER_EXIT_WAIT_S)
             if server.poll() is not None:
-                continue  # it exited between two calls: decided above
+                continue  # decided at the top of the loop
             raise FedGrpcError(f"cannot query the aggregator: {err}") from None
         if st.state.finished:
             return shown
