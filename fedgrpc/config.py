@@ -165,6 +165,10 @@ class ServerConfig:
     """Write the bound port here once listening (for tests and tools)."""
     keep_serving: bool = False
     """After the last round, keep answering queries until stopped."""
+    metrics_address: str | None = None
+    """Serve Prometheus metrics on this host:port (port 0 = any); None = off."""
+    metrics_port_file: Path | None = None
+    """Write the metrics port here once listening (for tests and tools)."""
     grace_period_s: float = 300.0
     """After the last round (or on resuming a finished run), keep answering
     GetStatus/GetContributions and telling reconnecting parties that training is

@@ -83,6 +83,13 @@ def _serve_parser(sub: Any) -> None:
     )
     p.add_argument("--port-file", type=Path, help="write the bound port here")
     p.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0 = any; "
+        "default: no metrics endpoint)",
+    )
+    p.add_argument("--metrics-port-file", type=Path, help="write the metrics port here")
+    p.add_argument(
         "--keep-serving",
         action="store_true",
         help="after the last round keep answering queries until SIGTERM "
@@ -206,6 +213,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         port_file=a.port_file,
         keep_serving=a.keep_serving,
         grace_period_s=a.grace_period,
+        metrics_address=a.metrics_address,
+        metrics_port_file=a.metrics_port_file,
         init_model=a.init_model,
         resume=a.resume is not None,
         validator=a.validator,

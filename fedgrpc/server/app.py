@@ -29,6 +29,7 @@ from fedgrpc.proto import aggregator_pb2
 from fedgrpc.security.registry import PartyRegistry
 from fedgrpc.server.auth import server_credentials
 from fedgrpc.server.broadcast import ModelBroadcaster
+from fedgrpc.server.metrics import Metrics
 from fedgrpc.server.servicer import AggregatorServicer, Run
 from fedgrpc.server.validation import ValidationSetup, open_validation
 from fedgrpc.store.files import atomic_write
@@ -45,7 +46,9 @@ def _identity(b: bytes) -> bytes:
     return b
 
 
-def build_handler(servicer: AggregatorServicer) -> grpc.GenericRpcHandler:
+def build_handler(
+    servicer: AggregatorServicer, metrics: Metrics | None = None
+) -> grpc.GenericRpcHandler:
     """Method handlers: raw-bytes requests and pre-encoded GetModel responses.
 
     Requests are parsed in the servicer, so malformed input is INVALID_ARGUMENT;
@@ -57,6 +60,11 @@ def build_handler(servicer: AggregatorServicer) -> grpc.GenericRpcHandler:
         "GetContributions": aggregator_pb2.ContributionsReply.SerializeToString,
         "GetStatus": aggregator_pb2.StatusReply.SerializeToString,
     }
+    submit: Any = servicer.SubmitGradient
+    get_model: Any = servicer.GetModel
+    if metrics is not None:
+        submit = metrics.submit_handler(submit)
+        get_model = metrics.model_handler(get_model)
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Join": grpc.unary_unary_rpc_method_handler(
             servicer.Join,
@@ -64,12 +72,12 @@ def build_handler(servicer: AggregatorServicer) -> grpc.GenericRpcHandler:
             response_serializer=enc["Join"],
         ),
         "GetModel": grpc.unary_stream_rpc_method_handler(
-            servicer.GetModel,
+            get_model,
             request_deserializer=_identity,
             response_serializer=_identity,
         ),
         "SubmitGradient": grpc.stream_unary_rpc_method_handler(
-            servicer.SubmitGradient,
+            submit,
             request_deserializer=_identity,
             response_serializer=enc["SubmitGradient"],
         ),
@@ -143,7 +151,10 @@ class Aggregator:
             stopping=self._stopping,
         )
         self.health = health.HealthServicer()
-        self.server = _grpc_server(self.servicer, self.health, cfg.limits.max_parties)
+        self.metrics = Metrics() if cfg.metrics_address is not None else None
+        self.server = _grpc_server(
+            self.servicer, self.health, cfg.limits.max_parties, self.metrics
+        )
         self._driver = threading.Thread(
             target=self._drive, name="round-driver", daemon=True
         )
@@ -196,6 +207,13 @@ class Aggregator:
         join_info = wire.JoinInfo(
             self.run_id, tuple(validation.specs), rcfg, start_round, ""
         )
+        if self.metrics is not None:
+            engine = self.engine
+            self.metrics.watch(
+                engine.status,
+                lambda: engine.uploads.in_flight,
+                cfg.limits.max_inflight_uploads,
+            )
         self.servicer.attach(
             Run(self.engine, self.broadcaster, join_info, self.ledger.contributions)
         )
@@ -203,6 +221,11 @@ class Aggregator:
     # ------------------------------------------------------------ durability
     def _commit(self, result: RoundResult, theta_next: np.ndarray) -> None:
         """Checkpoint theta_{t+1}; then commit the round and resume pointer at once."""
+        self._commit_durably(result, theta_next)
+        if self.metrics is not None:
+            self.metrics.round_closed(result)
+
+    def _commit_durably(self, result: RoundResult, theta_next: np.ndarray) -> None:
         if result.ok:
             state = self.run_dir.save_checkpoint(
                 self.layout, theta_next, self.run_id, result.round + 1
@@ -244,6 +267,10 @@ class Aggregator:
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.cfg.port_file is not None:
             atomic_write(self.cfg.port_file, f"{port}\n".encode())
+        if self.metrics is not None and self.cfg.metrics_address is not None:
+            metrics_port = self.metrics.listen(self.cfg.metrics_address)
+            if self.cfg.metrics_port_file is not None:
+                atomic_write(self.cfg.metrics_port_file, f"{metrics_port}\n".encode())
         log.info(
             "fedgrpc %s aggregator run %s listening on port %d (%s); setting up",
             fedgrpc.__version__,
@@ -325,6 +352,8 @@ class Aggregator:
         if self.validation is not None:
             self.validation.close()
             log.debug("validation closed at %.3f s", time.monotonic() - t0)
+        if self.metrics is not None:
+            self.metrics.close()
         self.ledger.close()
         log.debug("shut down in %.3f s", time.monotonic() - t0)
 
@@ -335,7 +364,10 @@ class Aggregator:
 
 
 def _grpc_server(
-    servicer: AggregatorServicer, health_servicer: health.HealthServicer, parties: int
+    servicer: AggregatorServicer,
+    health_servicer: health.HealthServicer,
+    parties: int,
+    metrics: Metrics | None = None,
 ) -> grpc.Server:
     """The gRPC server: the Aggregator service, health checking and reflection."""
     server = grpc.server(
@@ -355,7 +387,7 @@ def _grpc_server(
             ("grpc.keepalive_permit_without_calls", 1),
         ],
     )
-    server.add_generic_rpc_handlers((build_handler(servicer),))
+    server.add_generic_rpc_handlers((build_handler(servicer, metrics),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
