@@ -14,12 +14,21 @@ import sys
 from collections.abc import Sequence
 
 import fedgrpc
-from fedgrpc.cli import admin, configfile, data, observe, run, shapley, simulate
+from fedgrpc.cli import (
+    admin,
+    configfile,
+    data,
+    export,
+    observe,
+    run,
+    shapley,
+    simulate,
+)
 from fedgrpc.errors import FedGrpcError
 
 log = logging.getLogger("fedgrpc")
 
-COMMANDS = (run, simulate, data, observe, admin, shapley, configfile)
+COMMANDS = (run, simulate, data, observe, admin, shapley, export, configfile)
 """Command modules, in help order; each has ``add_parsers(subparsers)``."""
 
 

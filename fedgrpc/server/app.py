@@ -21,7 +21,12 @@ from grpc_reflection.v1alpha import reflection
 
 import fedgrpc
 from fedgrpc import wire
-from fedgrpc.config import ServerConfig, round_config_from_json, round_config_to_json
+from fedgrpc.config import (
+    RoundConfig,
+    ServerConfig,
+    round_config_from_json,
+    round_config_to_json,
+)
 from fedgrpc.engine import RoundEngine
 from fedgrpc.errors import ConfigError, FedGrpcError
 from fedgrpc.layout import FlatLayout
@@ -40,6 +45,16 @@ from fedgrpc.types import RoundResult, RunState
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"].full_name
+
+
+def model_description(rcfg: RoundConfig) -> dict[str, Any]:
+    """What rebuilding the model needs; stored with every checkpoint."""
+    return {
+        "model": rcfg.model,
+        "input_shape": list(rcfg.input_shape),
+        "num_classes": rcfg.num_classes,
+        "hidden": rcfg.model_hidden,
+    }
 
 
 def _identity(b: bytes) -> bytes:
@@ -170,6 +185,7 @@ class Aggregator:
         )
         rcfg = validation.round_cfg
         self.round_cfg = rcfg
+        self.model_info = model_description(rcfg)
         self.layout = FlatLayout.of(validation.specs)
         theta, start_round = validation.theta0, 0
         if cfg.resume:
@@ -182,7 +198,9 @@ class Aggregator:
                 "val_count": self._val[1],
             }
             self.ledger.start_run(self.run_id, config_json, validation.val_digest)
-            state = self.run_dir.save_checkpoint(self.layout, theta, self.run_id, 0)
+            state = self.run_dir.save_checkpoint(
+                self.layout, theta, self.run_id, 0, self.model_info
+            )
             self.ledger.set_state(RESUME_KEY, state)
         self.broadcaster = ModelBroadcaster(self.layout, wire_dtype=rcfg.wire_dtype)
         self._executor = futures.ThreadPoolExecutor(1, thread_name_prefix="val-grad")
@@ -228,7 +246,7 @@ class Aggregator:
     def _commit_durably(self, result: RoundResult, theta_next: np.ndarray) -> None:
         if result.ok:
             state = self.run_dir.save_checkpoint(
-                self.layout, theta_next, self.run_id, result.round + 1
+                self.layout, theta_next, self.run_id, result.round + 1, self.model_info
             )
             self.ledger.record_round(result, state={RESUME_KEY: state})
             self.run_dir.prune_checkpoints(result.round + 1)
@@ -241,6 +259,7 @@ class Aggregator:
             "rounds_done": self.engine.rounds_done,
             "state": state.value,
             "reason": reason,
+            "model": self.model_info,
         }
         self.run_dir.save_final(self.layout, self.engine.theta, meta)
         self.broadcaster.finish(self.engine.rounds_done, reason)
