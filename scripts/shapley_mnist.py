@@ -25,14 +25,13 @@ exits 0 with a message when they are absent.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from fedgrpc.cli.shapley import format_table, progress_bar, write_json
+from fedgrpc.cli.shapley import eta_progress, format_table, write_json
 from fedgrpc.config import RoundConfig, SplitConfig
 from fedgrpc.datasets.attacks import parse_assignments
 from fedgrpc.datasets.split import prepare_parties
@@ -117,7 +116,7 @@ def main() -> int:
         method=args.method,
         permutations=args.permutations,
         rng_seed=args.seed,
-        progress=functools.partial(progress_bar, stream=sys.stderr),
+        progress=eta_progress(stream=sys.stderr),
         threads=args.threads,
     )
     total_s = time.perf_counter() - t0

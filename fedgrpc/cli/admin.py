@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,12 @@ def add_parsers(sub: Any) -> None:
         help="replace an existing CA; every certificate in DIR/parties/ is re-issued "
         "by the new CA (ship the new files to their owners)",
     )
+    i.add_argument(
+        "--format",
+        choices=["text", "json"],
+        default="text",
+        help="text (one line per item) or json",
+    )
     i.set_defaults(func=_cmd_certs_init)
     s = csub.add_parser(
         "issue", help="issue a party certificate whose name is PARTY_ID"
@@ -43,6 +50,12 @@ def add_parsers(sub: Any) -> None:
         "--force",
         action="store_true",
         help="replace this party's existing certificate and key",
+    )
+    s.add_argument(
+        "--format",
+        choices=["text", "json"],
+        default="text",
+        help="text (one line per item) or json",
     )
     s.set_defaults(func=_cmd_certs_issue)
 
@@ -63,6 +76,12 @@ def add_parsers(sub: Any) -> None:
     add.add_argument(
         "--token-out", type=Path, help="write the token to this file (0600)"
     )
+    add.add_argument(
+        "--format",
+        choices=["text", "json"],
+        default="text",
+        help="text (one line per item) or json",
+    )
     add.set_defaults(func=_cmd_parties_add)
 
 
@@ -80,19 +99,37 @@ def _cmd_certs_init(a: argparse.Namespace) -> int:
     defaults = [] if a.no_default_names else list(DEFAULT_SERVER_NAMES)
     names = list(dict.fromkeys([*a.name, *defaults]))  # first --name is the CN
     reissue = issued_party_ids(a.dir) if a.force else []
-    for k, v in init_ca(a.dir, server_names=names, force=a.force).items():
+    paths = init_ca(a.dir, server_names=names, force=a.force)
+    reissued = [issue_party_cert(a.dir, p, force=True) for p in reissue]
+    if a.format == "json":
+        doc = {k: str(v) for k, v in paths.items()}
+        print(
+            json.dumps(
+                {
+                    **doc,
+                    "server_names": names,
+                    "reissued": [{k: str(v) for k, v in r.items()} for r in reissued],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    for k, v in paths.items():
         print(f"{k}: {v}")
     print(f"server names: {', '.join(names)}")
-    for party_id in reissue:
-        paths = issue_party_cert(a.dir, party_id, force=True)
-        print(f"re-issued by the new CA: {paths['cert']} {paths['key']}")
+    for r in reissued:
+        print(f"re-issued by the new CA: {r['cert']} {r['key']}")
     return 0
 
 
 def _cmd_certs_issue(a: argparse.Namespace) -> int:
     from fedgrpc.security.pki import issue_party_cert
 
-    for k, v in issue_party_cert(a.dir, a.party_id, force=a.force).items():
+    paths = issue_party_cert(a.dir, a.party_id, force=a.force)
+    if a.format == "json":
+        print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+        return 0
+    for k, v in paths.items():
         print(f"{k}: {v}")
     return 0
 
@@ -104,6 +141,14 @@ def _cmd_parties_add(a: argparse.Namespace) -> int:
     token = add_party(a.file, a.party_id, admin=a.admin)
     if a.token_out:
         atomic_write(a.token_out, (token + "\n").encode(), mode=0o600)
+    if a.format == "json":
+        doc = {"id": a.party_id, "admin": a.admin, "parties_file": str(a.file)}
+        if a.token_out:
+            doc["token_file"] = str(a.token_out)
+        else:
+            doc["token"] = token
+        print(json.dumps(doc, indent=2))
+    elif a.token_out:
         print(f"token for {a.party_id} written to {a.token_out}")
     else:
         print(token)

@@ -407,6 +407,20 @@ class _Progress:
 
     def __init__(self, stream: IO[str] | None) -> None:
         self.stream = stream
+        self._first: tuple[int, float] | None = None  # (rounds done, when)
+
+    def rounds_seen(self, done: int) -> None:
+        """Note the first round seen: the ETA counts from it (start-up excluded)."""
+        if self._first is None:
+            self._first = (done, time.monotonic())
+
+    def eta(self, done: int, total: int) -> str:
+        """``  ETA 3 s``: mean time per round since the first seen, times those left."""
+        if self._first is None or done >= total or done <= self._first[0]:
+            return ""
+        first, t0 = self._first
+        per_round = (time.monotonic() - t0) / (done - first)
+        return f"  ETA {per_round * (total - done):.0f} s"
 
     def say(self, line: str) -> None:
         if self.stream is not None:
@@ -583,13 +597,16 @@ def _print_rounds(
     for r in report.rounds:
         if r.round < shown:
             continue
+        done = r.round + 1
+        progress.rounds_seen(done)
         progress.say(
-            f"round {r.round:>3} ({r.round + 1:>{len(str(total))}}/{total}): "
+            f"round {r.round:>3} ({done:>{len(str(total))}}/{total}): "
             f"{r.status:<6} val loss "
             f"{r.val_loss_after:.4f}  acc {r.val_acc_after:.4f}  "
             f"({len(r.parties)} parties, {r.duration_s:.2f} s)"
+            f"{progress.eta(done, total)}"
         )
-        shown = r.round + 1
+        shown = done
     return shown
 
 

@@ -238,3 +238,47 @@ def test_engine_elapsed_stops_counting_when_the_run_is_done() -> None:
 
     assert engine.status().state == RunState.DONE
     assert engine.status().elapsed_s == at_done == pytest.approx(2.0)
+
+
+# ------------------------------------------------------------ progress, json
+
+
+def test_eta_text_from_the_mean_time_per_item() -> None:
+    from fedgrpc.cli.shapley import eta_text
+
+    assert eta_text(0, 63, 2.0) == " 2 s"
+    assert eta_text(12, 63, 12.0) == " 12 s, ETA 51 s"
+    assert eta_text(63, 63, 63.04) == " in 63.0 s"
+
+
+def test_progress_bar_with_elapsed_shows_eta() -> None:
+    from fedgrpc.cli.shapley import progress_bar
+
+    out = io.StringIO()
+
+    progress_bar(1, 4, stream=out, force=True, width=4, elapsed_s=3.0)
+
+    assert out.getvalue() == "\r[#...] 1/4 coalitions 3 s, ETA 9 s"
+
+
+def test_json_output_of_split_certs_and_parties(tmp_path: Path) -> None:
+    import json
+
+    split = _run_main(
+        ["split", "--parties", "2", "--out", str(tmp_path / "s"), "--format", "json"]
+    )
+    init = _run_main(["certs", "init", str(tmp_path / "pki"), "--format", "json"])
+    issue = _run_main(
+        ["certs", "issue", str(tmp_path / "pki"), "p1", "--format", "json"]
+    )
+    add = _run_main(
+        ["parties", "add", str(tmp_path / "t.toml"), "p1", "--format", "json"]
+    )
+
+    doc = json.loads(split[1])
+    assert [p["party_id"] for p in doc["parties"]] == ["party-0", "party-1"]
+    assert doc["validation"]["samples"] == 359
+    assert json.loads(init[1])["server_names"] == ["localhost", "127.0.0.1", "::1"]
+    assert Path(json.loads(issue[1])["cert"]).name == "p1.pem"
+    added = json.loads(add[1])
+    assert added["id"] == "p1" and len(added["token"]) > 20
