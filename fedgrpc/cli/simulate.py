@@ -73,7 +73,7 @@ def add_parsers(sub: Any) -> None:
 
 def _cmd_simulate(a: argparse.Namespace) -> int:
     rcfg = round_config(a, min_parties=a.parties, expected=a.parties)
-    return simulate(
+    code = simulate(
         split_config(a),
         rcfg,
         run_dir=a.run_dir,
@@ -81,6 +81,12 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
         output_format=a.format,
         quiet=a.quiet,
     )
+    # Everything is written (atomically, fsynced) and every child reaped: skip the
+    # interpreter's teardown, which unloads torch and matplotlib (0.5-2 s measured).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def _fedgrpc_cmd() -> list[str]:
