@@ -12,7 +12,7 @@ import time
 import uuid
 from concurrent import futures
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -34,13 +34,15 @@ from fedgrpc.proto import aggregator_pb2
 from fedgrpc.security.registry import PartyRegistry
 from fedgrpc.server.auth import server_credentials
 from fedgrpc.server.broadcast import ModelBroadcaster
-from fedgrpc.server.metrics import Metrics
 from fedgrpc.server.servicer import AggregatorServicer, Run
 from fedgrpc.server.validation import ValidationSetup, open_validation
 from fedgrpc.store.files import atomic_write
 from fedgrpc.store.ledger import Ledger
 from fedgrpc.store.run_dir import RESUME_KEY, RunDir
 from fedgrpc.types import RoundResult, RunState
+
+if TYPE_CHECKING:
+    from fedgrpc.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +168,11 @@ class Aggregator:
             stopping=self._stopping,
         )
         self.health = health.HealthServicer()
-        self.metrics = Metrics() if cfg.metrics_address is not None else None
+        self.metrics: Metrics | None = None
+        if cfg.metrics_address is not None:
+            from fedgrpc.server.metrics import Metrics  # prometheus: only when asked
+
+            self.metrics = Metrics()
         self.server = _grpc_server(
             self.servicer, self.health, cfg.limits.max_parties, self.metrics
         )
