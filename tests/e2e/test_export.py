@@ -15,7 +15,7 @@ from fedgrpc.datasets.sources import load_dataset
 from fedgrpc.learning.models import build_model
 from tests.e2e.helpers import final_model, run_cli
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from fedgrpc.errors import RemoteError
 from fedgrpc.types import UpdateKind
 from tests.e2e.helpers import party_args, processes, read_port, split_digits, wait_exit
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -22,7 +22,7 @@ import pytest
 
 from tests.e2e.helpers import ENV, processes, read_port, wait_exit, wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
 
 REPO = Path(__file__).resolve().parents[2]
 PUBLIC = "aggregator.example.org:50051"
