@@ -59,6 +59,7 @@ def bench_simulate(fedgrpc: str, reps: int) -> dict[str, Any]:
             t0 = time.monotonic()
             res = subprocess.run(
                 [fedgrpc, "simulate", "--run-dir", str(Path(tmp) / "sim")],
+                cwd=tmp,  # `python -m fedgrpc` must not find a checkout in the cwd
                 env=ENV,
                 capture_output=True,
                 text=True,
@@ -85,6 +86,7 @@ def _one_exit(fedgrpc: str, work: Path, no_grace: bool) -> float:
             str(data),
         ],
         env=ENV,
+        cwd=work,
         check=True,
         capture_output=True,
     )
@@ -98,7 +100,9 @@ def _one_exit(fedgrpc: str, work: Path, no_grace: bool) -> float:
     if not no_grace:
         serve += ["--grace-period", "0"]
     with (work / "serve.log").open("wb") as slog:
-        server = subprocess.Popen(serve, env=ENV, stdout=slog, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            serve, env=ENV, cwd=work, stdout=slog, stderr=subprocess.STDOUT
+        )
     clients = []
     try:
         end = time.monotonic() + 60
@@ -126,6 +130,7 @@ def _one_exit(fedgrpc: str, work: Path, no_grace: bool) -> float:
                             f"npz:{data / f'party-{i}.npz'}",
                         ],
                         env=ENV,
+                        cwd=work,
                         stdout=subprocess.DEVNULL,
                         stderr=f,
                     )
