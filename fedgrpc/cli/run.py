@@ -70,7 +70,7 @@ def _serve_parser(sub: Any) -> None:
         "--expected-parties",
         type=int,
         default=_ROUND.expected_parties,
-        help="parties to wait for before round 0 (default: --min-parties)",
+        help="parties to wait for before round 0 (0 = --min-parties)",
     )
     p.add_argument("--init-model", type=Path, help="start from these weights (.npz)")
     p.add_argument(
