@@ -298,6 +298,15 @@ class ServerConfig:
     by default a party sees only its own rows (DESIGN §5)."""
     keep_serving: bool = False
     """After the last round, keep answering queries until stopped."""
+    metrics_address: str | None = None
+    """Serve Prometheus metrics on this host:port (port 0 = any); None = off."""
+    metrics_port_file: Path | None = None
+    """Write the metrics port here once listening (for tests and tools)."""
+    grace_period_s: float = 300.0
+    """After the last round (or on resuming a finished run), keep answering
+    GetStatus/GetContributions and telling reconnecting parties that training is
+    done for this long, then exit (s). 0 = exit once every open model stream got its
+    done message. ``keep_serving`` makes it unbounded."""
     init_model: Path | None = None
     """Start from these weights (.npz) instead of the seeded initialisation."""
     resume: bool = False
@@ -335,6 +344,8 @@ class ServerConfig:
                 "--open-enrolment applies only to TLS without a parties file or "
                 "client certificates"
             )
+        if not self.grace_period_s >= 0:
+            raise ConfigError(f"grace period must be >= 0 s, got {self.grace_period_s}")
 
 
 @dataclass(frozen=True)
@@ -392,6 +403,10 @@ SIMULATE_ROUND = RoundConfig(
     join_timeout_s=60.0,
 )
 """``fedgrpc simulate``'s training defaults (digits, MLP, local SGD)."""
+
+SIMULATE_TIMEOUT_S = 1800.0
+"""``fedgrpc simulate --timeout``: the whole run, and how long its own parties may
+take to start and join (s)."""
 
 
 @dataclass(frozen=True)

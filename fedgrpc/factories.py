@@ -6,17 +6,20 @@ module's top-level code: only take such strings from the operator, never from a 
 
 from __future__ import annotations
 
+import difflib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fedgrpc.errors import ConfigError
 
 
-def load_factory(spec: str) -> Callable[..., Any]:
+def load_factory(spec: str, builtins: Sequence[str] = ()) -> Callable[..., Any]:
     """Import the callable named by a ``package.module:factory`` string.
 
-    ``factory`` may be dotted (``module:Class.create``).
+    ``factory`` may be dotted (``module:Class.create``). ``builtins`` are the
+    built-in names the same option accepts (``mnist:DIR``); a module that fails to
+    import and looks like one of them gets a "did you mean" hint.
 
     Raises:
         ConfigError: malformed string, module not importable, attribute missing or not
@@ -33,6 +36,7 @@ def load_factory(spec: str) -> Callable[..., Any]:
     except ImportError as exc:
         raise ConfigError(
             f"cannot import module {module_name!r} of {spec!r}: {exc}"
+            + _import_hint(module_name, builtins)
         ) from exc
     for part in attr_path.split("."):
         try:
@@ -44,3 +48,15 @@ def load_factory(spec: str) -> Callable[..., Any]:
     if not callable(obj):
         raise ConfigError(f"{spec!r} names a {type(obj).__name__}, not a callable")
     return obj  # type: ignore[no-any-return]
+
+
+def _import_hint(module_name: str, builtins: Sequence[str]) -> str:
+    """Did you mean a built-in name, or is your module not on the import path?"""
+    heads = {b.partition(":")[0]: b for b in builtins}
+    close = difflib.get_close_matches(module_name, list(heads), n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {heads[close[0]]!r}?"
+    return (
+        "; if it is your own module, put its directory on the import path "
+        "(PYTHONPATH=DIR; the processes fedgrpc starts inherit it)"
+    )

@@ -160,6 +160,8 @@ def trial(
                 str(run_dir),
                 "--val-data",
                 f"npz:{data / 'val.npz'}",
+                "--grace-period",
+                "0",
                 *train,
             ],
             log,
@@ -201,6 +203,8 @@ def trial(
                 f"localhost:{port}",
                 "--resume",
                 str(run_dir),
+                "--grace-period",
+                "0",
             ],
             log,
         )

@@ -12,7 +12,11 @@ run learns a little more but steps overshoot in a third of the rounds: DIG-FL th
 sums to about 13x the real drop and scores the 80 % flipper positive; the Pearson
 correlation stays about 0.995. At 2.0 training fails and Pearson falls to about 0.83.
 
-    python scripts/shapley_mnist.py [--output docs/shapley_mnist.json]
+    python scripts/shapley_mnist.py [--output runs/shapley_mnist.json]
+
+It writes runs/shapley_mnist.json (untracked) by default; the recorded result the
+README quotes is docs/shapley_mnist.json: pass ``--output docs/shapley_mnist.json``
+to replace it on purpose.
 
 Needs MNIST IDX files (raw or .gz) in ../shared/data/mnist relative to the repo root;
 exits 0 with a message when they are absent.
@@ -21,14 +25,13 @@ exits 0 with a message when they are absent.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from fedgrpc.cli.shapley import format_table, progress_bar, write_json
+from fedgrpc.cli.shapley import eta_progress, format_table, write_json
 from fedgrpc.config import RoundConfig, SplitConfig
 from fedgrpc.datasets.attacks import parse_assignments
 from fedgrpc.datasets.split import prepare_parties
@@ -55,7 +58,12 @@ def main() -> int:
         default=DEFAULT_MNIST,
         help="directory with the MNIST IDX files",
     )
-    ap.add_argument("--output", type=Path, default=REPO / "docs" / "shapley_mnist.json")
+    ap.add_argument(
+        "--output",
+        type=Path,
+        default=REPO / "runs" / "shapley_mnist.json",
+        help="result file (docs/shapley_mnist.json is the tracked record)",
+    )
     ap.add_argument("--rounds", type=int, default=80)
     ap.add_argument("--server-lr", type=float, default=0.25)
     ap.add_argument(
@@ -108,7 +116,7 @@ def main() -> int:
         method=args.method,
         permutations=args.permutations,
         rng_seed=args.seed,
-        progress=functools.partial(progress_bar, stream=sys.stderr),
+        progress=eta_progress(stream=sys.stderr),
         threads=args.threads,
     )
     total_s = time.perf_counter() - t0
@@ -152,6 +160,7 @@ def main() -> int:
         "ranked in flip-rate order (ties among equal rates allowed): "
         + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in order.items())
     )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.output, report.to_json())
     print(f"wrote {args.output}")
     return 0

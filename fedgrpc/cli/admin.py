@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +15,48 @@ def add_parsers(sub: Any) -> None:
     i = csub.add_parser(
         "init", help="create a CA and the aggregator's certificate in DIR"
     )
-    i.add_argument("dir", type=Path)
+    i.add_argument("dir", type=Path, help="directory for the CA (created 0700)")
     i.add_argument(
         "--name",
         action="append",
         default=[],
-        help="server DNS name or IP (repeatable; default localhost, 127.0.0.1, ::1)",
+        help="a DNS name or IP address the aggregator is reached by (repeatable); "
+        "added to localhost, 127.0.0.1 and ::1, the first --name becomes the CN",
     )
-    i.add_argument("--force", action="store_true")
+    i.add_argument(
+        "--no-default-names",
+        action="store_true",
+        help="do not add localhost, 127.0.0.1 and ::1 (needs --name)",
+    )
+    i.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing CA; every certificate in DIR/parties/ is re-issued "
+        "by the new CA (ship the new files to their owners)",
+    )
+    i.add_argument(
+        "--format",
+        choices=["text", "json"],
+        default="text",
+        help="text (one line per item) or json",
+    )
     i.set_defaults(func=_cmd_certs_init)
     s = csub.add_parser(
         "issue", help="issue a party certificate whose name is PARTY_ID"
     )
-    s.add_argument("dir", type=Path)
-    s.add_argument("party_id")
+    s.add_argument("dir", type=Path, help="the CA directory made by certs init")
+    s.add_argument("party_id", help="the certificate's name (party or admin id)")
+    s.add_argument(
+        "--force",
+        action="store_true",
+        help="replace this party's existing certificate and key",
+    )
+    s.add_argument(
+        "--format",
+        choices=["text", "json"],
+        default="text",
+        help="text (one line per item) or json",
+    )
     s.set_defaults(func=_cmd_certs_issue)
 
     b = sub.add_parser(
@@ -44,11 +73,23 @@ def add_parsers(sub: Any) -> None:
     add = psub.add_parser(
         "add", help="add a party (or admin) and print its new token once"
     )
-    add.add_argument("file", type=Path)
-    add.add_argument("party_id")
-    add.add_argument("--admin", action="store_true")
+    add.add_argument(
+        "file", type=Path, help="the parties file (TOML; created if missing)"
+    )
+    add.add_argument("party_id", help="the new party's (or admin's) id")
+    add.add_argument(
+        "--admin",
+        action="store_true",
+        help="an admin (reads every party's contributions) instead of a party",
+    )
     add.add_argument(
         "--token-out", type=Path, help="write the token to this file (0600)"
+    )
+    add.add_argument(
+        "--format",
+        choices=["text", "json"],
+        default="text",
+        help="text (one line per item) or json",
     )
     add.set_defaults(func=_cmd_parties_add)
     rm = psub.add_parser(
@@ -69,18 +110,50 @@ def add_parsers(sub: Any) -> None:
 
 
 def _cmd_certs_init(a: argparse.Namespace) -> int:
-    from fedgrpc.security.pki import DEFAULT_SERVER_NAMES, init_ca
+    from fedgrpc.errors import ConfigError
+    from fedgrpc.security.pki import (
+        DEFAULT_SERVER_NAMES,
+        init_ca,
+        issue_party_cert,
+        issued_party_ids,
+    )
 
-    names = a.name or list(DEFAULT_SERVER_NAMES)
-    for k, v in init_ca(a.dir, server_names=names, force=a.force).items():
+    if a.no_default_names and not a.name:
+        raise ConfigError("--no-default-names needs at least one --name")
+    defaults = [] if a.no_default_names else list(DEFAULT_SERVER_NAMES)
+    names = list(dict.fromkeys([*a.name, *defaults]))  # first --name is the CN
+    reissue = issued_party_ids(a.dir) if a.force else []
+    paths = init_ca(a.dir, server_names=names, force=a.force)
+    reissued = [issue_party_cert(a.dir, p, force=True) for p in reissue]
+    if a.format == "json":
+        doc = {k: str(v) for k, v in paths.items()}
+        print(
+            json.dumps(
+                {
+                    **doc,
+                    "server_names": names,
+                    "reissued": [{k: str(v) for k, v in r.items()} for r in reissued],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    for k, v in paths.items():
         print(f"{k}: {v}")
+    print(f"server names: {', '.join(names)}")
+    for r in reissued:
+        print(f"re-issued by the new CA: {r['cert']} {r['key']}")
     return 0
 
 
 def _cmd_certs_issue(a: argparse.Namespace) -> int:
     from fedgrpc.security.pki import issue_party_cert
 
-    for k, v in issue_party_cert(a.dir, a.party_id).items():
+    paths = issue_party_cert(a.dir, a.party_id, force=a.force)
+    if a.format == "json":
+        print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+        return 0
+    for k, v in paths.items():
         print(f"{k}: {v}")
     return 0
 
@@ -92,6 +165,14 @@ def _cmd_parties_add(a: argparse.Namespace) -> int:
     token = add_party(a.file, a.party_id, admin=a.admin)
     if a.token_out:
         atomic_write(a.token_out, (token + "\n").encode(), mode=0o600)
+    if a.format == "json":
+        doc = {"id": a.party_id, "admin": a.admin, "parties_file": str(a.file)}
+        if a.token_out:
+            doc["token_file"] = str(a.token_out)
+        else:
+            doc["token"] = token
+        print(json.dumps(doc, indent=2))
+    elif a.token_out:
         print(f"token for {a.party_id} written to {a.token_out}")
     else:
         print(token)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,19 @@ def add_parsers(sub: Any) -> None:
         "split", help="write each party's partition and the validation set"
     )
     add_data_options(p, defaults=_SPLIT, holdout_help="20%% of the data")
-    p.add_argument("--seed", type=int, default=_SPLIT.seed)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=_SPLIT.seed,
+        help="seed of the split, the partition and the attacks",
+    )
     p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument(
+        "--format",
+        choices=["text", "json"],
+        default="text",
+        help="text (one line per item) or json",
+    )
     p.set_defaults(func=_cmd_split)
 
 
@@ -29,6 +41,16 @@ def _cmd_split(a: argparse.Namespace) -> int:
     split = split_config(a)
     parties, val = prepare_parties(split)
     manifest = write_split(a.out, split, parties, val)
+    if a.format == "json":
+        doc = {
+            "parties": [
+                {**entry, "file": str(a.out / entry["file"])}
+                for entry in manifest["parties"]
+            ],
+            "validation": {"samples": len(val), "file": str(a.out / VALIDATION_FILE)},
+        }
+        print(json.dumps(doc, indent=2))
+        return 0
     for entry in manifest["parties"]:
         attack = f" (attack {entry['attack']})" if entry["attack"] else ""
         print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -17,19 +18,34 @@ from fedgrpc.cli.options import (
 from fedgrpc.config import ObserverConfig
 from fedgrpc.errors import ConfigError, NotFoundError
 from fedgrpc.scoring.payouts import PAYOUT_RULES
-from fedgrpc.types import SCORING_METHODS, ContributionReport
+from fedgrpc.types import SCORING_METHODS, ContributionReport, RunState, RunStatus
 
 _OBSERVER = ObserverConfig(server="", insecure=True)
+SIMULATE_SERVER_DIR = "server"
+"""Where ``fedgrpc simulate`` keeps the aggregator's run directory inside its own."""
 
 
 def add_parsers(sub: Any) -> None:
     """Add ``contributions`` and ``status``."""
     p = _observer_parser(sub, "contributions", "DIG-FL contribution ledger")
-    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument(
+        "--format",
+        choices=["table", "json", "csv"],
+        default="table",
+        help="table (ranked parties), json (every round and score) or csv (one row "
+        "per round and party)",
+    )
     p.add_argument("--plot", type=Path, help="write a PNG plot of contributions")
     p.add_argument("--party", action="append", default=[], help="only these parties")
-    p.add_argument("--from-round", type=int, default=0)
-    p.add_argument("--to-round", type=int)
+    p.add_argument(
+        "--from-round",
+        type=int,
+        default=0,
+        help="first round to include (rounds are numbered from 0)",
+    )
+    p.add_argument(
+        "--to-round", type=int, help="last round to include (default: the latest)"
+    )
     p.add_argument(
         "--method",
         choices=SCORING_METHODS,
@@ -58,7 +74,12 @@ def add_parsers(sub: Any) -> None:
     )
     p.set_defaults(func=_cmd_contributions)
     p = _observer_parser(sub, "status", "progress of a run")
-    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument(
+        "--format",
+        choices=["table", "json"],
+        default="table",
+        help="table (one field a line) or json",
+    )
     p.set_defaults(func=_cmd_status)
 
 
@@ -73,12 +94,16 @@ def _observer_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentPa
 
 
 def _ledger_path(run_dir: Path) -> Path:
+    """The ledger of a ``serve`` run directory or of a ``simulate`` one (server/)."""
     from fedgrpc.store.ledger import LEDGER_FILE
 
-    path = run_dir / LEDGER_FILE
-    if not path.is_file():
-        raise NotFoundError(f"no ledger at {path}")
-    return path
+    candidates = [run_dir / LEDGER_FILE, run_dir / SIMULATE_SERVER_DIR / LEDGER_FILE]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise NotFoundError(
+        f"no ledger in {run_dir}: neither {candidates[0]} nor {candidates[1]} exists"
+    )
 
 
 def load_report(a: argparse.Namespace) -> ContributionReport:
@@ -147,30 +172,62 @@ def _payout(a: argparse.Namespace, report: ContributionReport) -> int:
     return 0
 
 
+def status_fields(status: RunStatus) -> dict[str, Any]:
+    """A RunStatus as the JSON fields ``fedgrpc status`` prints (online or offline)."""
+    st = {f.name: getattr(status, f.name) for f in dataclasses.fields(status)}
+    st["state"] = status.state.value
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in st.items()}
+
+
+def offline_status(run_dir: Path) -> dict[str, Any]:
+    """The same fields as GetStatus, from a run directory's ledger and summary.
+
+    ``state`` comes from the summary the aggregator writes when a run ends; a run
+    without one is ``unfinished`` (still running, or stopped: resume it). Fields only
+    a live aggregator knows (who submitted to the open round) are empty.
+    """
+    from fedgrpc.store.ledger import Ledger
+    from fedgrpc.store.run_dir import SUMMARY
+
+    ledger_path = _ledger_path(run_dir)
+    with Ledger.open_readonly(ledger_path) as ledger:
+        info = ledger.run_info() or {}
+        rounds = ledger.rounds()
+        joined = tuple(str(p["party_id"]) for p in ledger.parties())
+    summary: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        summary = json.loads((ledger_path.parent / SUMMARY).read_text())
+    ok = [r for r in rounds if r.ok]
+    done = len(ok)
+    fields = status_fields(
+        RunStatus(
+            state=RunState.DONE,  # replaced below
+            open_round=rounds[-1].round + 1 if rounds else 0,
+            rounds_total=int(info.get("config", {}).get("round", {}).get("rounds", 0)),
+            rounds_done=done,
+            joined=joined,
+            late=rounds[-1].late if rounds else (),
+            elapsed_s=sum(r.duration_s for r in rounds),
+            last_round_s=rounds[-1].duration_s if rounds else 0.0,
+            val_loss=ok[-1].val_loss_after if ok else float("nan"),
+            val_acc=ok[-1].val_acc_after if ok else float("nan"),
+            reason=str(summary.get("reason") or ""),
+            run_id=str(info.get("run_id", "")),
+        )
+    )
+    fields["state"] = str(summary.get("state") or "unfinished")
+    return fields
+
+
 def _cmd_status(a: argparse.Namespace) -> int:
     st: dict[str, Any]
     if a.run_dir is not None:
-        from fedgrpc.store.ledger import Ledger
-
-        with Ledger.open_readonly(_ledger_path(a.run_dir)) as ledger:
-            info = ledger.run_info() or {}
-            rounds = ledger.rounds()
-        st = {
-            "run_id": info.get("run_id", ""),
-            "rounds_done": len(rounds),
-            "rounds_total": info.get("config", {}).get("round", {}).get("rounds"),
-            "val_acc": rounds[-1].val_acc_after if rounds else None,
-            "val_loss": rounds[-1].val_loss_after if rounds else None,
-            "last_status": rounds[-1].status if rounds else None,
-        }
+        st = offline_status(a.run_dir)
     else:
         from fedgrpc.client.stub import AggregatorClient
 
         with AggregatorClient(observer_config(a)) as client:
-            status = client.status()
-        st = {f.name: getattr(status, f.name) for f in dataclasses.fields(status)}
-        st["state"] = status.state.value
-        st = {k: list(v) if isinstance(v, tuple) else v for k, v in st.items()}
+            st = status_fields(client.status())
     if a.format == "json":
         print(json.dumps(st, indent=2))
     else:

@@ -26,7 +26,9 @@ from fedgrpc.types import UpdateKind
 def add_training_options(p: argparse.ArgumentParser, *, defaults: RoundConfig) -> None:
     """Round, model and learning-rate options; read back by :func:`round_config`."""
     g = p.add_argument_group("training")
-    g.add_argument("--rounds", type=int, default=defaults.rounds)
+    g.add_argument(
+        "--rounds", type=int, default=defaults.rounds, help="training rounds"
+    )
     g.add_argument(
         "--update-kind",
         choices=[k.value for k in UpdateKind],
@@ -48,7 +50,12 @@ def add_training_options(p: argparse.ArgumentParser, *, defaults: RoundConfig) -
         default=defaults.local_steps,
         help="local steps per round (delta); 0 = --local-epochs",
     )
-    g.add_argument("--local-epochs", type=int, default=defaults.local_epochs)
+    g.add_argument(
+        "--local-epochs",
+        type=int,
+        default=defaults.local_epochs,
+        help="local epochs per round when --local-steps is 0 (delta)",
+    )
     g.add_argument(
         "--batch-size",
         type=int,
@@ -81,18 +88,49 @@ def add_training_options(p: argparse.ArgumentParser, *, defaults: RoundConfig) -
         default=defaults.model,
         help="logreg, mlp, cnn or package.module:factory",
     )
-    g.add_argument("--hidden", type=int, default=defaults.model_hidden)
-    g.add_argument("--seed", type=int, default=defaults.seed)
-    g.add_argument("--aggregation", choices=AGGREGATIONS, default=defaults.aggregation)
-    g.add_argument("--wire-dtype", choices=WIRE_DTYPES, default=defaults.wire_dtype)
+    g.add_argument(
+        "--hidden",
+        type=int,
+        default=defaults.model_hidden,
+        help="hidden width of the built-in mlp and cnn",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="run seed: initial model, data split, party RNG streams",
+    )
+    g.add_argument(
+        "--aggregation",
+        choices=AGGREGATIONS,
+        default=defaults.aggregation,
+        help="update weights: samples (n_i / sum n), uniform, or digfl "
+        "(max(0, score); buffers the round's updates in memory)",
+    )
+    g.add_argument(
+        "--wire-dtype",
+        choices=WIRE_DTYPES,
+        default=defaults.wire_dtype,
+        help="dtype of float tensors on the wire (the server aggregates in float32)",
+    )
     g.add_argument(
         "--round-timeout",
         type=float,
         default=defaults.round_timeout_s,
         help="seconds before a round closes on quorum (or fails)",
     )
-    g.add_argument("--join-timeout", type=float, default=defaults.join_timeout_s)
-    g.add_argument("--quorum-retries", type=int, default=defaults.quorum_retries)
+    g.add_argument(
+        "--join-timeout",
+        type=float,
+        default=defaults.join_timeout_s,
+        help="seconds to wait for the first quorum of joins before the run fails",
+    )
+    g.add_argument(
+        "--quorum-retries",
+        type=int,
+        default=defaults.quorum_retries,
+        help="times a round that missed quorum is reopened before the run fails",
+    )
     g = p.add_argument_group("bounded influence (DESIGN §4)")
     g.add_argument(
         "--norm-bound",
@@ -155,7 +193,9 @@ def add_data_options(
     g.add_argument(
         "--data", default=defaults.data, help="digits, mnist:DIR, npz:FILE, mod:fn"
     )
-    g.add_argument("--parties", type=int, default=defaults.parties)
+    g.add_argument(
+        "--parties", type=int, default=defaults.parties, help="number of parties"
+    )
     g.add_argument(
         "--partition",
         default=defaults.partition,
@@ -178,7 +218,12 @@ def add_data_options(
         action="append",
         default=list(defaults.attacks),
         metavar="IDX=SPEC",
-        help="e.g. 3=label-flip:0.6, 1=mix:6->2:0.8, 2=free-rider, 4=scale:5",
+        help="make party IDX a low-value party (repeatable). SPEC: "
+        "label-flip:RATE (label C-1-y on a fraction RATE of its samples), "
+        "mix:SRC->DST:WEIGHT (blend images of class SRC into class DST), "
+        "random-labels, free-rider (all-zero update), scale:K (update times K), "
+        "noise:SIGMA (Gaussian noise on the update); "
+        "e.g. 3=label-flip:0.6 1=mix:6->2:0.8 2=free-rider 4=scale:5",
     )
 
 

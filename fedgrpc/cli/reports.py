@@ -59,22 +59,31 @@ def report_table(report: ContributionReport) -> str:
             f"{last.val_loss_after:.4f}, "
             f"accuracy {ok[0].val_acc_before:.4f} -> {last.val_acc_after:.4f}"
         )
-        lines.append(
-            f"{report.method} fidelity: credits sum to {pred:.4f}, measured drop "
-            f"{meas:.4f} (residual {meas - pred:+.4f})"
-        )
-        other = "digfl-2" if report.method == "digfl-1" else "digfl-1"
-        pred2 = sum(r.predicted(other) for r in ok)
-        if math.isfinite(pred2):
+        if len(report.parties) > 1:
             lines.append(
-                f"{other} fidelity: credits sum to {pred2:.4f} (residual "
-                f"{meas - pred2:+.4f}); choose with --method"
+                f"{report.method} fidelity: credits sum to {pred:.4f}, measured drop "
+                f"{meas:.4f} (residual {meas - pred:+.4f})"
             )
-        low = low_fidelity_rounds(report)
-        if low:
+            other = "digfl-2" if report.method == "digfl-1" else "digfl-1"
+            pred2 = sum(r.predicted(other) for r in ok)
+            if math.isfinite(pred2):
+                lines.append(
+                    f"{other} fidelity: credits sum to {pred2:.4f} (residual "
+                    f"{meas - pred2:+.4f}); choose with --method"
+                )
+            low = low_fidelity_rounds(report)
+            if low:
+                lines.append(
+                    f"low-fidelity rounds (|residual| > {LOW_FIDELITY:.0%} of the "
+                    f"measured drop): {', '.join(map(str, low))}"
+                )
+        else:
+            # A party's own view holds only its own scores: comparing them with the
+            # federation's measured drop would be meaningless (unless it is alone).
+            who = report.parties[0].party_id if report.parties else "this party"
             lines.append(
-                f"low-fidelity rounds (|residual| > {LOW_FIDELITY:.0%} of the measured "
-                f"drop): {', '.join(map(str, low))}"
+                f"predicted drop from {who}: {pred:.4f} (the federation's whole "
+                f"model dropped {meas:.4f}; comparable only if it is the only party)"
             )
     failed = [r for r in report.rounds if not r.ok]
     if failed:

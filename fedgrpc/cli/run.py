@@ -43,7 +43,12 @@ def _serve_parser(sub: Any) -> None:
         default=_SERVER.address,
         help="host:port to listen on (port 0 = any free port)",
     )
-    p.add_argument("--run-dir", type=Path, default=_SERVER.run_dir)
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        default=_SERVER.run_dir,
+        help="directory for the ledger, checkpoints, final model and summary",
+    )
     p.add_argument(
         "--resume",
         type=Path,
@@ -66,7 +71,7 @@ def _serve_parser(sub: Any) -> None:
         "--expected-parties",
         type=int,
         default=_ROUND.expected_parties,
-        help="parties to wait for before round 0 (default: --min-parties)",
+        help="parties to wait for before round 0 (0 = --min-parties)",
     )
     p.add_argument("--init-model", type=Path, help="start from these weights (.npz)")
     p.add_argument(
@@ -85,9 +90,27 @@ def _serve_parser(sub: Any) -> None:
         "a party sees only its own rows)",
     )
     p.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0 = any; "
+        "default: no metrics endpoint)",
+    )
+    p.add_argument("--metrics-port-file", type=Path, help="write the metrics port here")
+    p.add_argument(
         "--keep-serving",
         action="store_true",
-        help="after the last round keep answering queries until SIGTERM",
+        help="after the last round keep answering queries until SIGTERM "
+        "(an unbounded --grace-period)",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=float,
+        default=_SERVER.grace_period_s,
+        metavar="S",
+        help="after the last round (or when resuming a finished run) keep answering "
+        "status/contributions queries and telling reconnecting parties that "
+        "training is done for S seconds, then exit; 0 = exit as soon as the "
+        "connected parties have their done message",
     )
     add_training_options(p, defaults=_ROUND)
     _add_security_options(p)
@@ -101,8 +124,8 @@ def _add_security_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--insecure", action="store_true", help="plaintext (no TLS): tests only"
     )
-    g.add_argument("--tls-cert", type=Path)
-    g.add_argument("--tls-key", type=Path)
+    g.add_argument("--tls-cert", type=Path, help="the aggregator's certificate (PEM)")
+    g.add_argument("--tls-key", type=Path, help="its private key (PEM)")
     g.add_argument(
         "--tls-ca", type=Path, help="CA for client certificates (mutual TLS)"
     )
@@ -123,15 +146,36 @@ def _add_security_options(p: argparse.ArgumentParser) -> None:
 def _add_limit_options(p: argparse.ArgumentParser) -> None:
     """The ``limits`` group: what one party may make the aggregator hold or wait on."""
     g = p.add_argument_group("limits")
-    g.add_argument("--max-chunk-bytes", type=int, default=_LIMITS.max_chunk_bytes)
-    g.add_argument("--max-tensor-bytes", type=int, default=_LIMITS.max_tensor_bytes)
     g.add_argument(
-        "--max-submission-bytes", type=int, default=_LIMITS.max_submission_bytes
+        "--max-chunk-bytes",
+        type=int,
+        default=_LIMITS.max_chunk_bytes,
+        help="largest data field of one upload chunk (bytes)",
     )
     g.add_argument(
-        "--max-streams-per-party", type=int, default=_LIMITS.max_streams_per_party
+        "--max-tensor-bytes",
+        type=int,
+        default=_LIMITS.max_tensor_bytes,
+        help="largest single tensor of an upload (bytes)",
     )
-    g.add_argument("--max-parties", type=int, default=_LIMITS.max_parties)
+    g.add_argument(
+        "--max-submission-bytes",
+        type=int,
+        default=_LIMITS.max_submission_bytes,
+        help="largest whole upload (bytes)",
+    )
+    g.add_argument(
+        "--max-streams-per-party",
+        type=int,
+        default=_LIMITS.max_streams_per_party,
+        help="concurrent uploads one party may hold open",
+    )
+    g.add_argument(
+        "--max-parties",
+        type=int,
+        default=_LIMITS.max_parties,
+        help="parties that may join",
+    )
     g.add_argument(
         "--max-inflight-uploads",
         type=int,
@@ -220,6 +264,9 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         port_file=a.port_file,
         keep_serving=a.keep_serving,
         publish_to_parties=a.publish_to_parties,
+        grace_period_s=a.grace_period,
+        metrics_address=a.metrics_address,
+        metrics_port_file=a.metrics_port_file,
         init_model=a.init_model,
         resume=a.resume is not None,
         validator=a.validator,
@@ -236,7 +283,11 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 def _client_parser(sub: Any) -> None:
     p = sub.add_parser("client", help="run a party (client stub)")
     p.add_argument("--server", required=True, help="aggregator HOST:PORT")
-    p.add_argument("--party-id", required=True)
+    p.add_argument(
+        "--party-id",
+        required=True,
+        help="this party's id (must match its certificate or token when used)",
+    )
     p.add_argument("--data", required=True, help="digits, mnist:DIR, npz:FILE, mod:fn")
     add_timeout_options(p, _CLIENT)
     p.add_argument(

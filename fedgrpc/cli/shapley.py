@@ -12,7 +12,8 @@ import json
 import logging
 import math
 import sys
-from functools import partial
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -176,7 +177,7 @@ def _evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     )
     show = args.progress != "never"
     progress = (
-        partial(progress_bar, stream=sys.stderr, force=args.progress == "always")
+        eta_progress(stream=sys.stderr, force=args.progress == "always")
         if show
         else None
     )
@@ -345,6 +346,38 @@ def _fmt(x: float, spec: str = ".4f") -> str:
     return "n/a" if not math.isfinite(x) else format(x, spec)
 
 
+def eta_text(done: int, total: int, elapsed_s: float) -> str:
+    """`` 12 s, ETA 51 s`` (or `` in 63.0 s`` once done; no ETA before the first)."""
+    if done >= total:
+        return f" in {elapsed_s:.1f} s"
+    if done <= 0:
+        return f" {elapsed_s:.0f} s"
+    left = elapsed_s / done * (total - done)
+    return f" {elapsed_s:.0f} s, ETA {left:.0f} s"
+
+
+def eta_progress(
+    *, stream: TextIO | None = None, force: bool = False, unit: str = "coalitions"
+) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback: :func:`progress_bar` with an ETA.
+
+    Elapsed time is measured from this call.
+    """
+    started = time.monotonic()
+
+    def draw(done: int, total: int) -> None:
+        progress_bar(
+            done,
+            total,
+            stream=stream,
+            force=force,
+            unit=unit,
+            elapsed_s=time.monotonic() - started,
+        )
+
+    return draw
+
+
 def progress_bar(
     done: int,
     total: int,
@@ -353,18 +386,23 @@ def progress_bar(
     force: bool = False,
     width: int = 30,
     unit: str = "coalitions",
+    elapsed_s: float | None = None,
 ) -> None:
     """Draw ``[#####.....] 12/63 coalitions`` over the line on ``stream`` (stderr).
 
     Draws only when the stream is a TTY, unless ``force``; ends the line at
-    ``done >= total``.
+    ``done >= total``. With ``elapsed_s`` (time since the work began) it adds the
+    elapsed time and an ETA (the mean time per item so far times the items left).
     """
     out = sys.stderr if stream is None else stream
     if not force and not (hasattr(out, "isatty") and out.isatty()):
         return
     frac = 1.0 if total <= 0 else min(1.0, done / total)
     filled = round(frac * width)
-    out.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {unit}")
+    line = f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {unit}"
+    if elapsed_s is not None:
+        line += eta_text(done, total, elapsed_s)
+    out.write(line)
     if done >= total:
         out.write("\n")
     out.flush()

@@ -8,6 +8,7 @@ unpickles: ``.npz`` files are loaded with ``allow_pickle=False``.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import logging
 import math
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ SPEC_SYNTAX = "'digits', 'mnist:DIR', 'npz:FILE' or 'package.module:factory'"
 _IDX_UBYTE = 0x08
 _MNIST_SPLITS = ("train", "t10k")  # concatenated in this order
 _MNIST_CLASSES = 10
+DIGITS_CSV = "datasets/data/digits.csv.gz"
+"""scikit-learn's bundled digits, relative to its package directory."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,12 +114,37 @@ def load_dataset(spec: str) -> Dataset:
 
 def _load_digits() -> Dataset:
     """Scikit-learn's 1797 8x8 digits as ``(1797, 1, 8, 8)`` in ``[0, 1]``."""
-    # Imported here: scikit-learn is slow to import and only this source needs it.
-    from sklearn.datasets import load_digits
+    raw = _digits_csv()
+    if raw is not None:
+        data, target = raw
+    else:
+        # Imported here: scikit-learn takes ~2 s to import; only this fallback needs it.
+        from sklearn.datasets import load_digits
 
-    bunch = load_digits()
-    x = (np.asarray(bunch.data, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
-    return Dataset(x=x, y=np.asarray(bunch.target), num_classes=10, name="digits")
+        bunch = load_digits()
+        data, target = np.asarray(bunch.data), np.asarray(bunch.target)
+    x = (np.asarray(data, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    return Dataset(x=x, y=target, num_classes=10, name="digits")
+
+
+def _digits_csv() -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]] | None:
+    """The digits straight from scikit-learn's bundled CSV, without importing it.
+
+    ``load_digits`` reads the same file (64 pixel columns, then the label); reading
+    it here saves the ~2 s import of scikit-learn. None if the file is not there.
+    """
+    spec = importlib.util.find_spec("sklearn")  # locates, does not import
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / DIGITS_CSV
+    try:
+        with gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.float64, ndmin=2)
+    except (OSError, ValueError):
+        return None
+    if table.shape != (1797, 65):
+        return None
+    return table[:, :-1], table[:, -1].astype(np.int64)
 
 
 def load_mnist(directory: Path, name: str = "") -> Dataset:
@@ -263,7 +291,7 @@ def _infer_classes(y: npt.NDArray[Any], name: str) -> int:
 
 def _load_factory_dataset(spec: str) -> Dataset:
     """Call a ``package.module:factory`` and accept a Dataset or an ``(x, y)`` pair."""
-    result = load_factory(spec)()
+    result = load_factory(spec, ("digits", "mnist:DIR", "npz:FILE"))()
     if isinstance(result, Dataset):
         return result
     if isinstance(result, tuple) and len(result) == 2:

@@ -179,6 +179,7 @@ class RoundEngine:
         # Accepted digests of the last two rounds: resends after a close get their OK.
         self._history: dict[tuple[int, str], AcceptedUpdate] = {}
         self._started_at = clock()
+        self._finished_at: float | None = None  # elapsed_s stops counting here
         self._join_deadline = self._started_at + cfg.join_timeout_s
         self._last_round_s = 0.0
         self._val_loss = float("nan")
@@ -220,7 +221,7 @@ class RoundEngine:
                 joined=self.parties.ids(),
                 submitted=tuple(sorted(self._round.accepted)) if self._round else (),
                 late=self._late,
-                elapsed_s=self._clock() - self._started_at,
+                elapsed_s=(self._finished_at or self._clock()) - self._started_at,
                 last_round_s=self._last_round_s,
                 val_loss=self._val_loss,
                 val_acc=self._val_acc,
@@ -665,6 +666,7 @@ class RoundEngine:
         """Record the end of the run (under the lock); on_finish runs after it."""
         self.state = state
         self.reason = reason
+        self._finished_at = self._clock()
         if state == RunState.FAILED:
             log.error("run failed: %s", reason)
         else:

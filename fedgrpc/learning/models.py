@@ -134,7 +134,7 @@ def build_model(
             f"unknown model {name!r}: expected one of {', '.join(BUILTIN_MODELS)} "
             "or 'package.module:factory'"
         )
-    factory = load_factory(name)
+    factory = load_factory(name, BUILTIN_MODELS)
     try:
         model = factory(input_shape=shape, num_classes=num_classes, hidden=hidden)
     except TypeError as exc:

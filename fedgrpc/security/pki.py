@@ -216,8 +216,8 @@ def init_ca(
         raise ConfigError(
             f"a CA already exists in {directory} "
             f"({', '.join(p.name for p in existing)}); refusing to overwrite it:"
-            " every certificate it issued would stop verifying. Pass force=True"
-            " (--force) to replace it."
+            " every certificate it issued would stop verifying. Pass --force"
+            " (force=True) to replace it and re-issue the party certificates."
         )
     sans = _san_entries(server_names)
     private_dir(directory)
@@ -244,6 +244,14 @@ def init_ca(
     atomic_write(paths["server_cert"], _cert_pem(server_cert), _CERT_MODE)
     log.info("created CA and server certificate in %s for %s", directory, server_names)
     return paths
+
+
+def issued_party_ids(directory: Path) -> list[str]:
+    """Ids of the party (and admin) certificates under ``directory/parties``."""
+    parties = Path(directory) / PARTIES_DIR
+    if not parties.is_dir():
+        return []
+    return sorted(p.stem for p in parties.glob("*.pem"))
 
 
 def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -299,7 +307,7 @@ def issue_party_cert(
     if not force and (paths["cert"].exists() or paths["key"].exists()):
         raise ConfigError(
             f"party {party_id!r} already has a certificate in {parties}; pass "
-            "force=True (--force) to replace it"
+            "--force (force=True) to replace it"
         )
     private_dir(parties)
 

@@ -15,7 +15,7 @@ import time
 import uuid
 from concurrent import futures
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -48,16 +48,31 @@ from fedgrpc.store.ledger import Ledger
 from fedgrpc.store.run_dir import RESUME_KEY, RunDir
 from fedgrpc.types import RoundResult, RunState
 
+if TYPE_CHECKING:
+    from fedgrpc.server.metrics import Metrics
+
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"].full_name
+
+
+def model_description(rcfg: RoundConfig) -> dict[str, Any]:
+    """What rebuilding the model needs; stored with every checkpoint."""
+    return {
+        "model": rcfg.model,
+        "input_shape": list(rcfg.input_shape),
+        "num_classes": rcfg.num_classes,
+        "hidden": rcfg.model_hidden,
+    }
 
 
 def _identity(b: bytes) -> bytes:
     return b
 
 
-def build_handler(servicer: AggregatorServicer) -> grpc.GenericRpcHandler:
+def build_handler(
+    servicer: AggregatorServicer, metrics: Metrics | None = None
+) -> grpc.GenericRpcHandler:
     """Method handlers: raw-bytes requests and pre-encoded GetModel responses.
 
     Requests are parsed in the servicer, so malformed input is INVALID_ARGUMENT;
@@ -69,6 +84,11 @@ def build_handler(servicer: AggregatorServicer) -> grpc.GenericRpcHandler:
         "GetContributions": aggregator_pb2.ContributionsReply.SerializeToString,
         "GetStatus": aggregator_pb2.StatusReply.SerializeToString,
     }
+    submit: Any = servicer.SubmitGradient
+    get_model: Any = servicer.GetModel
+    if metrics is not None:
+        submit = metrics.submit_handler(submit)
+        get_model = metrics.model_handler(get_model)
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Join": grpc.unary_unary_rpc_method_handler(
             servicer.Join,
@@ -76,12 +96,12 @@ def build_handler(servicer: AggregatorServicer) -> grpc.GenericRpcHandler:
             response_serializer=enc["Join"],
         ),
         "GetModel": grpc.unary_stream_rpc_method_handler(
-            servicer.GetModel,
+            get_model,
             request_deserializer=_identity,
             response_serializer=_identity,
         ),
         "SubmitGradient": grpc.stream_unary_rpc_method_handler(
-            servicer.SubmitGradient,
+            submit,
             request_deserializer=_identity,
             response_serializer=enc["SubmitGradient"],
         ),
@@ -186,7 +206,12 @@ class Aggregator:
                 "Nobody's contributions will be served."
             )
         self.health = health.HealthServicer()
-        self.server = _grpc_server(self.servicer, self.health, cfg.limits)
+        self.metrics: Metrics | None = None
+        if cfg.metrics_address is not None:
+            from fedgrpc.server.metrics import Metrics  # prometheus: only when asked
+
+            self.metrics = Metrics()
+        self.server = _grpc_server(self.servicer, self.health, cfg.limits, self.metrics)
         self._driver = threading.Thread(
             target=self._drive, name="round-driver", daemon=True
         )
@@ -203,6 +228,7 @@ class Aggregator:
         )
         rcfg = validation.round_cfg
         self.round_cfg = rcfg
+        self.model_info = model_description(rcfg)
         self.layout = FlatLayout.of(validation.specs)
         theta, start_round = validation.theta0, 0
         if cfg.resume:
@@ -215,7 +241,9 @@ class Aggregator:
                 "val_count": self._val[1],
             }
             self.ledger.start_run(self.run_id, config_json, validation.val_digest)
-            state = self.run_dir.save_checkpoint(self.layout, theta, self.run_id, 0)
+            state = self.run_dir.save_checkpoint(
+                self.layout, theta, self.run_id, 0, self.model_info
+            )
             self.ledger.set_state(RESUME_KEY, state)
         self.broadcaster = ModelBroadcaster(self.layout, wire_dtype=rcfg.wire_dtype)
         self._executor = futures.ThreadPoolExecutor(1, thread_name_prefix="val-grad")
@@ -257,6 +285,13 @@ class Aggregator:
         join_info = wire.JoinInfo(
             self.run_id, tuple(validation.specs), rcfg, start_round, ""
         )
+        if self.metrics is not None:
+            engine = self.engine
+            self.metrics.watch(
+                engine.status,
+                lambda: engine.uploads.in_flight,
+                cfg.limits.max_inflight_uploads,
+            )
         self.servicer.attach(
             Run(
                 self.engine,
@@ -298,9 +333,14 @@ class Aggregator:
     # ------------------------------------------------------------ durability
     def _commit(self, result: RoundResult, theta_next: np.ndarray) -> None:
         """Checkpoint theta_{t+1}; then commit the round and resume pointer at once."""
+        self._commit_durably(result, theta_next)
+        if self.metrics is not None:
+            self.metrics.round_closed(result)
+
+    def _commit_durably(self, result: RoundResult, theta_next: np.ndarray) -> None:
         if result.ok:
             state = self.run_dir.save_checkpoint(
-                self.layout, theta_next, self.run_id, result.round + 1
+                self.layout, theta_next, self.run_id, result.round + 1, self.model_info
             )
             self.ledger.record_round(result, state={RESUME_KEY: state})
             self.run_dir.prune_checkpoints(result.round + 1)
@@ -316,6 +356,7 @@ class Aggregator:
             "rounds_done": self.engine.rounds_done,
             "state": state.value,
             "reason": reason,
+            "model": self.model_info,
         }
         err = self.engine.stop_error
         if err is not None and not self.failure:
@@ -365,6 +406,10 @@ class Aggregator:
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.cfg.port_file is not None:
             atomic_write(self.cfg.port_file, f"{port}\n".encode())
+        if self.metrics is not None and self.cfg.metrics_address is not None:
+            metrics_port = self.metrics.listen(self.cfg.metrics_address)
+            if self.cfg.metrics_port_file is not None:
+                atomic_write(self.cfg.metrics_port_file, f"{metrics_port}\n".encode())
         log.info(
             "fedgrpc %s aggregator run %s listening on port %d (%s); setting up",
             fedgrpc.__version__,
@@ -444,16 +489,22 @@ class Aggregator:
                 len(st.submitted),
                 self.run_dir.path,
             )
+        t0 = time.monotonic()
         self.server.stop(grace_s).wait()
         self.servicer.close()
+        log.debug("gRPC server stopped in %.3f s", time.monotonic() - t0)
         if self._driver.is_alive():
             self._driver.join(timeout=5)
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
         if self.validation is not None:
             self.validation.close()
+            log.debug("validation closed at %.3f s", time.monotonic() - t0)
+        if self.metrics is not None:
+            self.metrics.close()
         self.ledger.close()
         self._discard_if_new()
+        log.debug("shut down in %.3f s", time.monotonic() - t0)
 
     @property
     def succeeded(self) -> bool:
@@ -497,7 +548,10 @@ def _open_ledger(run_dir: RunDir) -> Ledger:
 
 
 def _grpc_server(
-    servicer: AggregatorServicer, health_servicer: health.HealthServicer, limits: Limits
+    servicer: AggregatorServicer,
+    health_servicer: health.HealthServicer,
+    limits: Limits,
+    metrics: Metrics | None = None,
 ) -> grpc.Server:
     """The gRPC server: the Aggregator service, health checking and reflection."""
     server = grpc.server(
@@ -526,7 +580,7 @@ def _grpc_server(
             ("grpc.max_connection_idle_ms", 600_000),
         ],
     )
-    server.add_generic_rpc_handlers((build_handler(servicer),))
+    server.add_generic_rpc_handlers((build_handler(servicer, metrics),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
@@ -590,22 +644,48 @@ def serve(cfg: ServerConfig) -> int:
             _report(agg)
             if agg.failure:
                 pass  # no done message: the parties wait for --resume
-            elif cfg.keep_serving:
-                log.info("training over; still serving queries until SIGTERM")
-                stop.wait()
-                received.clear()
             else:
+                if _linger(cfg, stop):
+                    received.clear()  # a signal ending the grace period: no failure
                 # Let every GetModel stream deliver its done message before closing
                 # (bounded: a party that vanished must not keep the process alive).
-                end = time.monotonic() + 10.0
+                t0 = time.monotonic()
+                end = t0 + DONE_DRAIN_S
                 while agg.servicer.model_streams and time.monotonic() < end:
-                    time.sleep(0.05)
-                time.sleep(0.2)
+                    time.sleep(0.02)
+                if agg.servicer.model_streams == 0:
+                    time.sleep(0.05)  # the last done message leaves the socket
+                log.debug("model streams drained in %.3f s", time.monotonic() - t0)
     finally:
         agg.shutdown(save_open_round=True)
     if received:
         return 128 + received[0]
     return 0 if agg.succeeded else 1
+
+
+DONE_DRAIN_S = 10.0
+"""After the grace period, how long open model streams get to take their done
+message before the server closes (a party that vanished must not hold it up)."""
+
+
+def _linger(cfg: ServerConfig, stop: threading.Event) -> bool:
+    """Keep serving a finished run for its grace period; True if a signal ended it.
+
+    During the grace period GetStatus and GetContributions answer and a party that
+    reconnects (Join, GetModel) is told that training is done.
+    """
+    if cfg.keep_serving:
+        log.info("training over; still serving queries until SIGTERM")
+        stop.wait()
+        return True
+    if cfg.grace_period_s <= 0:
+        return False
+    log.info(
+        "training over; answering queries and reconnecting parties for %g s more "
+        "(--grace-period; SIGTERM or Ctrl-C ends it now)",
+        cfg.grace_period_s,
+    )
+    return stop.wait(cfg.grace_period_s)
 
 
 def _report(agg: Aggregator) -> None:

@@ -52,15 +52,23 @@ class RunDir:
         return self.path / CHECKPOINTS / f"round-{next_round:06d}.npz"
 
     def save_checkpoint(
-        self, layout: FlatLayout, theta: np.ndarray, run_id: str, next_round: int
+        self,
+        layout: FlatLayout,
+        theta: np.ndarray,
+        run_id: str,
+        next_round: int,
+        model: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Write a checkpoint; return the resume pointer the ledger commits."""
+        """Write a checkpoint; return the resume pointer the ledger commits.
+
+        ``model`` describes how to rebuild the model (name, input shape, classes,
+        hidden width) and is stored with it (``fedgrpc export`` reads it).
+        """
         path = self.checkpoint_path(next_round)
-        digest = save_arrays(
-            path,
-            dict(layout.iter_arrays(theta)),
-            {"run_id": run_id, "next_round": next_round},
-        )
+        meta: dict[str, Any] = {"run_id": run_id, "next_round": next_round}
+        if model is not None:
+            meta["model"] = model
+        digest = save_arrays(path, dict(layout.iter_arrays(theta)), meta)
         return {
             "next_round": next_round,
             "checkpoint": path.name,

@@ -261,6 +261,8 @@ def seeded_serve_args(
         str(n_parties),
         "--round-timeout",
         "60",
+        "--grace-period",
+        "0",
         *SEEDED_TRAIN,
     ]
 

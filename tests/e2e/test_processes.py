@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sqlite3
@@ -13,7 +14,7 @@ import pytest
 from fedgrpc.config import RoundConfig
 from fedgrpc.learning.inprocess import run_in_process
 from fedgrpc.learning.validation import config_for_data
-from fedgrpc.types import UpdateKind
+from fedgrpc.types import RunStatus, UpdateKind
 from tests.e2e.helpers import (
     final_model,
     load_parties,
@@ -110,7 +111,8 @@ def test_simulate_default_reaches_accuracy_and_reports(tmp_path: Path) -> None:
     assert summary["val_acc"] >= 0.90
     assert len(summary["totals"]) == 5
     assert "final validation accuracy" in res.stdout
-    assert "round  15/15: ok" in res.stdout
+    assert "round  14 (15/15): ok" in res.stdout  # rounds from 0, as in the ledger
+    assert "I1201" not in res.stderr and "ssl_transport_security" not in res.stderr
     assert (run_dir / "contributions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Contributions read back over GetContributions equal the in-process values.
     parties, val = load_parties(run_dir / "data", 5)
@@ -166,6 +168,8 @@ def test_aggregator_killed_and_resumed_finishes_like_uninterrupted_run(
                 f"localhost:{port}",
                 "--resume",
                 str(run_dir),
+                "--grace-period",
+                "0",
             ],
             log,
         )
@@ -185,3 +189,33 @@ def test_aggregator_killed_and_resumed_finishes_like_uninterrupted_run(
             assert scores[(r.round, p.party_id)] == pytest.approx(
                 p.score, rel=1e-3, abs=1e-6
             )
+
+
+def test_simulate_json_is_only_json_and_quiet_drops_progress(tmp_path: Path) -> None:
+    run_dir = tmp_path / "sim"
+
+    res = run_cli(
+        ["simulate", "--run-dir", str(run_dir), "--rounds", "2", "--format", "json"]
+    )
+    quiet = run_cli(
+        ["simulate", "-q", "--run-dir", str(tmp_path / "q"), "--rounds", "2"]
+    )
+    csv = run_cli(["contributions", "--run-dir", str(run_dir), "--format", "csv"])
+    offline = run_cli(["status", "--run-dir", str(run_dir), "--format", "json"])
+
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)  # the whole of stdout is the JSON summary
+    assert summary["state"] == "done" and summary["rounds_done"] == 2
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    assert "round   0 (1/2): ok" in res.stderr  # progress still shown, on stderr
+    assert quiet.returncode == 0, quiet.stderr
+    assert "round   0" not in quiet.stdout + quiet.stderr
+    assert "aggregator on" not in quiet.stdout
+    assert "final validation accuracy" in quiet.stdout
+    # simulate's run directory works where the ledger is expected (it is in server/).
+    assert csv.returncode == 0, csv.stderr
+    assert csv.stdout.splitlines()[1].startswith("0,party-0,")
+    assert offline.returncode == 0, offline.stderr
+    st = json.loads(offline.stdout)
+    assert st["state"] == "done" and st["rounds_done"] == 2
+    assert set(st) == {f.name for f in dataclasses.fields(RunStatus)}

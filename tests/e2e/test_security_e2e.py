@@ -55,6 +55,8 @@ def _serve(run_dir: Path, data: Path, port_file: Path, *security: str) -> list[s
         str(run_dir),
         "--val-data",
         f"npz:{data / 'val.npz'}",
+        "--grace-period",
+        "0",
         *security,
         *TRAIN,
     ]
