@@ -64,8 +64,8 @@ def add_parsers(sub: Any) -> None:
         help="consistent online copy of a run directory (ledger via SQLite's backup "
         "API, then the checkpoint it points to and the final model)",
     )
-    b.add_argument("run_dir", type=Path)
-    b.add_argument("dest", type=Path)
+    b.add_argument("run_dir", type=Path, help="the run directory to copy")
+    b.add_argument("dest", type=Path, help="where to write the copy (a new directory)")
     b.set_defaults(func=_cmd_backup)
 
     p = sub.add_parser("parties", help="manage the aggregator's parties file")
@@ -95,17 +95,19 @@ def add_parsers(sub: Any) -> None:
     rm = psub.add_parser(
         "remove", help="remove a party (or admin) from the parties file"
     )
-    rm.add_argument("file", type=Path)
-    rm.add_argument("party_id")
-    rm.add_argument("--admin", action="store_true")
+    rm.add_argument("file", type=Path, help="the parties file (TOML)")
+    rm.add_argument("party_id", help="the party's (or admin's) id")
+    rm.add_argument(
+        "--admin", action="store_true", help="remove an admin instead of a party"
+    )
     rm.set_defaults(func=_cmd_parties_remove)
     ev = psub.add_parser(
         "evict",
         help="bar party ids from a run (stop the aggregator first; takes effect "
         "at --resume): they leave the registry and cannot join again",
     )
-    ev.add_argument("run_dir", type=Path)
-    ev.add_argument("party_ids", nargs="+")
+    ev.add_argument("run_dir", type=Path, help="the stopped run's directory")
+    ev.add_argument("party_ids", nargs="+", help="the ids to bar")
     ev.set_defaults(func=_cmd_parties_evict)
 
 

@@ -67,21 +67,21 @@ def add_training_options(p: argparse.ArgumentParser, *, defaults: RoundConfig) -
         type=float,
         default=defaults.momentum,
         help="local SGD momentum in [0, 1), as torch.optim.SGD (delta updates only; "
-        "default: %(default)s = off)",
+        "0 = off) (default: %(default)s)",
     )
     g.add_argument(
         "--weight-decay",
         type=float,
         default=defaults.weight_decay,
         help="local L2 weight decay, as torch.optim.SGD (delta updates only; "
-        "default: %(default)s = off)",
+        "0 = off) (default: %(default)s)",
     )
     g.add_argument(
         "--prox-mu",
         type=float,
         default=defaults.prox_mu,
         help="FedProx mu: adds (mu/2)||theta - theta_t||^2 to the local loss, theta_t "
-        "the round's global model (delta updates only; default: %(default)s = off)",
+        "the round's global model (delta updates only; 0 = off) (default: %(default)s)",
     )
     g.add_argument(
         "--model",

@@ -44,6 +44,7 @@ from fedgrpc.errors import (
     DuplicateSubmissionError,
     InvalidUpdateError,
     StaleRoundError,
+    UnavailableError,
     UnknownPartyError,
 )
 from fedgrpc.layout import FlatLayout, update_digest
@@ -189,6 +190,9 @@ class RoundEngine:
         self._pending_publish: tuple[int, np.ndarray] | None = None
         self._finish_pending = False
         self.stop_error: BaseException | None = None
+        # An upload that could not be written to the spill (disk full): the next
+        # tick raises it, and the owner stops the run naming it.
+        self.storage_error: OSError | None = None
         """What stopped the run from outside the rounds' own logic, if anything."""
         if start_round >= cfg.rounds:
             self.state = RunState.DONE
@@ -356,7 +360,16 @@ class RoundEngine:
         """Take a whole, validated update into its round (called by ``finish``)."""
         # Outside the lock: the copy to the spill is the size of the model. It becomes
         # the party's stored update only if the round takes it (under the lock).
-        staged = self.spill.stage(sub.round, sub.party_id, sub.update)
+        try:
+            staged = self.spill.stage(sub.round, sub.party_id, sub.update)
+        except OSError as err:
+            # Disk full or gone: nothing of this round can be stored. The driver's
+            # next tick stops the run with this cause (resumable, DESIGN §6).
+            self.storage_error = err
+            raise UnavailableError(
+                f"{sub.label}: the aggregator cannot store the update ({err}); the "
+                "run stops and will be resumed"
+            ) from err
         committed = False
         try:
             with self._lock:
@@ -395,6 +408,8 @@ class RoundEngine:
         Decisions are taken under the engine lock; the work they lead to (the close,
         the commit, publishing) runs after it is released.
         """
+        if self.storage_error is not None:
+            raise self.storage_error
         self.uploads.expire_idle(self._clock())
         with self._lock:
             now = self._clock()

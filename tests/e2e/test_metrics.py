@@ -74,7 +74,10 @@ def test_metrics_scraped_from_a_live_run(tmp_path: Path) -> None:
         # A refused upload: training is over (FAILED_PRECONDITION).
         with AggregatorClient(
             ClientConfig(
-                server=f"localhost:{port}", party_id="party-0", data="", insecure=True
+                server=f"localhost:{port}",
+                party_id="late-party",
+                data="",
+                insecure=True,
             )
         ) as client:
             client.join(1)
@@ -102,7 +105,7 @@ def test_metrics_scraped_from_a_live_run(tmp_path: Path) -> None:
         after[("fedgrpc_bytes_received_total", (("rpc", "SubmitGradient"),))] > 6 * 2600
     )
     assert after[("fedgrpc_bytes_sent_total", (("rpc", "GetModel"),))] > 2 * 3 * 2600
-    assert after[("fedgrpc_parties_joined", ())] == 2
+    assert after[("fedgrpc_parties_joined", ())] == 3  # the two and late-party
     assert after[("fedgrpc_upload_slots_in_use", ())] == 0
     assert after[("fedgrpc_upload_slots", ())] == 2
     assert 0 < after[("fedgrpc_validation_accuracy", ())] <= 1

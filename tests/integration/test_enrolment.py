@@ -89,8 +89,9 @@ def test_join_cannot_change_an_active_party_s_sample_count(
     again = _join(stub, "alice", num_samples=100)  # the honest party is unharmed
 
     code, details = _code(info.value)
-    assert code == grpc.StatusCode.ALREADY_EXISTS, details
-    assert "party alice is active with 100 samples" in details
+    # A party's count is fixed for the run once it joined (issue 10).
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+    assert "party alice joined with 100 samples and now claims 5" in details
     assert again.party_id == "alice"
     assert agg.engine.parties.get("alice").num_samples == 100  # type: ignore[union-attr]
     assert [p["num_samples"] for p in agg.ledger.parties()] == [100]

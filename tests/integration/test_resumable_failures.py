@@ -58,7 +58,13 @@ def _drive(
         )
         before(r)
         msgs = _submission("alice", r, specs, _update(specs, 100 + r), sid=f"a{r}")
-        assert stub.SubmitGradient(iter(msgs), timeout=_TIMEOUT_S).accepted
+        try:
+            assert stub.SubmitGradient(iter(msgs), timeout=_TIMEOUT_S).accepted
+        except grpc.RpcError as err:
+            # The disk filled before the update could be stored (the spill): the
+            # upload is refused UNAVAILABLE, naming the cause, and the run stops.
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+            assert "No space left" in (err.details() or ""), err.details()
         _wait_for(
             f"round {r} to end",
             lambda r=r: agg.engine.rounds_done > r or agg.engine.finished,  # type: ignore[misc]

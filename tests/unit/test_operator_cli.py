@@ -215,9 +215,9 @@ def test_party_view_prints_no_federation_fidelity_line() -> None:
     own = report_table(_report((_pc("p1"),), (rnd,)))
     everyone = report_table(_report((_pc("p1"), _pc("p2")), (rnd,)))
 
-    assert "first-order fidelity" not in own
+    assert "digfl-1 fidelity" not in own
     assert "predicted drop from p1" in own and "only party" in own
-    assert "first-order fidelity" in everyone
+    assert "digfl-1 fidelity" in everyone
 
 
 # ------------------------------------------------------------------- status
