@@ -17,6 +17,7 @@ import fedgrpc
 from fedgrpc.cli import (
     admin,
     configfile,
+    dashboard,
     data,
     export,
     observe,
@@ -28,7 +29,7 @@ from fedgrpc.errors import FedGrpcError
 
 log = logging.getLogger("fedgrpc")
 
-COMMANDS = (run, simulate, data, observe, admin, shapley, export, configfile)
+COMMANDS = (run, simulate, data, observe, dashboard, admin, shapley, export, configfile)
 """Command modules, in help order; each has ``add_parsers(subparsers)``."""
 
 

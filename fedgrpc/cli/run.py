@@ -97,6 +97,15 @@ def _serve_parser(sub: Any) -> None:
     )
     p.add_argument("--metrics-port-file", type=Path, help="write the metrics port here")
     p.add_argument(
+        "--dashboard-address",
+        metavar="HOST:PORT",
+        help="serve the live contributions dashboard at http://HOST:PORT/ (admin "
+        "token from the parties file; without one, loopback only; default: none)",
+    )
+    p.add_argument(
+        "--dashboard-port-file", type=Path, help="write the dashboard's port here"
+    )
+    p.add_argument(
         "--keep-serving",
         action="store_true",
         help="after the last round keep answering queries until SIGTERM "
@@ -276,6 +285,14 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         raise ConfigError(
             "no validation data: pass --val-data (digits for the bundled scikit-learn "
             "digits, mnist:DIR, npz:FILE or module:factory)"
+        )
+    if a.dashboard_address is not None:
+        from fedgrpc.cli.dashboard import start_dashboard
+
+        # Reads the ledger from the run directory, like `fedgrpc dashboard`; admin
+        # tokens from the parties file guard it.
+        start_dashboard(
+            cfg.run_dir, a.dashboard_address, a.parties_file, a.dashboard_port_file
         )
     return serve(cfg)
 
