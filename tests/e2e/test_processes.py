@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import signal
 import sqlite3
 from pathlib import Path
@@ -112,6 +113,9 @@ def test_simulate_default_reaches_accuracy_and_reports(tmp_path: Path) -> None:
     assert len(summary["totals"]) == 5
     assert "final validation accuracy" in res.stdout
     assert "round  14 (15/15): ok" in res.stdout  # rounds from 0, as in the ledger
+    # Progress with an ETA on every round line but the last.
+    assert re.search(r"round +\d+ \( ?\d+/15\): ok .* ETA \d+ s", res.stdout)
+    assert not re.search(r"\(15/15\).*ETA", res.stdout)
     assert "I1201" not in res.stderr and "ssl_transport_security" not in res.stderr
     assert (run_dir / "contributions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Contributions read back over GetContributions equal the in-process values.
