@@ -262,6 +262,21 @@ class RunStatus:
     reason: str = ""
     run_id: str = ""
 
+    def party_view(self, party_id: str) -> RunStatus:
+        """What ``party_id`` may see of the run (DESIGN §5), as in ContributionReport.
+
+        No other party's id, and no validation metrics: each round's measured drop
+        minus its own score would give the others' total.
+        """
+        return replace(
+            self,
+            joined=tuple(p for p in self.joined if p == party_id),
+            submitted=tuple(p for p in self.submitted if p == party_id),
+            late=tuple(p for p in self.late if p == party_id),
+            val_loss=math.nan,
+            val_acc=math.nan,
+        )
+
 
 @dataclass(frozen=True)
 class SubmitHeader:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import threading
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, replace
@@ -489,21 +488,5 @@ class AggregatorServicer:
                 else:
                     st = self._run.engine.status()
                 if ident is not None and not ident.is_admin and not self._publish:
-                    st = _party_status(st, ident.name)
+                    st = st.party_view(ident.name)
                 return wire.status_to_proto(replace(st, run_id=self._run_id))
-
-
-def _party_status(st: RunStatus, me: str) -> RunStatus:
-    """What a party may see of the run's status (DESIGN §5).
-
-    No other party's id, and no validation metrics: each round's measured drop minus
-    its own score would give the others' total.
-    """
-    return replace(
-        st,
-        joined=tuple(p for p in st.joined if p == me),
-        submitted=tuple(p for p in st.submitted if p == me),
-        late=tuple(p for p in st.late if p == me),
-        val_loss=math.nan,
-        val_acc=math.nan,
-    )

@@ -22,35 +22,18 @@ from fedgrpc.errors import (
 )
 from fedgrpc.layout import update_digest
 from fedgrpc.scoring import bounds
-from fedgrpc.types import PartyRound, RoundResult, RunState, TensorSpec
+from fedgrpc.types import PartyRound, RoundResult, RunState
 
-SPECS = (TensorSpec("w", "float32", (2, 3)), TensorSpec("b", "float32", (3,)))
-SIZE = 9
-THETA_STAR = (np.arange(SIZE, dtype=np.float32) - 4.0) / 4.0
-THETA_0 = np.zeros(SIZE, dtype=np.float32)
-LR = 0.5
-
-
-class QuadraticValidator:
-    """L(theta) = 0.5 ||theta - theta*||^2, gradient theta - theta*."""
-
-    def gradient(self, flat: np.ndarray) -> tuple[np.ndarray, float, float]:
-        d = flat.astype(np.float64) - THETA_STAR.astype(np.float64)
-        loss = 0.5 * float(d @ d)
-        return d, loss, -loss
-
-    def evaluate(self, flat: np.ndarray) -> tuple[float, float]:
-        d = flat.astype(np.float64) - THETA_STAR.astype(np.float64)
-        loss = 0.5 * float(d @ d)
-        return loss, -loss
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+# The engine tests' quadratic problem, validator and clock.
+from tests.unit.test_engine import (
+    LR,
+    SIZE,
+    SPECS,
+    THETA_0,
+    THETA_STAR,
+    FakeClock,
+    QuadraticValidator,
+)
 
 
 @dataclass
