@@ -18,7 +18,6 @@ from fedgrpc.types import UpdateKind
 
 AGGREGATIONS = ("samples", "uniform", "digfl")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
-NORM_BOUND_MODES = ("auto", "off")
 
 
 def parse_norm_bound(text: str) -> float | None:

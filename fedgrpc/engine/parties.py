@@ -136,9 +136,5 @@ class PartyTable:
             if p in self._by_id:
                 self._by_id[p].active = False
 
-    def total_samples(self) -> int:
-        """Sum of every joined party's sample count."""
-        return sum(i.num_samples for i in self._by_id.values())
-
     def __len__(self) -> int:
         return len(self._by_id)
