@@ -280,7 +280,7 @@ class RoundEngine:
                 # The weight must be the count the registry (and the ledger) holds.
                 raise InvalidUpdateError(
                     f"{label}: num_samples {num_samples} differs from the "
-                    f"{info.num_samples} declared at Join; Join again to change it"
+                    f"{info.num_samples} declared at Join (fixed for the run)"
                 )
             self.parties.seen(info)
             past = self._history.get((round_index, party_id))

@@ -37,6 +37,7 @@ _TIMEOUT_S = 10.0
 _FUZZ = "fuzz"
 _HONEST = "honest"
 _VALID_SID = "fuzz-valid"
+_DECLARED = 50  # samples both parties declare at Join
 _EXAMPLES = 60
 
 # Statuses a garbage upload may get; UNKNOWN, INTERNAL, DEADLINE_EXCEEDED, UNAVAILABLE
@@ -152,7 +153,7 @@ def _submit_oracle(
     if (
         h.party_id != _FUZZ
         or h.round != open_round
-        or h.num_samples == 0
+        or h.num_samples != _DECLARED  # the count declared at Join (fixed)
         or h.update_kind != kind
         or math.isinf(h.train_loss)
     ):
@@ -402,7 +403,7 @@ def _started(make_server: MakeServer) -> tuple[Aggregator, grpc.Channel]:
     agg = make_server(rounds=3, round_timeout_s=600.0, join_timeout_s=600.0)
     channel = grpc.insecure_channel(f"localhost:{agg.port}")
     for party in (_FUZZ, _HONEST):
-        req = aggregator_pb2.JoinRequest(party_id=party, num_samples=50)
+        req = aggregator_pb2.JoinRequest(party_id=party, num_samples=_DECLARED)
         code, _ = _raw_call(channel, "Join", req.SerializeToString())
         assert code == grpc.StatusCode.OK
     end = time.monotonic() + _TIMEOUT_S
@@ -426,7 +427,7 @@ def _valid_upload(agg: Aggregator, party: str, sid: str, seed: int) -> list[byte
             header=aggregator_pb2.SubmitHeader(
                 party_id=party,
                 round=agg.engine.open_round,
-                num_samples=50,
+                num_samples=_DECLARED,
                 train_loss=0.5,
                 update_kind=_kind(agg),  # type: ignore[arg-type]
                 submission_id=sid,
