@@ -54,6 +54,8 @@ class AcceptedUpdate:
     weight_samples: int = 0  # the count w_i derives from (the claim, maybe capped)
     folded: bool = False  # in the accumulator already (with weight w_i, unbounded)
     buffer: np.ndarray | None = None  # the update itself, only while a rule needs it
+    stale_factor: float = 1.0  # FedBuff: s_i = (1 + staleness)^-a, 1 when in sync
+    staleness: int = 0  # versions between the model it was computed on and its round
 
 
 class Acceptor(Protocol):
@@ -275,6 +277,8 @@ class Submission:
         self.submission_id = submission_id
         self.weight = weight
         self.weight_samples = weight_samples or num_samples
+        self.stale_factor = 1.0  # FedBuff: set by the engine for a stale update
+        self.staleness = 0
         self.label = f"party {party_id}, round {round_index}"
         self.last_activity = clock()
         self.slot_since = self.last_activity
