@@ -306,8 +306,9 @@ def _check_local_optimiser(cfg: RoundConfig) -> None:
 
 
 def _check_strategy(cfg: RoundConfig) -> None:
-    """Server optimiser, robust-rule, sampling and FedBuff settings; messages name
-    the command-line option.
+    """Check the server optimiser, robust-rule, sampling and FedBuff settings.
+
+    Messages name the command-line option.
     """
     if cfg.server_opt not in SERVER_OPTIMISERS:
         raise ConfigError(
@@ -315,7 +316,11 @@ def _check_strategy(cfg: RoundConfig) -> None:
             f"{cfg.server_opt!r}"
         )
     checks = (
-        (math.isfinite(cfg.server_opt_lr) and cfg.server_opt_lr >= 0, "--server-opt-lr", "a number >= 0"),
+        (
+            math.isfinite(cfg.server_opt_lr) and cfg.server_opt_lr >= 0,
+            "--server-opt-lr",
+            "a number >= 0",
+        ),
         (0.0 <= cfg.server_beta1 < 1.0, "--server-beta1", "in [0, 1)"),
         (0.0 <= cfg.server_beta2 < 1.0, "--server-beta2", "in [0, 1)"),
         (math.isfinite(cfg.server_tau) and cfg.server_tau > 0, "--server-tau", "> 0"),

@@ -219,8 +219,9 @@ class PartyContribution:
 
     @property
     def per_participation(self) -> float:
-        """Total / participated: what one of its rounds was worth (NaN if none), so
-        a party sampled less often is not ranked lower for that alone.
+        """Total / participated: what one of its rounds was worth (NaN if none).
+
+        So a party sampled less often is not ranked lower for that alone.
         """
         return self.total / len(self.rounds) if self.rounds else math.nan
 
@@ -346,6 +347,14 @@ class ModelHeader:
     digest: bytes  # XXH3-128 of the tensors' wire bytes, in spec order
     total_bytes: int
     wire_dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class RoundSkipped:
+    """Client sampling: a party is not asked to train in ``round``."""
+
+    round: int
+    reason: str = ""
 
 
 @dataclass(frozen=True)

@@ -186,10 +186,9 @@ def close_step(
         st = close_with_strategy(
             strategy, round_index, infos, stale, eta, v, theta, acc, spill, moments
         )
-        plain = strategy.rule.linear and strategy.optimiser.name == "sgd"
         return Step(
             st.weights, st.scores, acc, time.perf_counter() - t0, bound, clip,
-            carry=st.carry, trapezoid=plain and not strategy.optimiser.beta,
+            carry=st.carry, trapezoid=strategy.trapezoid,
         )  # fmt: skip
     # The scores see the bounded update c_i u_i: <v_t, c_i u_i> = c_i <v_t, u_i>.
     dots = {p: accepted[p].dot * clip[p] for p in parties}

@@ -32,7 +32,7 @@ from fedgrpc.engine import aggregate
 from fedgrpc.engine.parties import PartyTable
 from fedgrpc.engine.round_state import Ending, OpenRound
 from fedgrpc.engine.second_order import PendingSecond
-from fedgrpc.engine.spill import MemorySpill, Spill
+from fedgrpc.engine.spill import MemorySpill, Spill, blocked_dot
 from fedgrpc.engine.strategy_close import PartyMoments
 from fedgrpc.engine.uploads import (
     AcceptedUpdate,
@@ -378,7 +378,7 @@ class RoundEngine:
             raise StaleRoundError(
                 f"{label}: {when} round{limit}; open round is {rnd.index}"
             )
-        if rnd.closing:
+        if rnd.closing and not self.cfg.buffered:  # FedBuff: it follows (accept)
             raise StaleRoundError(
                 f"{label}: round {rnd.index} is closing; the next round is "
                 f"{rnd.index + 1}"
@@ -393,6 +393,8 @@ class RoundEngine:
 
     def accept(self, sub: Submission, digest: str) -> SubmitOutcome:
         """Take a whole, validated update into its round (called by ``finish``)."""
+        if self.cfg.buffered:
+            self._follow_versions(sub)
         # Outside the lock: the copy to the spill is the size of the model. It becomes
         # the party's stored update only if the round takes it (under the lock).
         try:
@@ -433,6 +435,30 @@ class RoundEngine:
             if not committed:
                 self.spill.discard(staged)
 
+    def _follow_versions(self, sub: Submission) -> None:
+        """FedBuff: move an upload whose version closed meanwhile to the open one.
+
+        A slow party's update then still counts, as FedBuff intends: staleness one
+        more, scored against the open version's v (one pass over the update).
+        Beyond ``max_staleness`` it stays where it was and is refused.
+        """
+        with self._lock:
+            # A version closing now opens the next in well under a round's timeout.
+            self._changed.wait_for(
+                lambda: self._round is None or not self._round.closing,
+                timeout=self.cfg.round_timeout_s,
+            )
+            rnd = self._round
+            if rnd is None or rnd.index == sub.round or rnd.closing:
+                return
+            staleness = rnd.index - (sub.round - sub.staleness)
+            if staleness > self.cfg.max_staleness:
+                return
+            index, val_grad = rnd.index, rnd.val_grad
+        dot = blocked_dot(val_grad.result()[0], sub.update)  # outside the lock
+        factor = (1.0 + staleness) ** -self.cfg.staleness_exponent
+        sub.rebind(index, staleness, factor, dot)
+
     # ----------------------------------------------------------------- rounds
     def wait(self, timeout_s: float) -> None:
         """Block until a join or submission changes something, or for ``timeout_s``."""
@@ -455,8 +481,11 @@ class RoundEngine:
             self._run_effects()
         else:
             # Uploads still streaming into the closing round can no longer count:
-            # free their slots for the next round now.
-            dropped = self.uploads.abort_round(ending[0].index)
+            # free their slots for the next round now. (FedBuff: they count in the
+            # next version instead.)
+            dropped = (
+                0 if self.cfg.buffered else self.uploads.abort_round(ending[0].index)
+            )
             if dropped:
                 log.info(
                     "round %d closing: %d uploads in flight discarded",
@@ -586,8 +615,10 @@ class RoundEngine:
         return result, step.theta, pending
 
     def _round_extra(self, rnd: OpenRound, step: aggregate.Step) -> dict[str, object]:
-        """What the ledger keeps of a round beyond its rows: strategy, sampling,
-        FedBuff staleness and the momentum carry of absent parties.
+        """What the ledger keeps of a round beyond its rows.
+
+        The strategy, the sampled parties, FedBuff staleness and the momentum carry
+        of absent parties.
         """
         extra: dict[str, object] = {}
         if self.strategy.name != "samples" or self.cfg.aggregation != "samples":
@@ -605,8 +636,9 @@ class RoundEngine:
 
     # -------------------------------------------------------- strategy state
     def strategy_state(self) -> dict[str, np.ndarray]:
-        """The server optimiser's state and the parties' momenta (copies), for the
-        checkpoint of the round just committed; empty for plain strategies.
+        """The server optimiser's state and the parties' momenta (copies).
+
+        For the checkpoint of the round just committed; empty for plain strategies.
         """
         state = {f"opt:{k}": v for k, v in self.strategy.optimiser.state().items()}
         state.update(self.moments.state())
@@ -751,8 +783,9 @@ class RoundEngine:
         return frozenset(order[:want])
 
     def sampled(self, party_id: str, round_index: int) -> bool:
-        """Whether ``party_id`` is asked to train in ``round_index`` (always True
-        without client sampling; False for a round not open any more).
+        """Whether ``party_id`` is asked to train in ``round_index``.
+
+        Always True without client sampling; False for a round not open any more.
         """
         with self._lock:
             if not self.cfg.sampling:

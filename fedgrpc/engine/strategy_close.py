@@ -109,8 +109,8 @@ def close_with_strategy(
     if rule.needs_distances:
         gram = np.zeros((len(ids), len(ids)), np.float64)
         for s in range(0, size, BLOCK):
-            blk = block_of(s, min(size, s + BLOCK)).astype(np.float64)
-            gram += blk @ blk.T
+            b64 = block_of(s, min(size, s + BLOCK)).astype(np.float64)
+            gram += b64 @ b64.T
         diag = np.diag(gram)
         distances = np.maximum(diag[:, None] + diag[None, :] - 2.0 * gram, 0.0)
     weights = rule.weights(infos, distances, v_norm) if rule.linear else {}

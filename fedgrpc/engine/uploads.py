@@ -432,6 +432,21 @@ class Submission:
             buf, self._buffer = self._buffer, None
         self._pool.release(self, None if self._kept else buf)
 
+    def rebind(
+        self, round_index: int, staleness: int, factor: float, dot: float
+    ) -> None:
+        """FedBuff: the version the update was for closed while it streamed in.
+
+        It counts in ``round_index`` instead, ``staleness`` versions after the model
+        it was computed on, scored against that round's v (``dot``, recomputed from
+        the whole update by the engine).
+        """
+        self.round = round_index
+        self.staleness = staleness
+        self.stale_factor = factor
+        self._dot = dot
+        self.label = f"party {self.party_id}, round {round_index}"
+
     # ------------------------------------------- what the engine reads at accept
     @property
     def dot(self) -> float:

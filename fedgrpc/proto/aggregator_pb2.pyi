@@ -317,6 +317,32 @@ class TrainingDone(_message.Message):
 Global___TrainingDone: _TypeAlias = TrainingDone  # noqa: Y015
 
 @_typing.final
+class RoundSkipped(_message.Message):
+    """Client sampling: sent instead of the model to a party not asked to train in a round."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    """the round the party sits out; it waits for the next version"""
+    reason: _builtins.str
+    """e.g. "not sampled (100 of 1000 parties)" """
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoundSkipped: _TypeAlias = RoundSkipped  # noqa: Y015
+
+@_typing.final
 class ModelMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -324,6 +350,7 @@ class ModelMessage(_message.Message):
     CHUNK_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def header(self) -> Global___ModelHeader: ...
     @_builtins.property
@@ -332,6 +359,10 @@ class ModelMessage(_message.Message):
     def end(self) -> Global___ModelEnd: ...
     @_builtins.property
     def done(self) -> Global___TrainingDone: ...
+    @_builtins.property
+    def skipped(self) -> Global___RoundSkipped:
+        """client sampling: this party is not asked to train this round"""
+
     def __init__(
         self,
         *,
@@ -339,12 +370,13 @@ class ModelMessage(_message.Message):
         chunk: _tensor_pb2.TensorChunk | None = ...,
         end: Global___ModelEnd | None = ...,
         done: Global___TrainingDone | None = ...,
+        skipped: Global___RoundSkipped | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "end", b"end", "header", b"header", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "end", b"end", "header", b"header", "kind", b"kind", "skipped", b"skipped"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "end", b"end", "header", b"header", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "end", b"end", "header", b"header", "kind", b"kind", "skipped", b"skipped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["header", "chunk", "end", "done"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["header", "chunk", "end", "done", "skipped"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

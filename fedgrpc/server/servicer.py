@@ -34,7 +34,13 @@ from fedgrpc.security.registry import PARTY_ID_RE, Identity, PartyRegistry
 from fedgrpc.server.auth import identity_from_context
 from fedgrpc.server.broadcast import ModelBroadcaster
 from fedgrpc.server.guard import CallGuard, Watchdog
-from fedgrpc.types import ContributionReport, RunState, RunStatus, SubmitHeader
+from fedgrpc.types import (
+    ContributionReport,
+    RoundSkipped,
+    RunState,
+    RunStatus,
+    SubmitHeader,
+)
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +271,12 @@ class AggregatorServicer:
                     if self._stopping.is_set():
                         raise UnavailableError("aggregator shutting down")
                     continue
-                yield from item.messages
+                if item.done or run.engine.sampled(party, item.round):
+                    yield from item.messages
+                else:  # client sampling: no model to download, no work to do
+                    yield wire.round_skipped_to_proto(
+                        RoundSkipped(item.round, f"not sampled for round {item.round}")
+                    ).SerializeToString()
                 if item.done:
                     return
                 next_round = item.round + 1

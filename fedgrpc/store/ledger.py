@@ -828,8 +828,9 @@ class Ledger:
 
 
 def _asked(result: RoundResult, party: str) -> bool:
-    """Whether ``party`` was asked to train in the round: sampled, or (without
-    sampling) it submitted or was late.
+    """Whether ``party`` was asked to train in the round.
+
+    Sampled, or (without sampling) it submitted or was late.
     """
     sampled = result.sampled
     if sampled is not None:

@@ -2,12 +2,12 @@
 
 A round's step (DESIGN §3-4, docs/strategies.md) is
 
-    a_t     = R(f_1 u_1, ..., f_n u_n)           the rule's aggregate of the bounded,
-                                                 staleness-scaled updates (f_i = c_i s_i)
-    g_t     = eta * a_t                          the pseudo-gradient (eta = server lr for
-                                                 gradients, 1 for deltas)
-    m_t     = beta * m_{t-1} + gain * g_t        the optimiser's first moment
-    theta_{t+1} = theta_t - scale_t * m_t        scale_t: a coordinate-wise step size
+    a_t     = R(f_1 u_1, ..., f_n u_n)     the rule's aggregate of the bounded,
+                                           staleness-scaled updates (f_i = c_i s_i)
+    g_t     = eta * a_t                    the pseudo-gradient (eta = server lr for
+                                           gradients, 1 for deltas)
+    m_t     = beta * m_{t-1} + gain * g_t  the optimiser's first moment
+    theta_{t+1} = theta_t - scale_t * m_t  scale_t: a coordinate-wise step size
 
 Every built-in server optimiser (plain SGD, FedAvgM, FedAdagrad, FedAdam, FedYogi) has
 this shape. A rule splits its aggregate into per-party parts, a_t = sum_i a_{t,i}; the
@@ -15,7 +15,8 @@ first moment splits the same way, m_{t,i} = beta m_{t-1,i} + gain eta a_{t,i}, s
 applied step splits exactly into parties' parts s_{t,i} = scale_t * m_{t,i}, and
 party i's DIG-FL score is the first-order drop of its part,
 
-    phi_{t,i} = <v_t, s_{t,i}> = <scale_t * v_t, m_{t,i}>,   sum_i phi_{t,i} = <v_t, s_t>.
+    phi_{t,i} = <v_t, s_{t,i}> = <scale_t * v_t, m_{t,i}>,
+    sum_i phi_{t,i} = <v_t, s_t>.
 
 ``scale_t`` is frozen at its round-t value (the optimiser's linearisation at that
 round: how an adaptive rule's second moment reacts to the parts is not attributed).
@@ -65,13 +66,26 @@ class AggregationRule(Protocol):
             scaled updates (one extra read of the round's updates).
     """
 
-    name: str
-    linear: bool
-    needs_distances: bool
+    @property
+    def name(self) -> str:
+        """The rule's name."""
+        ...
+
+    @property
+    def linear(self) -> bool:
+        """Whether it has weights (else blocks)."""
+        ...
+
+    @property
+    def needs_distances(self) -> bool:
+        """Whether ``weights`` wants the pairwise distances."""
+        ...
 
     def fixed_weight(self, samples: int, weight_ref: float) -> float | None:
-        """w_i when it is known as the upload starts (the update then folds on
-        arrival, nothing is read back); None: the rule decides at the close.
+        """w_i when it is known as the upload starts, else None.
+
+        A weight folds the update on arrival and nothing is read back; None: the
+        rule decides at the close.
         """
         ...
 
@@ -107,9 +121,20 @@ class ServerOptimiser(Protocol):
         gain: weight of g_t in the first moment.
     """
 
-    name: str
-    beta: float
-    gain: float
+    @property
+    def name(self) -> str:
+        """The optimiser's name."""
+        ...
+
+    @property
+    def beta(self) -> float:
+        """First-moment decay."""
+        ...
+
+    @property
+    def gain(self) -> float:
+        """Weight of g_t in the first moment."""
+        ...
 
     def begin(self, size: int) -> None:
         """Allocate the state for a model of ``size`` elements (idempotent)."""
@@ -152,8 +177,10 @@ class Strategy:
 
     @property
     def streaming(self) -> bool:
-        """Plain: weights fixed at the upload's start and plain SGD. Updates fold on
-        arrival and nothing is read back at the close (the O(model) default path).
+        """Plain: weights fixed at the upload's start and plain SGD.
+
+        Updates fold on arrival and nothing is read back at the close (the O(model)
+        default path).
         """
         return (
             self.rule.linear
@@ -161,4 +188,16 @@ class Strategy:
             and self.rule.fixed_weight(1, 1.0) is not None
             and self.optimiser.beta == 0.0
             and self.optimiser.name == "sgd"
+        )
+
+    @property
+    def trapezoid(self) -> bool:
+        """Each party's part of the step is eta p_i f_i u_i (linear rule, plain SGD).
+
+        Its digfl-2 trapezoid score then applies; otherwise digfl-2 = digfl-1.
+        """
+        return (
+            self.rule.linear
+            and self.optimiser.name == "sgd"
+            and self.optimiser.beta == 0.0
         )

@@ -1,5 +1,6 @@
-"""Server optimisers on the pseudo-gradient (Reddi et al., "Adaptive Federated
-Optimization", ICLR 2021; Hsu et al. 2019 for FedAvgM). Pure NumPy.
+"""Server optimisers on the pseudo-gradient. Pure NumPy.
+
+Reddi et al., "Adaptive Federated Optimization", ICLR 2021; Hsu et al. 2019 for FedAvgM.
 
 Each is ``theta_{t+1} = theta_t - scale_t * m_t`` with m_t = beta m_{t-1} + gain g_t
 (:mod:`fedgrpc.strategies.base`), where g_t is the plain step (eta sum_i p_i u_i):

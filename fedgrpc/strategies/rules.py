@@ -166,6 +166,7 @@ class CoordinateMedian:
     def weights(
         self, infos: Sequence[UpdateInfo], distances: F64 | None, v_norm: float
     ) -> dict[str, float]:  # pragma: no cover - not called
+        """Not linear: see :meth:`combine_block`."""
         raise TypeError("median is coordinate-wise: it has blocks, not weights")
 
     def combine_block(self, block: F32) -> F32:
@@ -201,11 +202,12 @@ class TrimmedMean:
     def weights(
         self, infos: Sequence[UpdateInfo], distances: F64 | None, v_norm: float
     ) -> dict[str, float]:  # pragma: no cover - not called
+        """Not linear: see :meth:`combine_block`."""
         raise TypeError("trimmed-mean is coordinate-wise: it has blocks, not weights")
 
     def trimmed(self, n: int) -> int:
         """k: values dropped at each end for n updates."""
-        return int(math.floor(self.beta * n))
+        return math.floor(self.beta * n + 1e-9)  # 0.29 * 100 is 28.99...
 
     def combine_block(self, block: F32) -> F32:
         """Trimmed-mean parts of (n, b) values."""

@@ -20,6 +20,7 @@ from fedgrpc.types import (
     PartyContribution,
     PartyRound,
     RoundResult,
+    RoundSkipped,
     RunState,
     RunStatus,
     SubmitHeader,
@@ -278,6 +279,18 @@ def training_done_to_proto(done: TrainingDone) -> aggregator_pb2.ModelMessage:
 def training_done_from_proto(msg: aggregator_pb2.TrainingDone) -> TrainingDone:
     """The TrainingDone of a done message."""
     return TrainingDone(int(msg.rounds_completed), msg.reason)
+
+
+def round_skipped_to_proto(skip: RoundSkipped) -> aggregator_pb2.ModelMessage:
+    """A skipped message (client sampling: the party sits the round out)."""
+    return aggregator_pb2.ModelMessage(
+        skipped=aggregator_pb2.RoundSkipped(round=skip.round, reason=skip.reason)
+    )
+
+
+def round_skipped_from_proto(msg: aggregator_pb2.RoundSkipped) -> RoundSkipped:
+    """The RoundSkipped of a skipped message."""
+    return RoundSkipped(int(msg.round), msg.reason)
 
 
 # ------------------------------------------------------------------- submission
