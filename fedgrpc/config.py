@@ -341,11 +341,6 @@ def _check_strategy(cfg: RoundConfig) -> None:
     for ok, option, what in checks:
         if not ok:
             raise ConfigError(f"{option} must be {what}")
-    if cfg.aggregation == "krum" and cfg.min_parties < cfg.krum_f + 3:
-        raise ConfigError(
-            f"--aggregation krum with --krum-f {cfg.krum_f} needs --min-parties >= "
-            f"{cfg.krum_f + 3} (every round needs n >= f + 3 updates)"
-        )
     if cfg.aggregation == "digfl" and (cfg.server_opt != "sgd" or cfg.buffered):
         raise ConfigError(
             "--aggregation digfl reweights the plain step: it needs --server-opt sgd "

@@ -75,7 +75,9 @@ class MultiKrum(_Linear):
 
     Each update's Krum score is the sum of its squared distances to its n - f - 2
     nearest neighbours (f = the Byzantine parties tolerated); the m lowest scores
-    (ties: party id) are averaged with equal weights. Needs n >= f + 3.
+    (ties: party id) are averaged with equal weights. Krum needs n >= f + 3: a
+    round with fewer updates tolerates only f' = n - 3 of them (and averages every
+    update when n <= 2), so small coalitions (``fedgrpc shapley``) still have a value.
     """
 
     f: int = 1
@@ -98,17 +100,15 @@ class MultiKrum(_Linear):
         n = len(infos)
         if distances is None or distances.shape != (n, n):
             raise ValueError("krum needs the (n, n) pairwise distances")
-        k = n - self.f - 2
-        if k < 1:
-            raise ValueError(
-                f"krum with f={self.f} needs at least {self.f + 3} updates in a "
-                f"round, got {n}"
-            )
+        f = max(0, min(self.f, n - 3))
+        if n <= 2:
+            return {u.party: 1.0 / n for u in infos}
+        k = n - f - 2
         scores = []
         for i, info in enumerate(infos):
             others = np.delete(distances[i], i)
             scores.append((float(np.sort(others)[:k].sum()), info.party))
-        m = self.m or n - self.f
+        m = self.m or n - f
         chosen = {p for _, p in sorted(scores)[: min(m, n)]}
         return {
             u.party: (1.0 / len(chosen) if u.party in chosen else 0.0) for u in infos
