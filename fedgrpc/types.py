@@ -271,6 +271,7 @@ class ContributionReport:
                     if p.party_id == party_id
                 ),
                 late=tuple(p for p in r.late if p == party_id),
+                extra=_own_extra(r.extra, party_id),
                 val_loss_before=nan,
                 val_acc_before=nan,
                 val_loss_after=nan,
@@ -279,6 +280,17 @@ class ContributionReport:
             for r in self.rounds
         )
         return replace(self, parties=mine, rounds=rounds, private=True)
+
+
+def _own_extra(extra: dict[str, Any], party_id: str) -> dict[str, Any]:
+    """A round's extra as ``party_id`` may see it: its own carry and sampling only."""
+    out = {k: v for k, v in extra.items() if k == "strategy"}
+    if "sampled" in extra:
+        out["sampled"] = [p for p in extra["sampled"] if p == party_id]
+    carry = (extra.get("carry") or {}).get(party_id)
+    if carry is not None:
+        out["carry"] = {party_id: carry}
+    return out
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from fedgrpc.client.party import run_party
 from fedgrpc.client.stub import AggregatorClient, ModelVersion
 from fedgrpc.config import RoundConfig
 from fedgrpc.datasets.sources import Dataset, load_dataset, subset
+from fedgrpc.errors import ConfigError
 from fedgrpc.learning.inprocess import run_in_process
 from fedgrpc.learning.validation import config_for_data
 from fedgrpc.server.app import Aggregator
@@ -259,3 +260,33 @@ def test_resume_with_optimiser_state_equals_an_uninterrupted_run(
     assert [r.parties for r in again.ledger.rounds()] == [
         r.parties for r in whole.ledger.rounds()
     ]
+
+
+def test_a_custom_strategy_named_by_import_string_runs_over_grpc(
+    make_server: MakeServer,
+) -> None:
+    data = _data(4)
+    kw = {**_ROUND, "min_parties": 4, "strategy": "tests.custom_strategy:make"}
+    agg = make_server(**kw)
+    _run_parties(agg, data)
+    ref, _ = run_in_process(config_for_data(RoundConfig(**kw), _val()), data, _val())
+    np.testing.assert_allclose(agg.engine.theta, ref.theta, rtol=1e-5, atol=1e-6)
+    for r in agg.ledger.rounds():
+        assert r.extra["strategy"] == "small-half+avgm"
+        # Half the parties carry the round; the others have weight 0 this round.
+        assert sorted(p.weight for p in r.parties) == [0.0, 0.0, 0.5, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("tests.custom_strategy:not_a_strategy", "not a fedgrpc.strategies.Strategy"),
+        ("tests.custom_strategy:missing", "has no attribute 'missing'"),
+        ("no_such_module:make", "cannot import module 'no_such_module'"),
+    ],
+)
+def test_a_bad_custom_strategy_stops_the_start_naming_it(
+    make_server: MakeServer, spec: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make_server(**_ROUND, strategy=spec)
