@@ -268,6 +268,17 @@ class RoundConfig:
         """Whether rounds ask a sampled subset of the joined parties."""
         return self.sample_count > 0 or self.sample_fraction < 1.0
 
+    def asked_per_round(self, joined: int) -> int:
+        """Parties asked to train per round out of ``joined`` (client sampling).
+
+        sample_count, or ceil(sample_fraction x joined), at least sample_min (else
+        min_parties), at most ``joined``; ``joined`` without sampling.
+        """
+        if not self.sampling:
+            return joined
+        want = self.sample_count or math.ceil(self.sample_fraction * joined)
+        return min(joined, max(want, self.sample_min or self.min_parties))
+
     @property
     def buffered(self) -> bool:
         """FedBuff: asynchronous, a step every ``buffer_size`` updates."""

@@ -79,7 +79,11 @@ def train_row(
     parties, val = prepare_parties(split, holdout)
     t0 = time.perf_counter()
     engine, results = run_in_process(
-        replace(cfg, min_parties=_quorum(cfg, len(parties))), parties, val
+        replace(
+            cfg, min_parties=replace(cfg, min_parties=1).asked_per_round(len(parties))
+        ),
+        parties,
+        val,
     )
     wall = time.perf_counter() - t0
     accs = [r.val_acc_after for r in results if r.ok]
@@ -94,12 +98,6 @@ def train_row(
         "wall_s": wall,
         "acc_curve": [round(a, 4) for a in accs],
     }
-
-
-def _quorum(cfg: RoundConfig, n: int) -> int:
-    if cfg.sampling:
-        return max(1, min(n, cfg.sample_count or math.ceil(cfg.sample_fraction * n)))
-    return n
 
 
 def fidelity_row(cfg: RoundConfig, split: SplitConfig, holdout: int) -> dict[str, Any]:

@@ -7,7 +7,6 @@ restated here.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
@@ -213,10 +212,13 @@ def quorum_of(a: argparse.Namespace, parties: int) -> int:
     """
     if a.buffer_size:
         return min(parties, int(a.buffer_size))
-    if a.sample_count or a.sample_fraction < 1.0:
-        asked = int(a.sample_count) or math.ceil(a.sample_fraction * parties)
-        return max(1, min(parties, asked))
-    return parties
+    sampling = RoundConfig(
+        min_parties=1,
+        sample_count=a.sample_count,
+        sample_fraction=a.sample_fraction,
+        sample_min=a.sample_min,
+    )
+    return sampling.asked_per_round(parties)
 
 
 def strategy_values(a: argparse.Namespace) -> dict[str, object]:

@@ -772,8 +772,7 @@ class RoundEngine:
         missed its last round is asked only when too few others are).
         """
         cfg, ids = self.cfg, self.parties.ids()
-        want = cfg.sample_count or math.ceil(cfg.sample_fraction * len(ids))
-        want = min(len(ids), max(want, cfg.sample_min or cfg.min_parties))
+        want = cfg.asked_per_round(len(ids))
         active = set(self.parties.active())
         rng = np.random.default_rng([cfg.seed, self.round_index, self._retries])
         first = sorted(p for p in ids if p in active)
