@@ -772,8 +772,10 @@ class RoundEngine:
         missed its last round is asked only when too few others are).
         """
         cfg, ids = self.cfg, self.parties.ids()
-        want = cfg.sample_count or math.ceil(cfg.sample_fraction * len(ids))
-        want = min(len(ids), max(want, cfg.sample_min or cfg.min_parties))
+        # round(): 0.14 * 50 is 7.000000000000001, which must ask 7 parties, not 8.
+        want = cfg.sample_count or math.ceil(round(cfg.sample_fraction * len(ids), 9))
+        # Never below the quorum (a smaller --sample-min could never close a round).
+        want = min(len(ids), max(want, cfg.sample_min, cfg.min_parties))
         active = set(self.parties.active())
         rng = np.random.default_rng([cfg.seed, self.round_index, self._retries])
         first = sorted(p for p in ids if p in active)
