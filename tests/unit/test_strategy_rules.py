@@ -253,11 +253,31 @@ def test_rule_krum_m_above_n_takes_everyone() -> None:
     assert w == dict.fromkeys(PARTIES[:4], 0.25)
 
 
-def test_rule_krum_needs_f_plus_3_updates_and_the_distances() -> None:
-    x = np.zeros((3, 2))
+@pytest.mark.parametrize(("n", "f", "m"), [(3, 1, 0), (4, 2, 0), (5, 4, 2)])
+def test_rule_krum_small_rounds_tolerate_n_minus_3(n: int, f: int, m: int) -> None:
+    # Fewer than f + 3 updates: Krum runs with f' = n - 3 (fedgrpc shapley's small
+    # coalitions still have a value).
+    x = np.random.default_rng(n).normal(size=(n, 4))
+    x[0] += 50.0
 
-    with pytest.raises(ValueError, match="krum with f=1 needs at least 4 updates"):
-        MultiKrum(1).weights(_infos(3), _distances(x), 1.0)
+    w = MultiKrum(f, m).weights(_infos(n), _distances(x), 1.0)
+
+    chosen = _krum_oracle(x, n - 3, m)
+    assert w == {
+        PARTIES[i]: (1.0 / len(chosen) if i in chosen else 0.0) for i in range(n)
+    }
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_rule_krum_one_or_two_updates_are_averaged(n: int) -> None:
+    x = np.random.default_rng(0).normal(size=(n, 3))
+
+    w = MultiKrum(1).weights(_infos(n), _distances(x), 1.0)
+
+    assert w == dict.fromkeys(PARTIES[:n], 1.0 / n)
+
+
+def test_rule_krum_needs_the_distances_and_f_m_non_negative() -> None:
     with pytest.raises(ValueError, match=r"needs the \(n, n\) pairwise distances"):
         MultiKrum(1).weights(_infos(4), None, 1.0)
     with pytest.raises(ConfigError, match="krum f and m must be >= 0"):
