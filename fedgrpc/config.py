@@ -271,13 +271,16 @@ class RoundConfig:
     def asked_per_round(self, joined: int) -> int:
         """Parties asked to train per round out of ``joined`` (client sampling).
 
-        sample_count, or ceil(sample_fraction x joined), at least sample_min (else
-        min_parties), at most ``joined``; ``joined`` without sampling.
+        sample_count, or ceil(sample_fraction x joined), at least sample_min and
+        min_parties (fewer could never reach the quorum), at most ``joined``;
+        ``joined`` without sampling.
         """
         if not self.sampling:
             return joined
-        want = self.sample_count or math.ceil(self.sample_fraction * joined)
-        return min(joined, max(want, self.sample_min or self.min_parties))
+        # round(): 0.14 * 50 is 7.000000000000001, which must ask 7 parties, not 8.
+        frac = math.ceil(round(self.sample_fraction * joined, 9))
+        want = self.sample_count or frac
+        return min(joined, max(want, self.sample_min, self.min_parties))
 
     @property
     def buffered(self) -> bool:
