@@ -192,7 +192,13 @@ def close_step(
         )  # fmt: skip
     # The scores see the bounded update c_i u_i: <v_t, c_i u_i> = c_i <v_t, u_i>.
     dots = {p: accepted[p].dot * clip[p] for p in parties}
-    weights = round_weights(cfg.aggregation, n, dots, cfg.update_kind, cfg.server_lr)
+    if strategy is None or buffers_updates(cfg.aggregation):
+        weights = round_weights(
+            cfg.aggregation, n, dots, cfg.update_kind, cfg.server_lr
+        )
+    else:  # the streaming rule's own weights: the ones its fixed weights folded with
+        infos = [UpdateInfo(p, n[p], accepted[p].dot, norms[p]) for p in parties]
+        weights = strategy.rule.weights(infos, None, math.nan)
     # FedBuff: a stale update enters as s_i u_i (s_i = 1 in synchronous rounds).
     weights = {p: w * stale[p] for p, w in weights.items()}
     if buffers_updates(cfg.aggregation):

@@ -135,6 +135,11 @@ def close_with_strategy(
         g = parts.sum(axis=0, dtype=np.float32)
         m, scale = opt.step_block(s, g)
         np.subtract(theta[s:e], scale * m, out=out[s:e])
+        if not (np.isfinite(m).all() and (scale > 0).all()):
+            # The optimiser's state overflowed (an inf second moment would freeze
+            # these coordinates for good): a non-finite model fails the round, and
+            # the engine restores the state it had.
+            out[s:e] = np.nan
         w = (v[s:e] * scale).astype(np.float64)
         if not beta:
             scores_blk = parts.astype(np.float64) @ w * gain

@@ -202,11 +202,6 @@ def test_strategy_median_tied_parties_get_equal_scores() -> None:
     _assert_scores_add_up(run)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a custom streaming strategy is scored with cfg.aggregation's weights "
-    "(aggregate.close_step's plain path) while theta folds with its rule's weights",
-)
 def test_strategy_custom_streaming_rule_is_scored_by_its_own_weights() -> None:
     clock, validator = FakeClock(), QuadraticValidator()
     run = Run(engine=None, clock=clock, validator=validator)  # type: ignore[arg-type]
@@ -712,12 +707,6 @@ def test_failed_step_leaves_optimiser_state_unchanged(server_opt: str) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a huge but finite update makes g^2 overflow to inf in float32: the "
-    "adaptive second moment becomes inf, every later step of those coordinates is "
-    "0, and the round still counts as ok",
-)
 def test_adaptive_overflow_never_freezes_the_model() -> None:
     run = _run({"a": 1, "b": 1}, rounds=3, server_opt="adam")
     big = np.full(SIZE, 1e20, np.float32)
