@@ -183,9 +183,10 @@ def close_step(
             )
             for p in parties
         ]  # fmt: skip
-        st = close_with_strategy(
-            strategy, round_index, infos, stale, eta, v, theta, acc, spill, moments
-        )
+        with np.errstate(over="ignore", invalid="ignore"):  # checked by the caller
+            st = close_with_strategy(
+                strategy, round_index, infos, stale, eta, v, theta, acc, spill, moments
+            )
         return Step(
             st.weights, st.scores, acc, time.perf_counter() - t0, bound, clip,
             carry=st.carry, trapezoid=strategy.trapezoid,

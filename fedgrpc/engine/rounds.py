@@ -299,6 +299,14 @@ class RoundEngine:
                 and past.submission_id == submission_id
             ):
                 return Resend(self.layout, round_index, party_id, submission_id, past)
+            if past is not None and self.cfg.buffered:
+                # FedBuff: one update per model version a party trained on; the same
+                # work replayed into later versions under new ids is not new work.
+                raise DuplicateSubmissionError(
+                    f"{label}: an update computed on version {round_index} "
+                    f"({past.submission_id or 'no id'}) was already accepted; train "
+                    "on the current version"
+                )
             rnd, staleness = self._open_for_updates(label, round_index, party_id)
             prev = rnd.accepted.get(party_id)
             if prev is not None:

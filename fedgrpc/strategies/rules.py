@@ -9,6 +9,7 @@ block). ``krum`` reads the round twice (distances, then the fold); ``fltrust`` a
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import numpy.typing as npt
 
 from fedgrpc.errors import ConfigError
 from fedgrpc.strategies.base import F32, F64, UpdateInfo
+
+log = logging.getLogger(__name__)
 
 
 def _normalised(raw: dict[str, float]) -> dict[str, float]:
@@ -101,6 +104,13 @@ class MultiKrum(_Linear):
         if distances is None or distances.shape != (n, n):
             raise ValueError("krum needs the (n, n) pairwise distances")
         f = max(0, min(self.f, n - 3))
+        if f < self.f:
+            log.warning(
+                "krum: %d updates tolerate only f=%d of the f=%d asked (n >= f + 3)",
+                n,
+                f,
+                self.f,
+            )
         if n <= 2:
             return {u.party: 1.0 / n for u in infos}
         k = n - f - 2

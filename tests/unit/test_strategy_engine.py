@@ -877,3 +877,18 @@ def test_ledger_asked_without_sampling_is_submitted_or_late(tmp_path: Path) -> N
     assert {p: got[p].asked_rounds for p in "abc"} == {"a": 2, "b": 1, "c": 2}
     assert {p: got[p].participated for p in "abc"} == {"a": 2, "b": 1, "c": 1}
     assert got["a"].carry == 0.0
+
+
+def test_fedbuff_refuses_replaying_an_accepted_update_under_a_new_id() -> None:
+    run = _run(
+        {"a": 1, "b": 1}, rounds=4, buffer_size=1, max_staleness=3, min_parties=1
+    )
+    u = _update("a", 0, THETA_0)
+    assert _submit(run.engine, "a", 0, 1, u, submission_id="a-0").accepted
+    run.engine.tick()
+    assert run.engine.open_round == 1
+    with pytest.raises(DuplicateSubmissionError, match="computed on version 0"):
+        _submit(run.engine, "a", 0, 1, u, submission_id="a-replay-1")
+    # The same id is a resend: its OK again, nothing counted twice.
+    again = _submit(run.engine, "a", 0, 1, u, submission_id="a-0")
+    assert again.accepted and again.duplicate
