@@ -5,8 +5,12 @@
     final_model.npz               the model when the run ended
     summary.json                  state, rounds and final metrics of a finished run
 
-A round's checkpoint is written before the ledger commits the round together with
-the resume pointer, so the pointer never names a file that is not whole on disk.
+A round's checkpoint is written and fsynced before the ledger commits the round
+together with the resume pointer, so the pointer never names a file that is not whole
+on disk. Its ``.sha256`` sidecar and the pruning of older checkpoints wait until the
+next model is published (:meth:`RunDir.finish_checkpoint`): the pointer carries the
+checksum, so a checkpoint whose sidecar a crash prevented is verified from the
+ledger, and resume writes the missing sidecar (docs/faults.md).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 
 from fedgrpc.errors import ConfigError
 from fedgrpc.layout import FlatLayout
-from fedgrpc.store.checkpoint import load_arrays, save_arrays
+from fedgrpc.store.checkpoint import load_arrays, save_arrays, write_sidecar
 from fedgrpc.store.files import atomic_write
 from fedgrpc.store.ledger import LEDGER_FILE, Ledger
 
@@ -60,19 +64,25 @@ class RunDir:
         next_round: int,
         model: dict[str, Any] | None = None,
         strategy_state: Mapping[str, np.ndarray] | None = None,
+        *,
+        sidecar: bool = True,
     ) -> dict[str, Any]:
-        """Write a checkpoint; return the resume pointer the ledger commits.
+        """Write a checkpoint (fsynced); return the resume pointer the ledger commits.
 
         ``model`` describes how to rebuild the model (name, input shape, classes,
         hidden width) and is stored with it (``fedgrpc export`` reads it).
         ``strategy_state`` (the server optimiser's moments, the parties' momenta) goes
         beside it, in ``strategy-NNNNNN.npz``, named and checksummed by the pointer.
+        With ``sidecar=False`` the files' ``.sha256`` sidecars wait for
+        :meth:`finish_checkpoint`, called once the pointer is committed.
         """
         path = self.checkpoint_path(next_round)
         meta: dict[str, Any] = {"run_id": run_id, "next_round": next_round}
         if model is not None:
             meta["model"] = model
-        digest = save_arrays(path, dict(layout.iter_arrays(theta)), meta)
+        digest = save_arrays(
+            path, dict(layout.iter_arrays(theta)), meta, sidecar=sidecar
+        )
         pointer: dict[str, Any] = {
             "next_round": next_round,
             "checkpoint": path.name,
@@ -81,7 +91,9 @@ class RunDir:
         if strategy_state:
             side = self.path / CHECKPOINTS / f"strategy-{next_round:06d}.npz"
             pointer["strategy_state"] = side.name
-            pointer["strategy_sha256"] = save_arrays(side, strategy_state, meta)
+            pointer["strategy_sha256"] = save_arrays(
+                side, strategy_state, meta, sidecar=sidecar
+            )
         return pointer
 
     def load_strategy_state(self, ledger: Ledger) -> dict[str, np.ndarray]:
@@ -94,6 +106,12 @@ class RunDir:
             expected_sha256=str(state["strategy_sha256"]),
         )
         return arrays
+
+    def finish_checkpoint(self, pointer: Mapping[str, Any]) -> None:
+        """After the commit of ``pointer``: its files' sidecars, then pruning."""
+        for name, digest in _named_files(pointer):
+            write_sidecar(self.path / CHECKPOINTS / name, digest)
+        self.prune_checkpoints(int(pointer["next_round"]))
 
     def prune_checkpoints(self, newest: int) -> None:
         """Delete checkpoints older than the last ``KEEP_CHECKPOINTS``."""
@@ -112,10 +130,14 @@ class RunDir:
             raise ConfigError(f"--resume {self.path}: no committed checkpoint")
         next_round = int(state["next_round"])
         self.cross_check(next_round, str(state["checkpoint"]))
-        arrays, _ = load_arrays(
-            self.path / CHECKPOINTS / state["checkpoint"],
-            expected_sha256=state["checkpoint_sha256"],
-        )
+        path = self.path / CHECKPOINTS / state["checkpoint"]
+        arrays, _ = load_arrays(path, expected_sha256=state["checkpoint_sha256"])
+        for name, digest in _named_files(state):
+            side = self.path / CHECKPOINTS / f"{name}.sha256"
+            if not side.is_file() and side.with_suffix("").is_file():
+                # Killed between the commit and the sidecar: the pointer's
+                # checksum completes it (the file is verified when it is read).
+                write_sidecar(side.with_suffix(""), digest)
         return layout.flatten(arrays), next_round
 
     def cross_check(self, next_round: int, checkpoint: str) -> None:
@@ -160,8 +182,8 @@ class RunDir:
         """Copy the run online to ``dest``: a consistent ledger, then its files.
 
         The ledger copy comes first (SQLite's backup API); the checkpoint its resume
-        pointer names, the final model and the summary follow. Returns the files
-        written.
+        pointer names (and the strategy state beside it), the final model and the
+        summary follow. Returns the files written.
         """
         import shutil
 
@@ -173,9 +195,8 @@ class RunDir:
         with Ledger(dest / LEDGER_FILE) as copy:
             state = copy.get_state(RESUME_KEY)
         names = []
-        if state is not None:
-            ckpt = f"{CHECKPOINTS}/{state['checkpoint']}"
-            names += [ckpt, ckpt + ".sha256"]
+        for name, _ in _named_files(state or {}):
+            names += [f"{CHECKPOINTS}/{name}", f"{CHECKPOINTS}/{name}.sha256"]
         names += [FINAL_MODEL, FINAL_MODEL + ".sha256", SUMMARY]
         for name in names:
             src = self.path / name
@@ -183,6 +204,12 @@ class RunDir:
                 (dest / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dest / name)
                 written.append(dest / name)
+        for name, digest in _named_files(state or {}):
+            side = dest / CHECKPOINTS / f"{name}.sha256"
+            if not side.is_file() and side.with_suffix("").is_file():
+                # Copied before its sidecar was written: the pointer has the sum.
+                write_sidecar(side.with_suffix(""), digest)
+                written.append(side)
         return written
 
     def clean_temp_files(self) -> list[Path]:
@@ -231,3 +258,13 @@ class RunDir:
     def write_summary(self, summary: dict[str, Any]) -> None:
         """``summary.json`` of a finished run."""
         atomic_write(self.path / SUMMARY, json.dumps(summary, indent=2).encode())
+
+
+def _named_files(pointer: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The files a resume pointer names under ``checkpoints/``, with their SHA-256."""
+    files = []
+    if pointer.get("checkpoint"):
+        files.append((str(pointer["checkpoint"]), str(pointer["checkpoint_sha256"])))
+    if pointer.get("strategy_state"):
+        files.append((str(pointer["strategy_state"]), str(pointer["strategy_sha256"])))
+    return files
