@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedgrpc.engine.spill import MemorySpill, Spill
+from fedgrpc.engine.spill import Spill
 from fedgrpc.engine.uploads import ValGrad
 from fedgrpc.types import RoundResult, SecondOrder, UpdateKind
 
@@ -79,9 +79,7 @@ class PendingSecond:
         ``dots_next`` NaN saying so; the round is then scored, not pending forever.
         """
         if self.fixed is not None:
-            return SecondOrder(
-                self.round, dict.fromkeys(self.fixed, math.nan), dict(self.fixed)
-            )
+            return self.first_order()
         dots_next: dict[str, float] = {}
         scores: dict[str, float] = {}
         for p, coef in self.coef.items():
@@ -103,15 +101,14 @@ class PendingSecond:
     def first_order(self) -> SecondOrder:
         """The fallback without v_{t+1}: digfl-1 scores, ``dots_next`` NaN."""
         if self.fixed is not None:
-            return self.compute(np.zeros(0, np.float32), _NO_SPILL)
+            return SecondOrder(
+                self.round, dict.fromkeys(self.fixed, math.nan), dict(self.fixed)
+            )
         return SecondOrder(
             self.round,
             dict.fromkeys(self.coef, math.nan),
             {p: c * self.dots[p] for p, c in self.coef.items()},
         )
-
-
-_NO_SPILL: Spill = MemorySpill()  # nothing is read for fixed scores
 
 
 class SecondOrderJobs:
