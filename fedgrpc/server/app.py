@@ -157,9 +157,9 @@ class Aggregator:
         self.validation: ValidationSetup | None = None
         self._executor: futures.ThreadPoolExecutor | None = None
         self._digfl2_executor: futures.ThreadPoolExecutor | None = None
-        # The resume pointer committed last, until its checkpoint's sidecar is
-        # written and older checkpoints are pruned (after the model's publication).
-        self._unfinished_checkpoint: dict[str, Any] | None = None
+        # The resume pointer committed last, until its checkpoint is hashed and
+        # older ones pruned (after the model's publication).
+        self._unsealed: dict[str, Any] | None = None
         try:
             self._open(cfg)
         except BaseException:
@@ -239,6 +239,9 @@ class Aggregator:
         theta, start_round = validation.theta0, 0
         if cfg.resume:
             theta, start_round = self.run_dir.load_resume(self.ledger, self.layout)
+            # Killed before the last checkpoint was hashed: seal it now.
+            self._unsealed = self.ledger.get_state(RESUME_KEY)
+            self._seal_checkpoint()
             log.info("resuming run %s at round %d", self.run_id, start_round)
         else:
             config_json = {
@@ -390,7 +393,8 @@ class Aggregator:
     def _commit_durably(self, result: RoundResult, theta_next: np.ndarray) -> None:
         if result.ok:
             # theta_{t+1} whole on disk (fsynced) before the ledger names it: the
-            # commit is only as durable as the model it points to (docs/faults.md).
+            # commit is only as durable as the model it points to. Its SHA-256
+            # follows the publication (docs/faults.md).
             state = self.run_dir.save_checkpoint(
                 self.layout,
                 theta_next,
@@ -398,10 +402,10 @@ class Aggregator:
                 result.round + 1,
                 self.model_info,
                 self.engine.strategy_state(),
-                sidecar=False,
+                sealed=False,
             )
             self.ledger.record_round(result, state={RESUME_KEY: state})
-            self._unfinished_checkpoint = state
+            self._unsealed = state
         else:
             self.ledger.record_round(result)
         # Every round into the database file, not only the WAL (issue 11).
@@ -409,18 +413,18 @@ class Aggregator:
             log.debug("ledger WAL checkpoint incomplete (a reader holds frames)")
 
     def _publish(self, round_index: int, theta: np.ndarray) -> None:
-        """Publish the model, then finish the checkpoint committed before it.
+        """Publish the model, then seal the checkpoint committed before it.
 
-        The checkpoint's sidecar and the pruning of old checkpoints need not delay
-        the model: the committed pointer already holds the checksum.
+        Hashing the checkpoint, its sidecar and the pruning of old checkpoints need
+        not delay the model: the file is whole and fsynced already.
         """
         self.broadcaster.publish(round_index, theta)
-        self._finish_checkpoint()
+        self._seal_checkpoint()
 
-    def _finish_checkpoint(self) -> None:
-        pointer, self._unfinished_checkpoint = self._unfinished_checkpoint, None
+    def _seal_checkpoint(self) -> None:
+        pointer, self._unsealed = self._unsealed, None
         if pointer is not None:
-            self.run_dir.finish_checkpoint(pointer)
+            self.ledger.set_state(RESUME_KEY, self.run_dir.seal_checkpoint(pointer))
 
     def _on_finish(self, state: RunState, reason: str) -> None:
         meta = {
@@ -434,7 +438,7 @@ class Aggregator:
         if err is not None and not self.failure:
             self.failure = _named_failure(err, self.run_dir)
         try:
-            self._finish_checkpoint()  # the last round publishes no model
+            self._seal_checkpoint()  # the last round publishes no model
             self.run_dir.save_final(self.layout, self.engine.theta, meta)
         except OSError as err:
             # Never let a failed write kill the thread that reports the end.

@@ -1,10 +1,12 @@
 """Model checkpoints: ``.npz`` written atomically (temp, fsync, rename), checksummed.
 
-The archive is the one ``np.savez`` writes (stored zip entries ``NAME.npy``; any
-``np.load(..., allow_pickle=False)`` reads it), but written straight from the arrays'
-memory: no ``tobytes`` copy of each 16 MiB piece, the zip CRC on this thread and the
-SHA-256 on a helper thread as the bytes go by. A 40 MB checkpoint costs about its
-write and fsync (docs/benchmarks.md).
+The archive is the one ``np.savez`` writes (stored zip entries ``NAME.npy``, each with
+its CRC-32; any ``np.load(..., allow_pickle=False)`` reads it), but written straight
+from the arrays' memory: no ``tobytes`` copy of each 16 MiB piece. :func:`save_arrays`
+hashes the bytes (SHA-256, on a helper thread) as they go by and writes the
+``.sha256`` sidecar; :func:`write_arrays` leaves the hash for later (:func:`seal`), so
+a round's checkpoint costs its write and fsync before the next model is published and
+its hash after (docs/faults.md, "What a round's commit makes durable").
 """
 
 from __future__ import annotations
@@ -28,22 +30,44 @@ _WRITE_BLOCK = 4 << 20  # bytes per write (and per hash step) of an array's data
 
 
 def save_arrays(
-    path: Path,
-    arrays: Mapping[str, np.ndarray],
-    meta: Mapping[str, Any] | None = None,
-    *,
-    sidecar: bool = True,
+    path: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None
 ) -> str:
     """Save arrays (and JSON metadata) as ``.npz`` atomically; return its SHA-256 hex.
 
-    The file is fsynced and renamed into place (its directory fsynced) before this
-    returns. A sidecar ``<path>.sha256`` holds the checksum so a torn or edited file
-    is detected; with ``sidecar=False`` the caller writes it later
-    (:func:`write_sidecar`), e.g. once the next model is published.
-
+    A sidecar ``<path>.sha256`` holds the checksum so a torn or edited file is detected.
     The arrays must not change until this returns: their memory is written and
     hashed as it is, without a copy.
     """
+    digest = _write(path, arrays, meta, hashing=True)
+    assert digest is not None
+    write_sidecar(path, digest)
+    return digest
+
+
+def write_arrays(
+    path: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None
+) -> None:
+    """Save arrays as :func:`save_arrays` does, fsynced and renamed, but unhashed.
+
+    Until :func:`seal` runs, only the zip's CRC-32s check the file when it is read.
+    """
+    _write(path, arrays, meta, hashing=False)
+
+
+def seal(path: Path) -> str:
+    """SHA-256 of a written checkpoint as it is on disk; writes its sidecar too."""
+    digest = _file_sha256(path)
+    write_sidecar(path, digest)
+    return digest
+
+
+def _write(
+    path: Path,
+    arrays: Mapping[str, np.ndarray],
+    meta: Mapping[str, Any] | None,
+    *,
+    hashing: bool,
+) -> str | None:
     payload = dict(arrays)
     if meta is not None:
         payload["__meta__"] = np.frombuffer(
@@ -55,21 +79,18 @@ def save_arrays(
     with atomic_file(path) as f:
         # Hashed as it is written (no second pass over the file): the writer cannot
         # seek, so zipfile streams and never rewrites earlier bytes.
-        out = _HashingWriter(f)
+        out = _HashingWriter(f, hashing=hashing)
         try:
             with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
                 for name, value in payload.items():
                     _write_npy(zf, name, np.asarray(value))
-            digest = out.hexdigest()
+            return out.hexdigest() if hashing else None
         finally:
             out.close()
-    if sidecar:
-        write_sidecar(path, digest)
-    return digest
 
 
 def write_sidecar(path: Path, digest: str) -> None:
-    """Write ``<path>.sha256`` (atomically) for a checkpoint saved without it."""
+    """Write ``<path>.sha256`` (atomically)."""
     atomic_write(path.with_name(path.name + ".sha256"), (digest + "\n").encode())
 
 
@@ -143,20 +164,24 @@ class _HashingWriter:
     The hash runs on a helper thread, in write order, while this thread goes on
     writing (hashlib and file writes release the GIL): a 40 MB checkpoint costs
     about the write instead of write + hash. Blocks are hashed from the caller's
-    memory: it must stay unchanged until :meth:`hexdigest` returns.
+    memory: it must stay unchanged until :meth:`hexdigest` returns. Without
+    ``hashing`` it only writes and counts.
     """
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO, *, hashing: bool = True) -> None:
         self._f = f
         self._h = hashlib.sha256()
         self._pos = 0
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-sha256")
+        self._pool = (
+            ThreadPoolExecutor(1, thread_name_prefix="ckpt-sha256") if hashing else None
+        )
         self._pending: list[Future[None]] = []
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         # zipfile's own header buffers may be reused: copy those (they are small).
         block = data if isinstance(data, bytes | memoryview) else bytes(data)
-        self._pending.append(self._pool.submit(self._h.update, block))  # in order
+        if self._pool is not None:
+            self._pending.append(self._pool.submit(self._h.update, block))  # in order
         n = self._f.write(block)
         self._pos += n
         return n
@@ -177,4 +202,5 @@ class _HashingWriter:
         return self._h.hexdigest()
 
     def close(self) -> None:
-        self._pool.shutdown(cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)

@@ -116,7 +116,7 @@ def test_backup_of_a_live_run_resumes_elsewhere(
     assert resumed.wait(10) and resumed.engine.state == RunState.DONE
 
 
-def test_checkpoint_sidecar_follows_the_publication_and_resume_restores_it(
+def test_checkpoint_hash_follows_the_publication_and_resume_seals_it(
     make_server: MakeServer, stub_for: StubFor, tmp_path: Path
 ) -> None:
     run, copy = tmp_path / "run", tmp_path / "copy"
@@ -124,16 +124,31 @@ def test_checkpoint_sidecar_follows_the_publication_and_resume_restores_it(
     _join(stub_for(agg), "alice")
     _drive(agg, stub_for, range(2))
     ckpts = run / "checkpoints"
-    _wait_for("round 2's sidecar", (ckpts / "round-000002.npz.sha256").is_file)
+
+    def pointer() -> dict[str, object]:
+        state: dict[str, object] = agg.ledger.get_state(RESUME_KEY) or {}
+        return state
+
+    _wait_for(
+        "round 2's checkpoint sealed",
+        lambda: pointer().get("next_round") == 2
+        and bool(pointer().get("checkpoint_sha256")),
+    )
     listed = sorted(p.name for p in ckpts.iterdir())
+    sealed = pointer()
     agg.shutdown(grace_s=0.1, save_open_round=False)
-    # As a kill between the commit and the sidecar leaves the newest checkpoint:
+    # As a kill after the commit, before the hash, leaves the newest checkpoint:
     (ckpts / "round-000002.npz.sha256").unlink()
+    with Ledger(run / "ledger.sqlite") as ledger:
+        ledger.set_state(RESUME_KEY, sealed | {"checkpoint_sha256": None})
     code = main(["backup", str(run), str(copy)])
+    with Ledger(copy / "ledger.sqlite") as ledger:
+        copied = ledger.get_state(RESUME_KEY)
 
     resumed = make_server(run_dir=run, server={"resume": True}, rounds=4)
     restored = (ckpts / "round-000002.npz.sha256").read_text().strip()
     state = resumed.ledger.get_state(RESUME_KEY)
+    rounds_done = resumed.engine.rounds_done
     resumed.shutdown(grace_s=0.1, save_open_round=False)
 
     # Pruned after the publication: the newest two remain, each with its sidecar.
@@ -143,8 +158,11 @@ def test_checkpoint_sidecar_follows_the_publication_and_resume_restores_it(
         "round-000002.npz",
         "round-000002.npz.sha256",
     ]
+    assert rounds_done == 2
+    assert state == sealed  # the resumed run sealed the pointer again
+    assert restored == sealed["checkpoint_sha256"]
     assert code == 0
-    assert state is not None and restored == state["checkpoint_sha256"]
+    assert copied == sealed  # the backup seals its copy
     backed_up = copy / "checkpoints" / "round-000002.npz.sha256"
     assert backed_up.read_text().strip() == restored
 

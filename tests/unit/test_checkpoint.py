@@ -253,16 +253,32 @@ def test_checkpoint_written_from_memory_reads_like_savez(
             np.testing.assert_array_equal(a[name], b[name])
 
 
-def test_checkpoint_sidecar_can_follow(tmp_path: Path) -> None:
-    from fedgrpc.store.checkpoint import write_sidecar
+def test_checkpoint_written_unhashed_is_sealed_later(tmp_path: Path) -> None:
+    from fedgrpc.store.checkpoint import seal, write_arrays
 
     path = tmp_path / "m.npz"
 
-    digest = save_arrays(path, _arrays(), sidecar=False)
+    write_arrays(path, _arrays(), {"round": 1})
     before = _listing(tmp_path)
-    write_sidecar(path, digest)
-    loaded, _ = load_arrays(path)
+    loaded_unsealed, _ = load_arrays(path)  # the zip CRCs alone check it
+    digest = seal(path)
+    loaded, meta = load_arrays(path)
 
     assert before == ["m.npz"]
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     assert (tmp_path / "m.npz.sha256").read_text() == digest + "\n"
-    assert list(loaded) == list(_arrays())
+    assert list(loaded_unsealed) == list(loaded) == list(_arrays())
+    assert meta == {"round": 1}
+
+
+def test_checkpoint_unsealed_damage_is_caught_by_the_zip_crc(tmp_path: Path) -> None:
+    from fedgrpc.store.checkpoint import write_arrays
+
+    path = tmp_path / "m.npz"
+    write_arrays(path, {"w": np.arange(1000, dtype=np.float32)})
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside w's values
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(ConfigError, match="cannot read checkpoint"):
+        load_arrays(path)
