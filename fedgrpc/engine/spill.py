@@ -39,11 +39,13 @@ log = logging.getLogger(__name__)
 
 _READ_BLOCK = 1 << 20  # elements per block of a dot product read back from a spill
 WRITE_BUFFERS = 2
-"""Model-sized buffers of a :class:`DirSpill` (copies waiting for the disk).
+"""The fewest model-sized buffers of a :class:`DirSpill` (copies waiting for the disk).
 
-Two: as many as the default upload slots, so the uploads finishing together never
-wait for the disk; with 32 parties x 10 M parameters the extra buffer cost 20-40 MiB
-of peak RSS against one (docs/benchmarks.md)."""
+Two: as many as the default upload slots, so two uploads finishing together do not
+wait for the disk."""
+WRITE_BUFFER_BYTES = 64 << 20
+"""Small models get more buffers, up to this many bytes in all (and 64 buffers): many
+small uploads that finish together then wait for nobody."""
 
 
 class Spill(Protocol):
@@ -163,12 +165,14 @@ class DirSpill:
 
     Args:
         root: the directory (created on the first write).
-        buffers: model-sized copies that may wait for the disk at once.
+        buffers: model-sized copies that may wait for the disk at once; by default
+            :data:`WRITE_BUFFERS`, or more for a small model (up to
+            :data:`WRITE_BUFFER_BYTES` in all), fixed at the first upload.
     """
 
-    def __init__(self, root: Path, buffers: int = WRITE_BUFFERS) -> None:
+    def __init__(self, root: Path, buffers: int | None = None) -> None:
         self.root = Path(root)
-        self.buffers = max(1, buffers)
+        self.buffers = 0 if buffers is None else max(1, buffers)
         self._cond = threading.Condition()
         self._free: list[np.ndarray] = []  # recycled copies
         self._held = 0  # buffers staged or waiting for the disk (<= buffers)
@@ -198,6 +202,9 @@ class DirSpill:
         """Copy the update into a free buffer; waits while every buffer is taken."""
         u = np.asarray(update)
         with self._cond:
+            if not self.buffers:
+                fit = WRITE_BUFFER_BYTES // max(1, 4 * u.size)
+                self.buffers = max(WRITE_BUFFERS, min(64, fit))
             while self._error is None and self._held >= self.buffers:
                 self._cond.wait()
             if self._error is not None:
@@ -234,7 +241,7 @@ class DirSpill:
     def _give_back(self, buf: np.ndarray | None) -> None:
         with self._cond:
             self._held -= 1
-            if buf is not None and len(self._free) < self.buffers:
+            if buf is not None and len(self._free) < max(1, self.buffers):
                 self._free.append(buf)
             self._cond.notify_all()
 

@@ -233,3 +233,18 @@ def test_spill_failed_write_stops_the_engine_before_the_commit(
     assert accepted
     assert commits == []
     assert engine.state == RunState.TRAINING  # the owner stops it, naming the cause
+
+
+def test_spill_buffers_follow_the_model_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spill_module, "WRITE_BUFFER_BYTES", 40_000)
+    small, mid, big = (DirSpill(tmp_path / n) for n in ("s", "m", "b"))
+
+    small.discard(small.stage(0, "p", np.zeros(10, np.float32)))  # 40 bytes
+    mid.discard(mid.stage(0, "p", np.zeros(1000, np.float32)))  # 4 kB
+    big.discard(big.stage(0, "p", np.zeros(10_000, np.float32)))  # the budget
+
+    assert small.buffers == 64  # at most 64, however small
+    assert mid.buffers == 10
+    assert big.buffers == spill_module.WRITE_BUFFERS
