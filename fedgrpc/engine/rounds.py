@@ -31,7 +31,7 @@ from fedgrpc.config import Limits, RoundConfig
 from fedgrpc.engine import aggregate
 from fedgrpc.engine.parties import PartyTable
 from fedgrpc.engine.round_state import Ending, OpenRound
-from fedgrpc.engine.second_order import PendingSecond
+from fedgrpc.engine.second_order import PendingSecond, SecondOrderJobs
 from fedgrpc.engine.spill import MemorySpill, Spill, blocked_dot
 from fedgrpc.engine.strategy_close import PartyMoments
 from fedgrpc.engine.uploads import (
@@ -103,10 +103,13 @@ class RoundEngine:
         upload_idle_s: an upload that sends nothing for this long is discarded.
         spill: where accepted updates wait for the close (norm bound) and for
             v_{t+1} (digfl-2); in memory when ``None``.
-        on_second_order: called with a round's digfl-2 scores once v_{t+1} is known,
-            before the commit of the round after it (or at the end of the run).
+        on_second_order: called with a round's digfl-2 scores once they are computed
+            (after v_{t+1}, while the next round runs), at the latest before the
+            commit of the round two after it (or at the end of the run).
         pending_second: a resumed run's last committed round still waiting for
             its digfl-2 scores.
+        second_order_executor: where the digfl-2 jobs run (default: ``executor``);
+            a thread of their own keeps a slow job from delaying the next v_t.
         max_samples: the largest sample count a party may claim.
         strategy: the aggregation rule and server optimiser (built from ``cfg``
             when ``None``); its state is :meth:`strategy_state`.
@@ -145,6 +148,7 @@ class RoundEngine:
         pending_second: PendingSecond | None = None,
         max_samples: int = _LIMITS.max_num_samples,
         strategy: Strategy | None = None,
+        second_order_executor: Executor | None = None,
     ) -> None:
         self.cfg = cfg
         self.strategy = strategy if strategy is not None else build_strategy(cfg)
@@ -174,10 +178,13 @@ class RoundEngine:
         )
         self.parties = PartyTable(max_parties, clock, max_samples)
         self.spill: Spill = spill if spill is not None else MemorySpill()
-        self._on_second_order = on_second_order
-        # digfl-2 of the last closed round, and its computation once v_{t+1} exists.
-        self._pending2 = pending_second
-        self._second: Future[SecondOrder] | None = None
+        # digfl-2 of the closed rounds, from their close to the ledger.
+        self._digfl2 = SecondOrderJobs(
+            self.spill,
+            second_order_executor or executor,
+            on_second_order,
+            pending_second,
+        )
         self._last_bound = math.inf  # B of the last closed round (early-fold limit)
         self.state = RunState.WAITING
         self.reason = ""
@@ -481,6 +488,9 @@ class RoundEngine:
         """
         if self.storage_error is not None:
             raise self.storage_error
+        if self.spill.error is not None:  # a background write failed (disk full)
+            raise self.spill.error
+        self._digfl2.record()  # the digfl-2 jobs done since the last tick
         self.uploads.expire_idle(self._clock())
         with self._lock:
             now = self._clock()
@@ -548,19 +558,22 @@ class RoundEngine:
         if ending.outcome is RoundOutcome.OK:
             result, new_theta, pending = self._close(rnd, now)
             if result.ok and pending is not None:
-                # Round t-1's digfl-2 first: the ledger never holds round t without it.
-                self._record_second_order()
+                # The close does not wait for round t-1's digfl-2 job (it may still be
+                # reading the spill): the ledger may hold round t before it, never
+                # before round t-2's.
+                self._digfl2.record(through=rnd.index - 2)
                 self._commit(result, new_theta)
-                self._pending2, self._second = pending, None
+                self._digfl2.closed(pending)
                 if rnd.index + 1 >= self.cfg.rounds:
                     # The last round: one extra gradient pass at theta_T for digfl-2.
-                    self._record_second_order(self._final_gradient(new_theta))
+                    self._digfl2.final(self._final_gradient(new_theta))
                 self._last_bound = (
                     result.parties[0].norm_bound if result.parties else math.inf
                 )
                 with self._lock:
                     self._advance(rnd, result, new_theta)
                 self._run_effects()
+                self._digfl2.record()  # after the publication: off the model's path
                 return
             reason, what = result.reason, "aggregation failed"
         self._round_failed(rnd, now, reason, what)
@@ -693,6 +706,10 @@ class RoundEngine:
             self._pending_publish = self._open_round(self._clock())
 
     def _commit(self, result: RoundResult, theta_next: np.ndarray) -> None:
+        if self.spill.error is not None:
+            # A write of this round's updates may have failed: stop uncommitted, as
+            # a refused upload did; --resume reopens the round.
+            raise self.spill.error
         if self._on_commit is not None:
             self._on_commit(result, theta_next)
 
@@ -714,7 +731,7 @@ class RoundEngine:
                 del self._history[key]
         result = rnd.failed(reason, late, (loss_before, acc_before), now)
         result.extra["attempt"] = self._retries
-        self._record_second_order()  # v_{t+1} = v of this attempt: theta unchanged
+        self._digfl2.record()  # a retry opens with the same theta: its job stands
         self.spill.drop(rnd.index)  # what the round received is not applied
         self._commit(result, self.theta)
         log.warning("%s", reason)
@@ -803,45 +820,7 @@ class RoundEngine:
     # ------------------------------------------------------------ digfl-2
     def _start_second_order(self, val_grad: ValGrad) -> None:
         """Once v_{t+1} (``val_grad``) exists, score the last closed round (digfl-2)."""
-        pending = self._pending2
-        if pending is None or self._second is not None:
-            return
-
-        def job() -> SecondOrder:
-            return pending.compute(val_grad.result()[0], self.spill)
-
-        if self._executor is None:
-            fut: Future[SecondOrder] = Future()
-            fut.set_result(job())
-            self._second = fut
-        else:  # after v_{t+1} in the same queue: both overlap the parties' training
-            self._second = self._executor.submit(job)
-
-    def _record_second_order(self, v_next: np.ndarray | None = None) -> None:
-        """Record the pending digfl-2 scores if they are ready (outside the lock).
-
-        ``v_next`` given: compute them now from it (the extra pass after the last
-        round). A computation that failed leaves the round without digfl-2 scores.
-        """
-        pending, fut = self._pending2, self._second
-        if pending is None:
-            return
-        if v_next is not None:
-            so: SecondOrder | None = pending.compute(v_next, self.spill)
-        elif fut is not None:
-            if fut.exception() is not None:  # waits: one read of the round's updates
-                log.warning(
-                    "round %d: digfl-2 scores lost: %s", pending.round, fut.exception()
-                )
-                so = None
-            else:
-                so = fut.result()
-        else:
-            return
-        if so is not None and self._on_second_order is not None:
-            self._on_second_order(so)
-        self.spill.drop(pending.round)
-        self._pending2, self._second = None, None
+        self._digfl2.start(val_grad)
 
     def _set_finished(self, state: RunState, reason: str) -> None:
         """Record the end of the run (under the lock); on_finish runs after it."""

@@ -43,11 +43,12 @@ from fedgrpc.server.broadcast import ModelBroadcaster
 from fedgrpc.server.guard import pool_size
 from fedgrpc.server.servicer import AggregatorServicer, Run
 from fedgrpc.server.validation import ValidationSetup, open_validation
+from fedgrpc.store.checkpoint import load_arrays
 from fedgrpc.store.files import atomic_write
 from fedgrpc.store.ledger import Ledger
 from fedgrpc.store.run_dir import RESUME_KEY, RunDir
 from fedgrpc.strategies import build_strategy
-from fedgrpc.types import RoundResult, RunState
+from fedgrpc.types import RoundResult, RunState, SecondOrder
 
 if TYPE_CHECKING:
     from fedgrpc.server.metrics import Metrics
@@ -155,6 +156,10 @@ class Aggregator:
         self.port = 0
         self.validation: ValidationSetup | None = None
         self._executor: futures.ThreadPoolExecutor | None = None
+        self._digfl2_executor: futures.ThreadPoolExecutor | None = None
+        # The resume pointer committed last, until its checkpoint is hashed and
+        # older ones pruned (after the model's publication).
+        self._unsealed: dict[str, Any] | None = None
         try:
             self._open(cfg)
         except BaseException:
@@ -234,6 +239,9 @@ class Aggregator:
         theta, start_round = validation.theta0, 0
         if cfg.resume:
             theta, start_round = self.run_dir.load_resume(self.ledger, self.layout)
+            # Killed before the last checkpoint was hashed: seal it now.
+            self._unsealed = self.ledger.get_state(RESUME_KEY)
+            self._seal_checkpoint()
             log.info("resuming run %s at round %d", self.run_id, start_round)
         else:
             config_json = {
@@ -248,6 +256,11 @@ class Aggregator:
             self.ledger.set_state(RESUME_KEY, state)
         self.broadcaster = ModelBroadcaster(self.layout, wire_dtype=rcfg.wire_dtype)
         self._executor = futures.ThreadPoolExecutor(1, thread_name_prefix="val-grad")
+        # digfl-2 jobs on a thread of their own: a job still reading the spill never
+        # delays the next round's v_t.
+        self._digfl2_executor = futures.ThreadPoolExecutor(
+            1, thread_name_prefix="digfl-2"
+        )
         self.spill = DirSpill(self.run_dir.path / "spill")
         self.engine = RoundEngine(
             rcfg,
@@ -257,7 +270,7 @@ class Aggregator:
             theta_buffers=validation.theta_buffers,
             executor=self._executor,
             on_commit=self._commit,
-            on_publish=self.broadcaster.publish,
+            on_publish=self._publish,
             on_finish=self._on_finish,
             on_join=self.ledger.upsert_party,
             start_round=start_round,
@@ -270,6 +283,7 @@ class Aggregator:
             max_samples=cfg.limits.max_num_samples,
             upload_min_rate_bytes_s=cfg.limits.upload_min_rate_bytes_s,
             upload_grace_s=cfg.limits.upload_grace_s,
+            second_order_executor=self._digfl2_executor,
         )
         if cfg.resume:  # the server optimiser continues where it stopped
             self.engine.load_strategy_state(
@@ -310,29 +324,58 @@ class Aggregator:
     def _pending_second(
         self, rcfg: RoundConfig, start_round: int
     ) -> PendingSecond | None:
-        """A resumed run's last committed round still waiting for digfl-2 scores.
+        """A resumed run's committed rounds still waiting for digfl-2 scores.
 
-        Its updates are in the spill if the aggregator stopped after that round's
-        commit; any other spilled round is stale and removed.
+        The close does not wait for a round's digfl-2 job, so the ledger may hold the
+        last round and the one before it without them. The last waits for v_t of the
+        resumed round like any closed round (returned); the one before is scored now,
+        with v at the checkpoint of its next round. Their updates are in the spill if
+        the aggregator stopped after the commit; any other spilled round is stale and
+        removed.
         """
-        last = (
-            self.ledger.rounds(start_round - 1, start_round - 1) if start_round else []
+        rows = (
+            self.ledger.rounds(max(0, start_round - 2), start_round - 1)
+            if start_round
+            else []
         )
-        keep = None
-        if (
-            last
-            and last[0].ok
-            and last[0].parties
-            and not all(math.isfinite(p.score2) for p in last[0].parties)
-        ):
-            keep = PendingSecond.of(
-                last[0],
-                rcfg.server_lr,
-                rcfg.update_kind,
-                build_strategy(rcfg).trapezoid,
+        trapezoid = build_strategy(rcfg).trapezoid
+        pending = {
+            r.round: PendingSecond.of(r, rcfg.server_lr, rcfg.update_kind, trapezoid)
+            for r in rows
+            if r.ok
+            and r.parties
+            and not all(math.isfinite(p.score2) for p in r.parties)
+        }
+        self.spill.drop_all(keep=pending)
+        last = pending.pop(start_round - 1, None)
+        for t, older in pending.items():
+            self.ledger.record_second_order(self._second_order_now(older))
+            self.spill.drop(t)
+        return last
+
+    def _second_order_now(self, pending: PendingSecond) -> SecondOrder:
+        """digfl-2 of a committed round, with v_{t+1} from its next round's checkpoint.
+
+        Without that checkpoint (a run restored from a backup holds only the newest)
+        the round keeps its digfl-1 scores, ``dots_next`` NaN saying so.
+        """
+        if pending.fixed is not None:  # no trapezoid for this strategy: nothing to read
+            return pending.first_order()
+        path = self.run_dir.checkpoint_path(pending.round + 1)
+        assert self.validation is not None
+        try:
+            arrays, _ = load_arrays(path)
+            v_next = self.validation.validator.gradient(self.layout.flatten(arrays))[0]
+        except (ConfigError, FedGrpcError, OSError) as e:
+            log.warning(
+                "round %d: no digfl-2 from %s (%s); its digfl-1 scores stand in",
+                pending.round,
+                path.name,
+                e,
             )
-        self.spill.drop_all(keep.round if keep else None)
-        return keep
+            return pending.first_order()
+        log.info("round %d: digfl-2 scored at resume from %s", pending.round, path.name)
+        return pending.compute(v_next, self.spill)
 
     def _known_parties(self) -> set[str]:
         """Every party id of the run: joined now, or recorded in the ledger."""
@@ -349,6 +392,9 @@ class Aggregator:
 
     def _commit_durably(self, result: RoundResult, theta_next: np.ndarray) -> None:
         if result.ok:
+            # theta_{t+1} whole on disk (fsynced) before the ledger names it: the
+            # commit is only as durable as the model it points to. Its SHA-256
+            # follows the publication (docs/faults.md).
             state = self.run_dir.save_checkpoint(
                 self.layout,
                 theta_next,
@@ -356,14 +402,29 @@ class Aggregator:
                 result.round + 1,
                 self.model_info,
                 self.engine.strategy_state(),
+                sealed=False,
             )
             self.ledger.record_round(result, state={RESUME_KEY: state})
-            self.run_dir.prune_checkpoints(result.round + 1)
+            self._unsealed = state
         else:
             self.ledger.record_round(result)
         # Every round into the database file, not only the WAL (issue 11).
         if not self.ledger.checkpoint_wal():
             log.debug("ledger WAL checkpoint incomplete (a reader holds frames)")
+
+    def _publish(self, round_index: int, theta: np.ndarray) -> None:
+        """Publish the model, then seal the checkpoint committed before it.
+
+        Hashing the checkpoint, its sidecar and the pruning of old checkpoints need
+        not delay the model: the file is whole and fsynced already.
+        """
+        self.broadcaster.publish(round_index, theta)
+        self._seal_checkpoint()
+
+    def _seal_checkpoint(self) -> None:
+        pointer, self._unsealed = self._unsealed, None
+        if pointer is not None:
+            self.ledger.set_state(RESUME_KEY, self.run_dir.seal_checkpoint(pointer))
 
     def _on_finish(self, state: RunState, reason: str) -> None:
         meta = {
@@ -377,6 +438,7 @@ class Aggregator:
         if err is not None and not self.failure:
             self.failure = _named_failure(err, self.run_dir)
         try:
+            self._seal_checkpoint()  # the last round publishes no model
             self.run_dir.save_final(self.layout, self.engine.theta, meta)
         except OSError as err:
             # Never let a failed write kill the thread that reports the end.
@@ -510,8 +572,12 @@ class Aggregator:
         log.debug("gRPC server stopped in %.3f s", time.monotonic() - t0)
         if self._driver.is_alive():
             self._driver.join(timeout=5)
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+        for pool in (self._executor, self._digfl2_executor):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        spill: DirSpill | None = getattr(self, "spill", None)
+        if spill is not None:
+            spill.close()  # queued writes reach the disk: --resume reads them
         if self.validation is not None:
             self.validation.close()
             log.debug("validation closed at %.3f s", time.monotonic() - t0)
