@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import grpc
 import numpy as np
@@ -80,11 +80,16 @@ class AggregatorClient:
     backoff and jitter, until ``connect_timeout_s`` has passed without success.
     """
 
+    channel_options: ClassVar[Sequence[tuple[str, int]]] = CHANNEL_OPTIONS
+    """gRPC channel arguments (a subclass for loopback parties may change them)."""
+
     def __init__(self, cfg: ClientConfig) -> None:
         self.cfg = cfg
         self._metadata: tuple[tuple[str, str], ...] = ()
         if cfg.insecure:
-            self._channel = grpc.insecure_channel(cfg.server, options=CHANNEL_OPTIONS)
+            self._channel = grpc.insecure_channel(
+                cfg.server, options=list(self.channel_options)
+            )
             if cfg.token:
                 self._metadata = tuple(token_metadata(cfg.token))
         else:
@@ -94,7 +99,7 @@ class AggregatorClient:
                 creds = grpc.composite_channel_credentials(
                     creds, token_call_credentials(cfg.token)
                 )
-            options: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)
+            options: list[tuple[str, int | str]] = list(self.channel_options)
             if cfg.tls_server_name:
                 options.append(("grpc.ssl_target_name_override", cfg.tls_server_name))
             self._channel = grpc.secure_channel(cfg.server, creds, options=options)
