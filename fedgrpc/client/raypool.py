@@ -32,11 +32,13 @@ import secrets
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+import grpc
 
 from fedgrpc.client.stub import AggregatorClient, ModelVersion
 from fedgrpc.config import ClientConfig, RayPoolConfig
@@ -103,14 +105,15 @@ class VirtualParty:
 
 LOOPBACK_CHANNEL_OPTIONS = (
     # No keepalive pings: the aggregator is on loopback, where a dead peer resets the
-    # connection at once. The parties of one process share one connection (gRPC
-    # pools subchannels with equal arguments), and 500 of them pinging it every 10 s
-    # as CHANNEL_OPTIONS asks drew GOAWAY "too_many_pings" from the aggregator.
+    # connection at once; with CHANNEL_OPTIONS' pings every 10 s the aggregator
+    # answered a connection carrying 500 parties with GOAWAY "too_many_pings".
     ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.enable_retries", 0),  # as CHANNEL_OPTIONS: we retry ourselves
 )
-"""Channel arguments of the virtual parties (the same target, so one connection)."""
+"""Arguments of the one channel the virtual parties of a process share. One channel,
+not one each: gRPC runs a thread per channel with calls in flight, and channels with
+equal arguments share one connection anyway."""
 
 
 @dataclass(frozen=True)
@@ -133,10 +136,8 @@ class PacedClient(AggregatorClient):
     aggregator than it admits per connection. Join waits for a join slot.
     """
 
-    channel_options = LOOPBACK_CHANNEL_OPTIONS
-
-    def __init__(self, cfg: ClientConfig, slots: Slots) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: ClientConfig, slots: Slots, channel: grpc.Channel) -> None:
+        super().__init__(cfg, channel)
         self._slots = slots
         self._holding = False  # this party holds a work slot
 
@@ -203,7 +204,8 @@ class PartyHost:
             join=threading.BoundedSemaphore(join_slots),
             work=threading.BoundedSemaphore(work_slots),
         )
-        self._connect = functools.partial(PacedClient, slots=slots)
+        self._slots = slots
+        self._channel: grpc.Channel | None = None
         self._lock = threading.Lock()
         self._results: dict[str, dict[str, Any]] = {}
         self._threads: list[threading.Thread] = []
@@ -214,6 +216,13 @@ class PartyHost:
 
     def start(self, server: str, parties_json: str) -> int:
         """Start one thread per party of ``parties_json``; returns how many."""
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(
+                server, options=list(LOOPBACK_CHANNEL_OPTIONS)
+            )
+        connect = functools.partial(
+            PacedClient, slots=self._slots, channel=self._channel
+        )
         for entry in json.loads(parties_json):
             vp = VirtualParty(**entry)
             cfg = ClientConfig(
@@ -224,15 +233,17 @@ class PartyHost:
                 attack=vp.attack,
             )
             t = threading.Thread(
-                target=self._run, args=(cfg,), name=vp.party_id, daemon=True
+                target=self._run, args=(cfg, connect), name=vp.party_id, daemon=True
             )
             t.start()
             self._threads.append(t)
         return len(self._threads)
 
-    def _run(self, cfg: ClientConfig) -> None:
+    def _run(
+        self, cfg: ClientConfig, connect: Callable[[ClientConfig], AggregatorClient]
+    ) -> None:
         try:
-            result = self._run_party(cfg, connect=self._connect)
+            result = self._run_party(cfg, connect=connect)
             doc: dict[str, Any] = {
                 "party_id": cfg.party_id,
                 "rounds_submitted": result.rounds_submitted,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -80,18 +80,18 @@ class AggregatorClient:
     backoff and jitter, until ``connect_timeout_s`` has passed without success.
     """
 
-    channel_options: ClassVar[Sequence[tuple[str, int]]] = CHANNEL_OPTIONS
-    """gRPC channel arguments (a subclass for loopback parties may change them)."""
-
-    def __init__(self, cfg: ClientConfig) -> None:
+    def __init__(self, cfg: ClientConfig, channel: grpc.Channel | None = None) -> None:
+        # A given channel is shared (many virtual parties in one process): its
+        # owner closes it, not close().
         self.cfg = cfg
         self._metadata: tuple[tuple[str, str], ...] = ()
-        if cfg.insecure:
-            self._channel = grpc.insecure_channel(
-                cfg.server, options=list(self.channel_options)
-            )
-            if cfg.token:
-                self._metadata = tuple(token_metadata(cfg.token))
+        self._own_channel = channel is None
+        if cfg.insecure and cfg.token:
+            self._metadata = tuple(token_metadata(cfg.token))
+        if channel is not None:
+            self._channel = channel
+        elif cfg.insecure:
+            self._channel = grpc.insecure_channel(cfg.server, options=CHANNEL_OPTIONS)
         else:
             assert cfg.tls.ca is not None
             creds = channel_credentials(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
@@ -99,7 +99,7 @@ class AggregatorClient:
                 creds = grpc.composite_channel_credentials(
                     creds, token_call_credentials(cfg.token)
                 )
-            options: list[tuple[str, int | str]] = list(self.channel_options)
+            options: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)
             if cfg.tls_server_name:
                 options.append(("grpc.ssl_target_name_override", cfg.tls_server_name))
             self._channel = grpc.secure_channel(cfg.server, creds, options=options)
@@ -126,8 +126,9 @@ class AggregatorClient:
         self.wire_dtype = "float32"
 
     def close(self) -> None:
-        """Close the channel."""
-        self._channel.close()
+        """Close the channel (unless it was given: its owner closes it)."""
+        if self._own_channel:
+            self._channel.close()
 
     def __enter__(self) -> AggregatorClient:
         return self

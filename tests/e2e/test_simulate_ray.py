@@ -31,13 +31,36 @@ ARGS = ["--parties", str(N_PARTIES), "--rounds", str(ROUNDS), "--seed", "3"]
 ARGS += ["--attack", "5=label-flip:1.0", "--attack", "9=scale:-1"]
 
 
+def _offline_prefix() -> list[str]:
+    """A command prefix that runs its command without a network (loopback only).
+
+    ``unshare -n``: a new network namespace holding only ``lo``. Empty where that is
+    not permitted (an unprivileged container); the run then has the network.
+    """
+    probe = ["unshare", "-n", "sh", "-c", "ip link set lo up"]
+    try:
+        ok = subprocess.run(probe, capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    return (
+        ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"']
+        if ok
+        else []
+    )
+
+
 @pytest.fixture(scope="module")
 def ray_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     run_dir = tmp_path_factory.mktemp("ray") / "sim"
-    res = run_cli(
-        ["simulate", "--backend", "ray", "--ray-actors", "2", *ARGS, "--run-dir",
-         str(run_dir)],
-        timeout_s=240,
+    # Without a network where possible: Ray must need nothing from outside.
+    res = subprocess.run(
+        [*_offline_prefix(), sys.executable, "-m", "fedgrpc", "simulate", "--backend",
+         "ray", "--ray-actors", "2", *ARGS, "--run-dir", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=ENV,
+        check=False,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     return run_dir, res.stdout
