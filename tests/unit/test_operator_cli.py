@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,22 @@ def test_party_view_prints_no_federation_fidelity_line() -> None:
     assert "digfl-1 fidelity" not in own
     assert "predicted drop from p1" in own and "only party" in own
     assert "digfl-1 fidelity" in everyone
+
+
+def test_report_table_top_lists_best_and_worst_with_their_ranks() -> None:
+    parties = tuple(_pc(f"p{i}") for i in range(30))
+
+    full = report_table(_report(parties, ()))
+    short = report_table(_report(parties, ()), top=10)
+    small = report_table(_report(parties[:21], ()), top=10)
+
+    ranks = [int(m) for m in re.findall(r"^ *(\d+)  p\d+ ", short, flags=re.M)]
+    assert ranks == [*range(1, 11), *range(21, 31)]
+    assert "10 parties ranked 11-20 not shown" in short
+    assert len(re.findall(r"^ *\d+  p\d+ ", full, flags=re.M)) == 30
+    assert "not shown" not in full
+    # 2 x 10 + 1 parties: hiding one row would save nothing.
+    assert "not shown" not in small
 
 
 # ------------------------------------------------------------------- status
