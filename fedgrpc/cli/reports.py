@@ -49,8 +49,15 @@ def report_table(report: ContributionReport, top: int = 0) -> str:
         )
     flagged = [pc.party_id for pc in report.parties if pc.flagged]
     if flagged:
+        named = flagged[:top] if hidden and len(flagged) > top else flagged
+        more = (
+            f" and {len(flagged) - len(named)} more"
+            if len(named) < len(flagged)
+            else ""
+        )
         lines.append(
-            f"flagged (norm-bounded in >= 1/4 of their rounds): {', '.join(flagged)}"
+            f"flagged (norm-bounded in >= 1/4 of their rounds): {', '.join(named)}"
+            f"{more}"
         )
     if report.pending_rounds:
         lines.append(

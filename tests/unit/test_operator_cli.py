@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import re
 from pathlib import Path
@@ -235,6 +236,18 @@ def test_report_table_top_lists_best_and_worst_with_their_ranks() -> None:
     assert "not shown" not in full
     # 2 x 10 + 1 parties: hiding one row would save nothing.
     assert "not shown" not in small
+
+
+def test_report_table_top_names_only_the_first_flagged_parties() -> None:
+    parties = tuple(
+        dataclasses.replace(_pc(f"p{i}"), bounded_rounds=2) for i in range(30)
+    )
+
+    short = report_table(_report(parties, ()), top=10)
+    full = report_table(_report(parties, ()))
+
+    assert "p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 and 20 more" in short
+    assert ", p29" in full and "more" not in full
 
 
 # ------------------------------------------------------------------- status
