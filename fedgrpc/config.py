@@ -535,6 +535,43 @@ SIMULATE_TIMEOUT_S = 1800.0
 """``fedgrpc simulate --timeout``: the whole run, and how long its own parties may
 take to start and join (s)."""
 
+SIMULATE_BACKENDS = ("processes", "ray")
+"""``fedgrpc simulate --backend``: one process per party, or virtual parties on Ray."""
+
+
+@dataclass(frozen=True)
+class RayPoolConfig:
+    """``simulate --backend ray``: the pool of Ray actors hosting virtual parties."""
+
+    actors: int = 0
+    """Ray actors (worker processes) hosting the parties; 0 = one per core, at most
+    one per party."""
+    join_slots: int = 16
+    """Joins in flight at once over the whole pool: the aggregator refuses unary
+    calls beyond its ``max_concurrent_unary`` (32) with RESOURCE_EXHAUSTED."""
+    work_slots: int = 4
+    """Parties of one actor that train and upload at once; the others wait for a
+    slot with their model (the aggregator admits 8 uploads waiting for their
+    header per connection, and an actor's parties share one)."""
+    object_store_bytes: int = 100 << 20
+    """Ray's shared-memory object store; only small JSON messages pass through it."""
+
+    def __post_init__(self) -> None:
+        if self.actors < 0:
+            raise ConfigError(
+                f"ray actors must be >= 0 (0 = one per core), got {self.actors}"
+            )
+        if self.join_slots < 1 or self.work_slots < 1:
+            raise ConfigError(
+                f"ray join and work slots must be >= 1, got {self.join_slots} and "
+                f"{self.work_slots}"
+            )
+        if self.object_store_bytes < 80 << 20:
+            raise ConfigError(
+                "Ray's object store needs at least 80 MiB, got "
+                f"{self.object_store_bytes} bytes"
+            )
+
 
 @dataclass(frozen=True)
 class SplitConfig:

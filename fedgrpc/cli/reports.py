@@ -15,8 +15,12 @@ def final_train_loss(pc: PartyContribution) -> float:
     return pc.rounds[-1].train_loss if pc.rounds else float("nan")
 
 
-def report_table(report: ContributionReport) -> str:
-    """A readable table ranking parties by cumulative DIG-FL contribution."""
+def report_table(report: ContributionReport, top: int = 0) -> str:
+    """A readable table ranking parties by cumulative DIG-FL contribution.
+
+    With ``top`` > 0 and more than ``2 * top + 1`` parties, only the ``top`` best and
+    the ``top`` worst are listed (keeping their ranks), with a count of the rest.
+    """
     lines = [
         f"run {report.run_id} · {report.method} · {report.rounds_done} rounds recorded"
     ]
@@ -31,7 +35,16 @@ def report_table(report: ContributionReport) -> str:
     if partial:
         head += f" {'asked':>6} {'per round':>10} {'carry':>9}"
     lines += [head, "-" * len(head)]
+    n = len(report.parties)
+    hidden = range(top, n - top) if top > 0 and 2 * top + 1 < n else range(0)
     for i, pc in enumerate(report.parties, 1):
+        if i - 1 in hidden:
+            if i - 1 == hidden.start:
+                lines.append(
+                    f"{'...':>4}  {len(hidden)} parties ranked {hidden.start + 1}-"
+                    f"{hidden.stop} not shown"
+                )
+            continue
         samples = pc.rounds[-1].num_samples if pc.rounds else 0
         bounded = f"{pc.bounded_rounds}{' !' if pc.flagged else ''}"
         line = (
@@ -46,8 +59,15 @@ def report_table(report: ContributionReport) -> str:
         lines.append(line)
     flagged = [pc.party_id for pc in report.parties if pc.flagged]
     if flagged:
+        named = flagged[:top] if hidden and len(flagged) > top else flagged
+        more = (
+            f" and {len(flagged) - len(named)} more"
+            if len(named) < len(flagged)
+            else ""
+        )
         lines.append(
-            f"flagged (norm-bounded in >= 1/4 of their rounds): {', '.join(flagged)}"
+            f"flagged (norm-bounded in >= 1/4 of their rounds): {', '.join(named)}"
+            f"{more}"
         )
     if report.pending_rounds:
         lines.append(

@@ -1,4 +1,10 @@
-"""``fedgrpc simulate``: an aggregator and N client processes on loopback, real gRPC."""
+"""``fedgrpc simulate``: an aggregator and N parties on loopback, real gRPC.
+
+Parties are processes (``--backend processes``: one each, forked from a parent that
+imported torch once) or virtual parties on a few Ray actors (``--backend ray``, see
+:mod:`fedgrpc.client.raypool`); either way each runs the ``fedgrpc client`` loop
+against the real ``fedgrpc serve``.
+"""
 
 from __future__ import annotations
 
@@ -25,31 +31,39 @@ from fedgrpc.cli.options import (
     strategy_args,
 )
 from fedgrpc.config import (
+    SIMULATE_BACKENDS,
     SIMULATE_ROUND,
     SIMULATE_TIMEOUT_S,
     ClientConfig,
+    Limits,
     ObserverConfig,
+    RayPoolConfig,
     RoundConfig,
     SplitConfig,
 )
-from fedgrpc.errors import FedGrpcError, RemoteError
+from fedgrpc.errors import ConfigError, FedGrpcError, RemoteError
 from fedgrpc.store.files import atomic_write
 from fedgrpc.types import ContributionReport, RunState, RunStatus
 
 if TYPE_CHECKING:
+    from fedgrpc.client.raypool import RayParties
     from fedgrpc.client.stub import AggregatorClient
     from fedgrpc.datasets.attacks import Attack
+    from fedgrpc.datasets.sources import Dataset
 
 log = logging.getLogger(__name__)
 
 SERVER_EXIT_WAIT_S = 30.0
 """How long the aggregator may take to exit by itself after the run."""
 
+TABLE_TOP = 10
+"""With many parties the table lists the best and the worst this many."""
+
 
 def add_parsers(sub: Any) -> None:
     """Add ``simulate``."""
     p = sub.add_parser(
-        "simulate", help="aggregator + N client processes on loopback, one command"
+        "simulate", help="aggregator + N parties on loopback, one command"
     )
     add_data_options(p, defaults=SplitConfig(), holdout_help="20%% of the data")
     add_training_options(p, defaults=SIMULATE_ROUND)
@@ -62,6 +76,19 @@ def add_parsers(sub: Any) -> None:
         default=SIMULATE_TIMEOUT_S,
         help="give up after this many seconds; the aggregator waits this long for "
         "its parties to start, however slowly they come up",
+    )
+    p.add_argument(
+        "--backend",
+        choices=SIMULATE_BACKENDS,
+        default=SIMULATE_BACKENDS[0],
+        help="processes: one process per party (small N); ray: virtual parties "
+        "on a few Ray actors, for hundreds or thousands (pip install 'fedgrpc[ray]')",
+    )
+    p.add_argument(
+        "--ray-actors",
+        type=int,
+        default=RayPoolConfig().actors,
+        help="--backend ray: actors (processes) hosting the parties; 0 = one per core",
     )
     p.add_argument(
         "--format",
@@ -82,6 +109,8 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
         timeout_s=a.timeout,
         output_format=a.format,
         quiet=a.quiet,
+        backend=a.backend,
+        ray_pool=RayPoolConfig(actors=a.ray_actors),
     )
     # Everything is written (atomically, fsynced) and every child reaped: skip the
     # interpreter's teardown, which unloads torch and matplotlib (0.5-2 s measured).
@@ -163,13 +192,28 @@ def simulate(
     timeout_s: float = SIMULATE_TIMEOUT_S,
     output_format: str = "table",
     quiet: bool = False,
+    backend: str = "processes",
+    ray_pool: RayPoolConfig | None = None,
 ) -> int:
-    """Split the data, start the aggregator and one client process per party, report.
+    """Split the data, start the aggregator and the parties, report.
 
-    Progress lines go to stdout (stderr with ``output_format="json"``, so stdout is
-    only the JSON summary); ``quiet`` drops them.
+    ``backend`` ``processes`` starts one process per party; ``ray`` hosts them on a
+    pool of Ray actors (``ray_pool``). Progress lines go to stdout (stderr with
+    ``output_format="json"``, so stdout is only the JSON summary); ``quiet`` drops
+    them.
+
+    Raises:
+        ConfigError: an unknown backend, or ``ray`` without Ray installed.
     """
     t_start = time.monotonic()
+    if backend not in SIMULATE_BACKENDS:
+        raise ConfigError(
+            f"backend must be one of {', '.join(SIMULATE_BACKENDS)}, got {backend!r}"
+        )
+    if backend == "ray":
+        from fedgrpc.client.raypool import import_ray
+
+        import_ray()  # before any work: a missing Ray says how to install it
     progress = _Progress(
         None if quiet else sys.stderr if output_format == "json" else sys.stdout
     )
@@ -193,35 +237,67 @@ def simulate(
         join_timeout_s=timeout_s,
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    log_level = logging.WARNING if quiet else logging.INFO
     # Filled as processes and log files are opened, so `finally` cleans up whatever
     # a failure half-way through the start-up left behind.
     procs: list[_Proc] = []
     logs: list[IO[bytes]] = []
+    pool: RayParties | None = None
     try:
         server = _start_server(
             server_cmd, run_dir / "server.log", env=env, procs=procs, logs=logs
         )
-        # While the aggregator starts: import the parties' torch code once, here,
-        # to fork them from (see fedgrpc.client.forked); else start N processes.
-        fork = _preload_parties()
+        if backend == "ray":
+            from fedgrpc.client.raypool import RayParties
+
+            # Ray and its actors start (and import torch) while the aggregator does.
+            pool = RayParties(
+                ray_pool or RayPoolConfig(), len(parties), run_dir, log_level=log_level
+            )
+            pool.open()
+            fork = False
+        else:
+            # While the aggregator starts: import the parties' torch code once,
+            # here, to fork them from (see fedgrpc.client.forked); else start N
+            # processes.
+            fork = _preload_parties()
         address = f"localhost:{_wait_for_file(port_file, server, 60.0)}"
         progress.say(
-            f"aggregator on {address}, run dir {run_dir}; {len(parties)} parties "
-            f"({', '.join(f'{p}={len(d)}' for p, d in parties.items())}), "
+            f"aggregator on {address}, run dir {run_dir}; {_describe(parties)}, "
             f"validation {len(val)} samples; rounds are numbered from 0"
         )
-        clients = _start_clients(
-            list(parties),
-            attacks,
-            address=address,
-            data_dir=data_dir,
-            run_dir=run_dir,
-            env=env,
-            procs=procs,
-            logs=logs,
-            fork=fork,
-            log_level=logging.WARNING if quiet else logging.INFO,
-        )
+        party_set: _Parties
+        if pool is not None:
+            from fedgrpc.client.raypool import virtual_parties
+
+            pool.wait_ready()
+            pool.start(
+                address,
+                virtual_parties(
+                    {p: f"npz:{data_dir / (p + '.npz')}" for p in parties},
+                    _update_attacks(attacks),
+                ),
+            )
+            progress.say(
+                f"{len(parties)} virtual parties on {pool.n_actors} Ray actors "
+                f"(logs: {run_dir}/ray-actor-*.log)"
+            )
+            party_set = pool
+        else:
+            party_set = _ProcessParties(
+                _start_clients(
+                    list(parties),
+                    attacks,
+                    address=address,
+                    data_dir=data_dir,
+                    run_dir=run_dir,
+                    env=env,
+                    procs=procs,
+                    logs=logs,
+                    fork=fork,
+                    log_level=log_level,
+                )
+            )
         from fedgrpc.client.stub import AggregatorClient  # grpc: after the forks
 
         # No fork after this point: load matplotlib for the final plot while the
@@ -237,7 +313,8 @@ def simulate(
             shown = _watch(
                 observer,
                 server,
-                clients,
+                party_set,
+                len(parties),
                 progress,
                 run_dir=run_dir,
                 t_start=t_start,
@@ -246,7 +323,7 @@ def simulate(
             )
         finally:
             observer.close()
-        results = _client_results(clients)
+        results = party_set.results()
         _wait_server(server, run_dir)
         elapsed = time.monotonic() - t_start
         st, report = _read_run(run_dir / "server")
@@ -256,8 +333,49 @@ def simulate(
         return 0 if st.state is RunState.DONE else 1
     finally:
         _stop(procs)
+        if pool is not None:
+            pool.close()
         for f in logs:
             f.close()
+
+
+def _describe(parties: Mapping[str, Dataset]) -> str:
+    """``3 parties (party-0=12, ...)``, or only the range of sizes when many."""
+    sizes = [len(d) for d in parties.values()]
+    if len(parties) <= 10:
+        each = ", ".join(f"{p}={n}" for p, n in zip(parties, sizes, strict=True))
+        return f"{len(parties)} parties ({each})"
+    return f"{len(parties)} parties ({min(sizes)}-{max(sizes)} samples each)"
+
+
+def _update_attacks(attacks: Mapping[str, Attack]) -> dict[str, str]:
+    """The update attacks by party (data attacks are baked into the split files)."""
+    return {p: a.spec for p, a in attacks.items() if not a.on_data}
+
+
+class _Parties(Protocol):
+    """A running set of parties, whatever runs them."""
+
+    def failed(self) -> list[str]:
+        """Parties that ended other than by completing the run."""
+        ...
+
+    def results(self) -> dict[str, dict[str, Any]]:
+        """Each party's result once the run is over."""
+        ...
+
+
+class _ProcessParties:
+    """Parties that are processes: forked or ``fedgrpc client``."""
+
+    def __init__(self, clients: dict[str, _Proc]) -> None:
+        self.clients = clients
+
+    def failed(self) -> list[str]:
+        return [p for p, c in self.clients.items() if c.poll() not in (None, 0)]
+
+    def results(self) -> dict[str, dict[str, Any]]:
+        return _client_results(self.clients)
 
 
 def _serve_cmd(
@@ -290,6 +408,9 @@ def _serve_cmd(
         str(rcfg.min_parties),
         "--expected-parties",
         str(n_parties),
+        # A simulation of more parties than the default limit raises it to fit.
+        "--max-parties",
+        str(max(Limits().max_parties, n_parties)),
         "--rounds",
         str(rcfg.rounds),
         "--update-kind",
@@ -451,7 +572,8 @@ class _Progress:
 def _watch(
     observer: AggregatorClient,
     server: subprocess.Popen[bytes],
-    clients: Mapping[str, _Proc],
+    parties: _Parties,
+    n_parties: int,
     progress: _Progress,
     *,
     run_dir: Path,
@@ -494,10 +616,12 @@ def _watch(
             raise FedGrpcError(f"cannot query the aggregator: {err}") from None
         if st.state.finished:
             return shown
-        dead = [p for p, c in clients.items() if c.poll() not in (None, 0)]
-        if dead and len(dead) > len(clients) - min_parties:
+        dead = parties.failed()
+        if dead and len(dead) > n_parties - min_parties:
+            shown_ids = ", ".join(dead[:10]) + (" ..." if len(dead) > 10 else "")
             raise FedGrpcError(
-                f"parties {dead} exited with errors; see their logs in {run_dir}"
+                f"{len(dead)} parties ({shown_ids}) exited with errors; see their "
+                f"logs in {run_dir}"
             )
         time.sleep(0.1)
 
@@ -598,7 +722,7 @@ def _report(
         print(json.dumps(summary, indent=2))
         return
     print()
-    print(report_table(report))
+    print(report_table(report, top=TABLE_TOP))
     print()
     print(
         f"{st.state.value}: {st.rounds_done} rounds in {elapsed:.1f} s "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,12 +50,21 @@ class PartyResult:
     last_train_loss: float
 
 
-def run_party(cfg: ClientConfig, data: Dataset | None = None) -> PartyResult:
-    """Take part in a run until the aggregator says training is over."""
+def run_party(
+    cfg: ClientConfig,
+    data: Dataset | None = None,
+    *,
+    connect: Callable[[ClientConfig], AggregatorClient] = AggregatorClient,
+) -> PartyResult:
+    """Take part in a run until the aggregator says training is over.
+
+    ``connect`` opens the party's connection; a simulation hosting many parties in
+    one process passes a subclass that paces their joins.
+    """
     data = data if data is not None else load_dataset(cfg.data)
     attack = parse_attack(cfg.attack)
     claimed = claimed_samples(attack, len(data))
-    with AggregatorClient(cfg) as client:
+    with connect(cfg) as client:
         # Check the data fits the run before joining: a party that joins and then
         # cannot train would make every round wait out its deadline for it.
         _check_fits(cfg, data, client.join(claimed, check_only=True).config)

@@ -81,13 +81,18 @@ class AggregatorClient:
     backoff and jitter, until ``connect_timeout_s`` has passed without success.
     """
 
-    def __init__(self, cfg: ClientConfig) -> None:
+    def __init__(self, cfg: ClientConfig, channel: grpc.Channel | None = None) -> None:
+        # A given channel is shared (many virtual parties in one process): its
+        # owner closes it, not close().
         self.cfg = cfg
         self._metadata: tuple[tuple[str, str], ...] = ()
-        if cfg.insecure:
+        self._own_channel = channel is None
+        if cfg.insecure and cfg.token:
+            self._metadata = tuple(token_metadata(cfg.token))
+        if channel is not None:
+            self._channel = channel
+        elif cfg.insecure:
             self._channel = grpc.insecure_channel(cfg.server, options=CHANNEL_OPTIONS)
-            if cfg.token:
-                self._metadata = tuple(token_metadata(cfg.token))
         else:
             assert cfg.tls.ca is not None
             creds = channel_credentials(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
@@ -122,8 +127,9 @@ class AggregatorClient:
         self.wire_dtype = "float32"
 
     def close(self) -> None:
-        """Close the channel."""
-        self._channel.close()
+        """Close the channel (unless it was given: its owner closes it)."""
+        if self._own_channel:
+            self._channel.close()
 
     def __enter__(self) -> AggregatorClient:
         return self

@@ -46,6 +46,7 @@ ALLOWED: dict[str, set[str]] = {
     },
     "client": {
         "ground", "store", "wire", "security", "learning", "datasets", "proto", "grpc",
+        "ray",
     },
     "cli": {
         "ground", "engine", "scoring", "strategies", "store", "datasets", "learning",
@@ -61,6 +62,7 @@ THIRD_PARTY = {
     "grpc_tools": "grpc",
     "google": "proto",  # protobuf runtime: only next to the generated code
     "torch": "torch",
+    "ray": "ray",  # optional: only the client's Ray pool (simulate --backend ray)
 }
 
 
@@ -156,6 +158,8 @@ def test_layering_rules_catch_a_forbidden_import() -> None:
     assert "server" not in ALLOWED["client"]
     assert "torch" not in ALLOWED["engine"] | ALLOWED["server"] | ALLOWED["cli"]
     assert "grpc" not in ALLOWED["cli"] | ALLOWED["store"] | ALLOWED["wire"]
+    assert "ray" not in ALLOWED["cli"] | ALLOWED["server"] | ALLOWED["engine"]
+    assert _target("ray.exceptions") == "ray"
     assert _target("grpc_health.v1") == "grpc"
     assert _target("google.protobuf.json_format") == "proto"
 
@@ -210,6 +214,7 @@ TORCH_FREE = (
     "fedgrpc.security.registry",
     "fedgrpc.server.app",
     "fedgrpc.client.stub",
+    "fedgrpc.client.raypool",  # the driver side; its actors import torch
     "fedgrpc.cli.main",
     "fedgrpc.learning.worker",
 )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +220,34 @@ def test_party_view_prints_no_federation_fidelity_line() -> None:
     assert "digfl-1 fidelity" not in own
     assert "predicted drop from p1" in own and "only party" in own
     assert "digfl-1 fidelity" in everyone
+
+
+def test_report_table_top_lists_best_and_worst_with_their_ranks() -> None:
+    parties = tuple(_pc(f"p{i}") for i in range(30))
+
+    full = report_table(_report(parties, ()))
+    short = report_table(_report(parties, ()), top=10)
+    small = report_table(_report(parties[:21], ()), top=10)
+
+    ranks = [int(m) for m in re.findall(r"^ *(\d+)  p\d+ ", short, flags=re.M)]
+    assert ranks == [*range(1, 11), *range(21, 31)]
+    assert "10 parties ranked 11-20 not shown" in short
+    assert len(re.findall(r"^ *\d+  p\d+ ", full, flags=re.M)) == 30
+    assert "not shown" not in full
+    # 2 x 10 + 1 parties: hiding one row would save nothing.
+    assert "not shown" not in small
+
+
+def test_report_table_top_names_only_the_first_flagged_parties() -> None:
+    parties = tuple(
+        dataclasses.replace(_pc(f"p{i}"), bounded_rounds=2) for i in range(30)
+    )
+
+    short = report_table(_report(parties, ()), top=10)
+    full = report_table(_report(parties, ()))
+
+    assert "p0, p1, p2, p3, p4, p5, p6, p7, p8, p9 and 20 more" in short
+    assert ", p29" in full and "more" not in full
 
 
 # ------------------------------------------------------------------- status
