@@ -55,6 +55,11 @@ REPO = SCRIPTS.parent
 BASELINE_REF = "2240c86"
 """main before issue 14: a GetModel thread per stream, polling every 0.5 s."""
 SAMPLES = 100
+SERVE_MAIN = (
+    "import sys, fedgrpc; print('fedgrpc from', fedgrpc.__file__, flush=True); "
+    "from fedgrpc.cli.main import main; sys.argv[0] = 'fedgrpc'; sys.exit(main())"
+)
+"""``fedgrpc serve``, saying which code tree it imported (checked per run)."""
 JOINS_AT_ONCE = 4
 """Concurrent Join calls per driver (the server caps unary calls at 32)."""
 
@@ -263,8 +268,8 @@ def run_config(
     port_file = run / "port"
     serve = [
         sys.executable,
-        "-m",
-        "fedgrpc",
+        "-c",
+        SERVE_MAIN,
         "serve",
         "--insecure",
         "--address",
@@ -300,7 +305,10 @@ def run_config(
     load0 = load_snapshot()
     t0 = time.monotonic()
     log = (run / "serve.log").open("wb")
-    server = subprocess.Popen(serve, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # cwd: ``python -m`` puts it first on sys.path, before PYTHONPATH's code tree.
+    server = subprocess.Popen(
+        serve, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=run
+    )
     sampler = Sampler(server.pid)
     spy = None
     if a.py_spy:
@@ -357,7 +365,7 @@ def run_config(
             ]
             if a.shared_connections:
                 cmd.append("--shared-connections")
-            drivers.append((subprocess.Popen(cmd, env=env), out))
+            drivers.append((subprocess.Popen(cmd, env=env, cwd=run), out))
         for proc, _ in drivers:
             proc.wait(timeout=a.timeout + 60)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -380,8 +388,17 @@ def run_config(
                 server.wait(timeout=10)
         log.close()
     wall_s = time.monotonic() - t0
+    served_by = "-"
+    for line in (run / "serve.log").read_text(errors="replace").splitlines():
+        if line.startswith("fedgrpc from "):
+            served_by = line.removeprefix("fedgrpc from ")
+            break
     results = [json.loads(out.read_text()) for _, out in drivers if out.exists()]
-    return analyse(name, n, a, results, sampler, wall_s, load0, server.returncode)
+    row = analyse(name, n, a, results, sampler, wall_s, load0, server.returncode)
+    row["served_by"] = served_by
+    if not served_by.startswith(str(code)):
+        raise RuntimeError(f"{name}: the aggregator ran {served_by}, not {code}")
+    return row
 
 
 def analyse(
