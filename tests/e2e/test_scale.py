@@ -175,7 +175,7 @@ def test_scale_1024_connections_hold_across_keepalive_pings(tmp_path: Path) -> N
                 )
                 proc.start()
                 drivers.append(proc)
-            results = []
+            results: list[dict[str, Any]] = []
             opened = 0
             waiting: dict[str, int] = {}
             while len(results) < DRIVERS:

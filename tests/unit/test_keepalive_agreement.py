@@ -15,7 +15,7 @@ MARGIN = 3
 
 
 def test_keepalive_client_pings_within_the_server_policy_with_margin() -> None:
-    client = dict(CHANNEL_OPTIONS)
+    client = {k: int(v) for k, v in CHANNEL_OPTIONS}
     server = dict(KEEPALIVE_OPTIONS)
 
     min_interval = server["grpc.http2.min_recv_ping_interval_without_data_ms"]
