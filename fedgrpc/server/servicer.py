@@ -71,8 +71,8 @@ memory to FANOUT_STREAMS x chunk size instead of parties x chunk size; 32 loopba
 streams already keep both cores busy."""
 
 SLOW_WRITE_S = 5.0
-"""A stream whose write takes longer (a slow or non-reading party) gives its
-fan-out place to the next stream and finishes the write on its own."""
+"""A stream whose version takes longer to write (a slow or non-reading party) gives
+its fan-out place to the next stream and finishes on its own."""
 
 
 async def _fail(context: Context, err: Exception, method: str) -> NoReturn:
@@ -345,16 +345,19 @@ class AggregatorServicer:
                 item = await versions.next(next_round, self._stopping.is_set)
                 if item is None:
                     raise UnavailableError("aggregator shutting down")
-                for message in item.messages:
-                    await self._send(context, message)
+                await self._send(context, item.messages)
                 if item.done:
                     return
                 next_round = item.round + 1
         finally:
             self.model_streams -= 1
 
-    async def _send(self, context: Context, message: bytes) -> None:
-        """Write one message, holding one of the FANOUT_STREAMS places meanwhile."""
+    async def _send(self, context: Context, messages: tuple[bytes, ...]) -> None:
+        """Write one version's messages, holding a FANOUT_STREAMS place meanwhile.
+
+        A stream writes one message at a time, so each place pins at most one
+        message copy in the transport.
+        """
         fanout, loop = self._fanout, self._loop
         assert fanout is not None and loop is not None
         await fanout.acquire()
@@ -370,7 +373,8 @@ class AggregatorServicer:
         # fan-out to everyone else.
         timer = loop.call_later(SLOW_WRITE_S, release)
         try:
-            await context.write(message)
+            for message in messages:
+                await context.write(message)
         finally:
             timer.cancel()
             release()
