@@ -60,8 +60,8 @@ SERVE_MAIN = (
     "from fedgrpc.cli.main import main; sys.argv[0] = 'fedgrpc'; sys.exit(main())"
 )
 """``fedgrpc serve``, saying which code tree it imported (checked per run)."""
-JOINS_AT_ONCE = 4
-"""Concurrent Join calls per driver (the server caps unary calls at 32)."""
+JOINS_AT_ONCE = 24
+"""Concurrent Join calls over all drivers (the server caps unary calls at 32)."""
 
 
 # ------------------------------------------------------------------ driver
@@ -86,7 +86,7 @@ def driver_main(a: argparse.Namespace) -> int:
         {"w": rng.standard_normal(a.params, dtype=np.float32) * np.float32(1e-3)}
         for _ in range(8)
     ]
-    joins = threading.Semaphore(JOINS_AT_ONCE)
+    joins = threading.Semaphore(max(1, JOINS_AT_ONCE // a.drivers))
     lock = threading.Lock()
     recv: dict[int, list[float]] = {}  # round -> receipt times of its model
     sent: dict[int, list[float]] = {}  # round -> times the update was accepted
@@ -362,6 +362,8 @@ def run_config(
                 str(a.timeout),
                 "--out",
                 str(out),
+                "--drivers",
+                str(d),
             ]
             if a.shared_connections:
                 cmd.append("--shared-connections")
