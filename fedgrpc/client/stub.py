@@ -35,6 +35,7 @@ from fedgrpc.errors import (
 from fedgrpc.proto import aggregator_pb2, aggregator_pb2_grpc
 from fedgrpc.types import (
     ContributionReport,
+    RoundSkipped,
     RunStatus,
     SubmitHeader,
     SubmitOutcome,
@@ -204,7 +205,7 @@ class AggregatorClient:
 
     def models(
         self, from_round: int, timeout_s: float
-    ) -> Iterator[ModelVersion | TrainingDone]:
+    ) -> Iterator[ModelVersion | RoundSkipped | TrainingDone]:
         """One GetModel stream: each model version from ``from_round`` on, then the end.
 
         The stream's deadline is ``timeout_s``; the caller reopens it when it expires.
@@ -220,7 +221,7 @@ class AggregatorClient:
 
     def _read_models(
         self, stream: Iterator[bytes]
-    ) -> Iterator[ModelVersion | TrainingDone]:
+    ) -> Iterator[ModelVersion | RoundSkipped | TrainingDone]:
         layout = wire.FlatLayout.of(self.specs)
         header = None
         dec: wire.BundleDecoder | None = None
@@ -246,6 +247,8 @@ class AggregatorClient:
                 dec.finish(header.digest)
                 yield ModelVersion(header.round, flat, header.digest)
                 header, dec = None, None
+            elif kind == "skipped":
+                yield wire.round_skipped_from_proto(part)
             elif kind == "done":
                 yield wire.training_done_from_proto(part)
                 return

@@ -29,12 +29,30 @@ class PendingSecond:
     round: int
     coef: dict[str, float]  # eta p_i c_i
     dots: dict[str, float]  # <v_t, u_{t,i}> of the raw update
+    fixed: dict[str, float] | None = None
+    """A strategy whose parts are not eta p_i c_i u_i (a coordinate-wise rule, a
+    server optimiser): digfl-2 is its digfl-1 score, nothing is read back."""
 
     @classmethod
     def of(
-        cls, result: RoundResult, server_lr: float, kind: UpdateKind
+        cls,
+        result: RoundResult,
+        server_lr: float,
+        kind: UpdateKind,
+        trapezoid: bool = True,
     ) -> PendingSecond:
-        """From a committed round (what a resumed run reads back from the ledger)."""
+        """From a committed round (what a resumed run reads back from the ledger).
+
+        ``trapezoid`` False: the run's strategy scores parts that are not
+        eta p_i c_i u_i, so digfl-2 is the recorded digfl-1 score.
+        """
+        if not trapezoid:
+            return cls(
+                result.round,
+                {},
+                {},
+                fixed={p.party_id: p.score for p in result.parties},
+            )
         eta = server_lr if UpdateKind(kind) is UpdateKind.GRADIENT else 1.0
         return cls(
             result.round,
@@ -49,6 +67,10 @@ class PendingSecond:
         survive) keeps its first-order score as its digfl-2 score, with
         ``dots_next`` NaN saying so; the round is then scored, not pending forever.
         """
+        if self.fixed is not None:
+            return SecondOrder(
+                self.round, dict.fromkeys(self.fixed, math.nan), dict(self.fixed)
+            )
         dots_next: dict[str, float] = {}
         scores: dict[str, float] = {}
         for p, coef in self.coef.items():

@@ -46,6 +46,7 @@ from fedgrpc.server.validation import ValidationSetup, open_validation
 from fedgrpc.store.files import atomic_write
 from fedgrpc.store.ledger import Ledger
 from fedgrpc.store.run_dir import RESUME_KEY, RunDir
+from fedgrpc.strategies import build_strategy
 from fedgrpc.types import RoundResult, RunState
 
 if TYPE_CHECKING:
@@ -270,6 +271,10 @@ class Aggregator:
             upload_min_rate_bytes_s=cfg.limits.upload_min_rate_bytes_s,
             upload_grace_s=cfg.limits.upload_grace_s,
         )
+        if cfg.resume:  # the server optimiser continues where it stopped
+            self.engine.load_strategy_state(
+                self.run_dir.load_strategy_state(self.ledger)
+            )
         self.engine.parties.evicted = self.ledger.evicted()
         registry = self.servicer.registry
         for p in self.ledger.parties():
@@ -320,7 +325,12 @@ class Aggregator:
             and last[0].parties
             and not all(math.isfinite(p.score2) for p in last[0].parties)
         ):
-            keep = PendingSecond.of(last[0], rcfg.server_lr, rcfg.update_kind)
+            keep = PendingSecond.of(
+                last[0],
+                rcfg.server_lr,
+                rcfg.update_kind,
+                build_strategy(rcfg).trapezoid,
+            )
         self.spill.drop_all(keep.round if keep else None)
         return keep
 
@@ -340,7 +350,12 @@ class Aggregator:
     def _commit_durably(self, result: RoundResult, theta_next: np.ndarray) -> None:
         if result.ok:
             state = self.run_dir.save_checkpoint(
-                self.layout, theta_next, self.run_id, result.round + 1, self.model_info
+                self.layout,
+                theta_next,
+                self.run_id,
+                result.round + 1,
+                self.model_info,
+                self.engine.strategy_state(),
             )
             self.ledger.record_round(result, state={RESUME_KEY: state})
             self.run_dir.prune_checkpoints(result.round + 1)

@@ -46,7 +46,13 @@ from fedgrpc.security.registry import PARTY_ID_RE, Identity, PartyRegistry
 from fedgrpc.server.auth import identity_from_context
 from fedgrpc.server.broadcast import ModelBroadcaster, VersionWaiter
 from fedgrpc.server.guard import CallGuard, pool_size
-from fedgrpc.types import ContributionReport, RunState, RunStatus, SubmitHeader
+from fedgrpc.types import (
+    ContributionReport,
+    RoundSkipped,
+    RunState,
+    RunStatus,
+    SubmitHeader,
+)
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +356,16 @@ class AggregatorServicer:
                 item = await versions.next(next_round, self._stopping.is_set)
                 if item is None:
                     raise UnavailableError("aggregator shutting down")
-                await self._send(context, item.messages)
+                if item.done or run.engine.sampled(party, item.round):
+                    await self._send(context, item.messages)
+                else:  # client sampling: no model to download, no work to do
+                    await context.write(
+                        wire.round_skipped_to_proto(
+                            RoundSkipped(
+                                item.round, f"not sampled for round {item.round}"
+                            )
+                        ).SerializeToString()
+                    )
                 if item.done:
                     return
                 next_round = item.round + 1

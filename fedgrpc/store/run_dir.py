@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,26 +59,48 @@ class RunDir:
         run_id: str,
         next_round: int,
         model: dict[str, Any] | None = None,
+        strategy_state: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, Any]:
         """Write a checkpoint; return the resume pointer the ledger commits.
 
         ``model`` describes how to rebuild the model (name, input shape, classes,
         hidden width) and is stored with it (``fedgrpc export`` reads it).
+        ``strategy_state`` (the server optimiser's moments, the parties' momenta) goes
+        beside it, in ``strategy-NNNNNN.npz``, named and checksummed by the pointer.
         """
         path = self.checkpoint_path(next_round)
         meta: dict[str, Any] = {"run_id": run_id, "next_round": next_round}
         if model is not None:
             meta["model"] = model
         digest = save_arrays(path, dict(layout.iter_arrays(theta)), meta)
-        return {
+        pointer: dict[str, Any] = {
             "next_round": next_round,
             "checkpoint": path.name,
             "checkpoint_sha256": digest,
         }
+        if strategy_state:
+            side = self.path / CHECKPOINTS / f"strategy-{next_round:06d}.npz"
+            pointer["strategy_state"] = side.name
+            pointer["strategy_sha256"] = save_arrays(side, strategy_state, meta)
+        return pointer
+
+    def load_strategy_state(self, ledger: Ledger) -> dict[str, np.ndarray]:
+        """The strategy state the resume pointer names (empty when it names none)."""
+        state = ledger.get_state(RESUME_KEY)
+        if state is None or not state.get("strategy_state"):
+            return {}
+        arrays, _ = load_arrays(
+            self.path / CHECKPOINTS / str(state["strategy_state"]),
+            expected_sha256=str(state["strategy_sha256"]),
+        )
+        return arrays
 
     def prune_checkpoints(self, newest: int) -> None:
         """Delete checkpoints older than the last ``KEEP_CHECKPOINTS``."""
-        for path in (self.path / CHECKPOINTS).glob("round-*.npz"):
+        for path in [
+            *(self.path / CHECKPOINTS).glob("round-*.npz"),
+            *(self.path / CHECKPOINTS).glob("strategy-*.npz"),
+        ]:
             if int(path.stem.split("-")[1]) <= newest - KEEP_CHECKPOINTS:
                 path.unlink(missing_ok=True)
                 path.with_name(path.name + ".sha256").unlink(missing_ok=True)
