@@ -12,7 +12,8 @@ Per configuration (rounds 1..R-2 measured; round 0 includes the joins):
 
 * ``round_s``: median over rounds t of (first receipt of model t+1) - (first receipt
   of model t), across all parties (what the federation sees);
-* ``payload_mb_s``: N x 2 x P x 4 bytes (model down, update up) per ``round_s``;
+* ``payload_mb_s``: parties asked x 2 x P x 4 bytes (model down, update up) per
+  ``round_s`` (all N without client sampling);
 * ``server_cpu_s``: the aggregator process's user+system CPU seconds per round;
 * ``rss_mib`` / ``hwm_mib``: the aggregator's largest sampled VmRSS and its VmHWM;
   ``threads``: its largest sampled thread count (the validation worker is another
@@ -21,7 +22,8 @@ Per configuration (rounds 1..R-2 measured; round 0 includes the joins):
 
     python scripts/bench_scale.py                          # N in 2..1000, P = 100 k
     python scripts/bench_scale.py --parties 1024 --code baseline=auto --rounds 3
-    python scripts/bench_scale.py --parties 1000 --serve-arg=--sample-count=100
+    python scripts/bench_scale.py --parties 1000 --code new=. \
+        --serve-arg=--sample-count=100 --serve-arg=--min-parties=100  # sampling
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ def driver_main(a: argparse.Namespace) -> int:
     lock = threading.Lock()
     recv: dict[int, list[float]] = {}  # round -> receipt times of its model
     sent: dict[int, list[float]] = {}  # round -> times the update was accepted
+    models: dict[int, int] = {}  # round -> parties that got the model (sampled)
     errors: Counter[str] = Counter()
     first_error: dict[str, str] = {}
     done = [0]
@@ -127,14 +130,21 @@ def driver_main(a: argparse.Namespace) -> int:
             next_round = 0
             while time.monotonic() < end:
                 try:
-                    for item in client.models(next_round, end - time.monotonic()):
+                    left = end - time.monotonic()
+                    for item in client.models(next_round, left):
                         if isinstance(item, TrainingDone):
                             with lock:
                                 done[0] += 1
                             return
-                        assert isinstance(item, ModelVersion)
                         t = item.round
                         got = time.monotonic()
+                        if not isinstance(item, ModelVersion):  # not sampled
+                            with lock:
+                                recv.setdefault(t, []).append(got)
+                            next_round = t + 1
+                            continue
+                        with lock:
+                            models[t] = models.get(t, 0) + 1
                         reply = client.submit(
                             t,
                             update,
@@ -167,6 +177,7 @@ def driver_main(a: argparse.Namespace) -> int:
         "finished": done[0],
         "recv": {t: [min(v), max(v), len(v)] for t, v in recv.items()},
         "sent": {t: [max(v), len(v)] for t, v in sent.items()},
+        "models": models,
         "errors": dict(errors),
         "first_error": first_error,
         "cpu_s": time.process_time() - cpu0,
@@ -428,6 +439,10 @@ def analyse(
         errors.update(r["errors"])
         for k, v in r["first_error"].items():
             first_error.setdefault(k, v)
+    sampled: Counter[int] = Counter()
+    for r in results:
+        for key, cnt in r.get("models", {}).items():
+            sampled[int(key)] += cnt
     complete = [t for t in sorted(first) if got[t] == n]
     measured = [t for t in range(1, a.rounds - 1) if t in first and t + 1 in first]
     rounds = [first[t + 1] - first[t] for t in measured]
@@ -436,7 +451,9 @@ def analyse(
     if measured:
         lo, hi = first[measured[0]], first[measured[-1] + 1]
         cpu = (sampler.at(hi, "cpu_s") - sampler.at(lo, "cpu_s")) / len(measured)
-    payload = n * 2 * a.params * 4
+    # Model down and update up, for the parties asked (all, without sampling).
+    asked = median(sampled[t] for t in measured) if measured else float(n)
+    payload = asked * 2 * a.params * 4
     row: dict[str, Any] = {
         "bench": "scale",
         "code": name,
@@ -445,6 +462,7 @@ def analyse(
         "size": human(a.params),
         "rounds": a.rounds,
         "rounds_complete": len(complete),
+        "asked_per_round": asked,
         "finished": sum(r["finished"] for r in results),
         "round_s": round_s,
         "round_max_s": max(rounds, default=float("nan")),
