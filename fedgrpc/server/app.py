@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import fedgrpc
@@ -38,9 +38,9 @@ from fedgrpc.errors import ConfigError, FedGrpcError
 from fedgrpc.layout import FlatLayout
 from fedgrpc.proto import aggregator_pb2
 from fedgrpc.security.registry import PartyRegistry
+from fedgrpc.server.aioserver import AioServer, ThreadSafeHealth
 from fedgrpc.server.auth import server_credentials
 from fedgrpc.server.broadcast import ModelBroadcaster
-from fedgrpc.server.guard import pool_size
 from fedgrpc.server.servicer import AggregatorServicer, Run
 from fedgrpc.server.validation import ValidationSetup, open_validation
 from fedgrpc.store.checkpoint import load_arrays
@@ -211,7 +211,7 @@ class Aggregator:
                 "anyone who reaches this port can join and upload as any party id. "
                 "Nobody's contributions will be served."
             )
-        self.health = health.HealthServicer()
+        self.health = ThreadSafeHealth()
         self.metrics: Metrics | None = None
         if cfg.metrics_address is not None:
             from fedgrpc.server.metrics import Metrics  # prometheus: only when asked
@@ -548,6 +548,7 @@ class Aggregator:
         self._closed = True
         self.health.enter_graceful_shutdown()
         self._stopping.set()
+        self.servicer.wake_streams()  # model streams end now, not at the grace
         ready = self.servicer.ready
         if save_open_round and ready and not self.engine.finished:
             st = self.engine.status()
@@ -628,50 +629,67 @@ def _open_ledger(run_dir: RunDir) -> Ledger:
         ) from err
 
 
+KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
+    # Agreed with the client (client.stub.CHANNEL_OPTIONS, a ping every 30 s): the
+    # server accepts a data-less ping every 10 s, a third of the client's interval,
+    # so pings a loaded server reads late still never count as strikes. Before
+    # issue 14 the client pinged every 10 s against a 5 s minimum, and with 1,024
+    # parties every connection got GOAWAY ENHANCE_YOUR_CALM "too_many_pings".
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # A client pinging more often than allowed is still disconnected.
+    ("grpc.http2.max_ping_strikes", 3),
+    # The server probes silent connections too: a peer that vanished without
+    # closing frees its streams within ~40 s.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+"""The server's HTTP/2 keepalive and ping policy."""
+
+
 def _grpc_server(
     servicer: AggregatorServicer,
-    health_servicer: health.HealthServicer,
+    health_servicer: ThreadSafeHealth,
     limits: Limits,
     metrics: Metrics | None = None,
-) -> grpc.Server:
-    """The gRPC server: the Aggregator service, health checking and reflection."""
-    server = grpc.server(
-        # Each GetModel stream and each upload holds a worker thread while it lasts;
-        # threads start lazily, so the bound costs nothing until used. The servicer's
-        # caps (server.guard) stay below it, so health checks always find a thread.
-        futures.ThreadPoolExecutor(
-            max_workers=pool_size(limits), thread_name_prefix="rpc"
-        ),
-        options=[
+) -> AioServer:
+    """The gRPC server: the Aggregator service, health checking and reflection.
+
+    An asyncio server (server.aioserver): every call is a coroutine on one event
+    loop thread, so 1,000 open model streams and waiting uploads cost no thread each
+    (a thread per stream cost 62 % of the aggregator's CPU in the kernel's
+    scheduler at 128 parties; docs/benchmarks.md, Scale). ``limits`` bound the calls
+    in the servicer (server.guard).
+    """
+    del limits  # bounded by the servicer's guard, not by a thread pool
+
+    def setup(server: grpc.aio.Server, loop: Any) -> None:
+        servicer.bind(loop)
+        health_servicer.bind(loop)
+        server.add_generic_rpc_handlers((build_handler(servicer, metrics),))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer.servicer, server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+
+    return AioServer(
+        [
             ("grpc.so_reuseport", 0),
             # Without BDP probing each stream's HTTP/2 window stays at its default
             # instead of growing per connection: peak RSS with 32 parties x 10 M
             # parameters fell from 1365 to 843 MiB at the same round time.
             ("grpc.http2.bdp_probe", 0),
-            # Clients ping every 10 s to detect dead links; allow it.
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            # The server probes silent connections too: a peer that vanished
-            # without closing frees its streams (and threads) within ~40 s.
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            # A client pinging more often than allowed is disconnected.
-            ("grpc.http2.max_ping_strikes", 3),
+            *KEEPALIVE_OPTIONS,
             # Connections with no call for 10 min are closed.
             ("grpc.max_connection_idle_ms", 600_000),
         ],
+        setup,
     )
-    server.add_generic_rpc_handlers((build_handler(servicer, metrics),))
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    return server
 
 
 MALLOC_ARENAS = 2
