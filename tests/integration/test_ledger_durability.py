@@ -131,8 +131,10 @@ def test_checkpoint_hash_follows_the_publication_and_resume_seals_it(
 
     _wait_for(
         "round 2's checkpoint sealed",
-        lambda: pointer().get("next_round") == 2
-        and bool(pointer().get("checkpoint_sha256")),
+        lambda: (
+            pointer().get("next_round") == 2
+            and bool(pointer().get("checkpoint_sha256"))
+        ),
     )
     listed = sorted(p.name for p in ckpts.iterdir())
     sealed = pointer()
