@@ -112,12 +112,16 @@ class CpuSampler:
         return {k: round(v, 1) for k, v in sorted(out.items())}
 
 
-def run_once(backend: str, n: int, rounds: int, timeout_s: float) -> dict[str, Any]:
+def run_once(
+    backend: str, n: int, rounds: int, timeout_s: float, actors: int = 0
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "sim"
         cmd = [sys.executable, "-m", "fedgrpc", "simulate", "--backend", backend]
         cmd += ["--parties", str(n), "--rounds", str(rounds), "--format", "json"]
         cmd += ["-q", "--run-dir", str(run_dir)]
+        if backend == "ray" and actors:
+            cmd += ["--ray-actors", str(actors)]
         load0 = os.getloadavg()[0]
         t0_wall = time.time()
         t0 = time.monotonic()
@@ -140,6 +144,7 @@ def run_once(backend: str, n: int, rounds: int, timeout_s: float) -> dict[str, A
         out: dict[str, Any] = {
             "backend": backend,
             "parties": n,
+            "actors": actors if backend == "ray" else None,
             "rounds": rounds,
             "exit": proc.returncode,
             "cpu_s": cpu,
@@ -174,6 +179,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--max-processes", type=int, default=100)
     ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument(
+        "--ray-actors", default="0", help="comma-separated; 0 = one per core"
+    )
     a = ap.parse_args()
     print(
         json.dumps(
@@ -192,9 +200,11 @@ def main() -> int:
             for backend in a.backends.split(","):
                 if backend == "processes" and n > a.max_processes:
                     continue
-                row = run_once(backend, n, a.rounds, a.timeout)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                pools = a.ray_actors.split(",") if backend == "ray" else ["0"]
+                for actors in (int(k) for k in pools):
+                    row = run_once(backend, n, a.rounds, a.timeout, actors)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     print()
     print(
         "| N | backend | wall s | start-up s | round s | acc | CPU s (aggregator / "
@@ -203,7 +213,9 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['parties']} | {r['backend']} | {r['wall_s']} | {r['startup_s']} | "
+            f"| {r['parties']} | {r['backend']}"
+            + (f" ({r['actors']} actors)" if r["actors"] else "")
+            + f" | {r['wall_s']} | {r['startup_s']} | "
             f"{r.get('round_s')} | {r.get('val_acc')} | "
             + " / ".join(
                 str(r["cpu_s"].get(k, 0))

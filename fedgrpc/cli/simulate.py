@@ -211,9 +211,9 @@ def simulate(
             f"backend must be one of {', '.join(SIMULATE_BACKENDS)}, got {backend!r}"
         )
     if backend == "ray":
-        from fedgrpc.client.raypool import import_ray
+        from fedgrpc.client.raypool import check_ray
 
-        import_ray()  # before any work: a missing Ray says how to install it
+        check_ray()  # before any work: a missing Ray says how to install it
     progress = _Progress(
         None if quiet else sys.stderr if output_format == "json" else sys.stdout
     )

@@ -25,6 +25,8 @@ started local-only: no dashboard, no usage statistics, and every Ray process bou
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -71,6 +73,20 @@ RAY_ENV = {
 
 START_TIMEOUT_S = 120.0
 """How long the actors may take to start and import the party code."""
+
+
+def check_ray() -> None:
+    """Raise ConfigError saying how to install Ray unless it can be imported.
+
+    Cheap (nothing is imported): the import itself, seconds, waits for
+    :meth:`RayParties.open`, which overlaps it with the aggregator's start.
+    """
+    try:
+        found = importlib.util.find_spec("ray") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError(RAY_MISSING)
 
 
 def import_ray() -> ModuleType:
@@ -176,6 +192,26 @@ class PacedClient(AggregatorClient):
             self._slots.work.release()
 
 
+GRPC_WAIT_POLL_S = 5.0
+"""How often a party thread blocked in a gRPC call wakes up to look around (s)."""
+
+
+def _slow_grpc_wait_polls() -> None:
+    """Let the threads blocked in gRPC's synchronous calls wake every 5 s, not 0.1 s.
+
+    gRPC wakes every blocked caller every ``grpc._common.MAXIMUM_WAIT_TIMEOUT`` (0.1 s)
+    so that a main thread can run signal handlers (grpc/grpc#19464); messages wake
+    them through a condition anyway. With 500 parties waiting for their model those
+    polls alone cost 0.22 CPU seconds per second (measured: 500 idle parties in one
+    process, 0.12 s user + 0.10 s system per second; 0.01 s with 5 s). The party
+    threads are never the main thread, and this module runs only in Ray actors.
+    """
+    common = importlib.import_module("grpc._common")
+    now = getattr(common, "MAXIMUM_WAIT_TIMEOUT", None)
+    if isinstance(now, float):  # else another gRPC: leave it alone
+        setattr(common, "MAXIMUM_WAIT_TIMEOUT", max(now, GRPC_WAIT_POLL_S))  # noqa: B010
+
+
 class PartyHost:
     """A Ray actor's body: many virtual parties, one thread each, in one process.
 
@@ -195,6 +231,7 @@ class PartyHost:
         )
         root.addHandler(handler)
         root.setLevel(log_level)
+        _slow_grpc_wait_polls()
         # The slow part of a party's start-up (torch), once per actor; here, not at
         # the top of this module, so the driver that starts the pool never loads it.
         from fedgrpc.client.party import run_party

@@ -112,15 +112,17 @@ def test_simulate_ray_final_model_matches_processes_backend(
     want = final_model(tmp_path / "sim" / "server")
     got = final_model(run_dir / "server")
     assert set(got) == set(want)
-    # Same parties, data, seeds and updates; the aggregator's float32 fold adds
-    # them in arrival order, which differs from run to run (docs/benchmarks.md).
+    # Same parties, data, seeds and updates, but not bitwise: the aggregator's
+    # float32 fold adds them in arrival order, which differs from run to run. Two
+    # runs of the processes backend differ as much (docs/benchmarks.md: ~400 of 4,810
+    # parameters by at most 1.5e-8 after 5 rounds).
     for name in want:
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7)
     ours = json.loads((run_dir / "contributions.json").read_text())["totals"]
     theirs = json.loads((tmp_path / "sim" / "contributions.json").read_text())
     assert ours.keys() == theirs["totals"].keys()
     for pid, total in theirs["totals"].items():
-        assert ours[pid] == pytest.approx(total, rel=1e-4, abs=1e-7)
+        assert ours[pid] == pytest.approx(total, rel=1e-5, abs=1e-9)
 
 
 _LISTENERS = r"""
