@@ -490,7 +490,7 @@ class RoundEngine:
             raise self.storage_error
         if self.spill.error is not None:  # a background write failed (disk full)
             raise self.spill.error
-        self._digfl2.record()  # the digfl-2 jobs done since the last tick
+        self._digfl2.collect()  # the digfl-2 jobs done since the last tick
         self.uploads.expire_idle(self._clock())
         with self._lock:
             now = self._clock()
@@ -561,7 +561,7 @@ class RoundEngine:
                 # The close does not wait for round t-1's digfl-2 job (it may still be
                 # reading the spill): the ledger may hold round t before it, never
                 # before round t-2's.
-                self._digfl2.record(through=rnd.index - 2)
+                self._digfl2.collect(through=rnd.index - 2)
                 self._commit(result, new_theta)
                 self._digfl2.closed(pending)
                 if rnd.index + 1 >= self.cfg.rounds:
@@ -573,7 +573,6 @@ class RoundEngine:
                 with self._lock:
                     self._advance(rnd, result, new_theta)
                 self._run_effects()
-                self._digfl2.record()  # after the publication: off the model's path
                 return
             reason, what = result.reason, "aggregation failed"
         self._round_failed(rnd, now, reason, what)
@@ -731,7 +730,7 @@ class RoundEngine:
                 del self._history[key]
         result = rnd.failed(reason, late, (loss_before, acc_before), now)
         result.extra["attempt"] = self._retries
-        self._digfl2.record()  # a retry opens with the same theta: its job stands
+        self._digfl2.collect()  # a retry opens with the same theta: its job stands
         self.spill.drop(rnd.index)  # what the round received is not applied
         self._commit(result, self.theta)
         log.warning("%s", reason)

@@ -114,10 +114,14 @@ class PendingSecond:
 class SecondOrderJobs:
     """The digfl-2 scores of closed rounds, from the close to the ledger.
 
+    A job computes a round's scores once v_{t+1} exists, records them and drops the
+    round's spill, all on the executor's thread (one job at a time, in round order):
+    the driver thread only collects finished jobs, so no ledger write of digfl-2
+    lands between two rounds.
+
     Args:
         spill: where the rounds' updates wait; a round's is dropped once recorded.
-        executor: where the jobs run (one at a time, in round order); ``None``
-            computes them inline when they start.
+        executor: where the jobs run; ``None`` runs them inline when they start.
         on_record: records a round's scores (the ledger).
         waiting: a resumed run's last committed round still waiting for v_{t+1}.
     """
@@ -133,7 +137,7 @@ class SecondOrderJobs:
         self._executor = executor
         self._on_record = on_record
         self._waiting = waiting
-        self._running: deque[tuple[PendingSecond, Future[SecondOrder]]] = deque()
+        self._running: deque[tuple[int, Future[None]]] = deque()
         self._lock = threading.RLock()
 
     def closed(self, pending: PendingSecond) -> None:
@@ -151,21 +155,32 @@ class SecondOrderJobs:
             if pending is None:
                 return
 
-            def job() -> SecondOrder:
-                return pending.compute(val_grad.result()[0], self._spill)
+            def job() -> None:
+                try:
+                    so = pending.compute(val_grad.result()[0], self._spill)
+                except Exception as e:  # the round stays without digfl-2 scores
+                    log.warning("round %d: digfl-2 scores lost: %s", pending.round, e)
+                else:
+                    self._record(so)  # a ledger error surfaces in collect()
+                self._spill.drop(pending.round)
 
             if self._executor is None:
-                fut: Future[SecondOrder] = Future()
+                fut: Future[None] = Future()
                 try:
-                    fut.set_result(job())
-                except Exception as e:  # recorded as lost, like a failed job
+                    job()
+                    fut.set_result(None)
+                except Exception as e:
                     fut.set_exception(e)
             else:
                 fut = self._executor.submit(job)
-            self._running.append((pending, fut))
+            self._running.append((pending.round, fut))
 
-    def record(self, *, through: int | None = None, wait: bool = False) -> None:
-        """Record the finished jobs, oldest first.
+    def _record(self, so: SecondOrder) -> None:
+        if self._on_record is not None:
+            self._on_record(so)
+
+    def collect(self, *, through: int | None = None, wait: bool = False) -> None:
+        """Forget the finished jobs, oldest first; raise a job's recording error.
 
         Args:
             through: wait for the jobs of rounds up to this one (the bound that keeps
@@ -174,40 +189,22 @@ class SecondOrderJobs:
         """
         with self._lock:
             while self._running:
-                pending, fut = self._running[0]
-                must = wait or (through is not None and pending.round <= through)
+                rnd, fut = self._running[0]
+                must = wait or (through is not None and rnd <= through)
                 if not fut.done() and not must:
                     return
                 self._running.popleft()
-                try:
-                    so: SecondOrder | None = fut.result()
-                except Exception as e:  # the round stays without digfl-2 scores
-                    log.warning("round %d: digfl-2 scores lost: %s", pending.round, e)
-                    so = None
-                if so is not None and self._on_record is not None:
-                    self._on_record(so)
-                self._spill.drop(pending.round)
+                fut.result()  # the ledger refused the scores: the owner stops
 
     def final(self, v_next: np.ndarray | None) -> None:
-        """After the last round: record every job, the waiting one from ``v_next``.
+        """After the last round: every job done, the waiting one from ``v_next``.
 
         ``v_next`` None (the extra pass failed): the last round gets no digfl-2.
         """
         with self._lock:
-            self.record(wait=True)
+            self.collect(wait=True)
             pending, self._waiting = self._waiting, None
             if pending is None or v_next is None:
                 return
-            so = pending.compute(v_next, self._spill)
-            if self._on_record is not None:
-                self._on_record(so)
+            self._record(pending.compute(v_next, self._spill))
             self._spill.drop(pending.round)
-
-    @property
-    def unrecorded(self) -> tuple[int, ...]:
-        """Closed rounds whose digfl-2 scores are not recorded yet."""
-        with self._lock:
-            rounds = [p.round for p, _ in self._running]
-            if self._waiting is not None:
-                rounds.append(self._waiting.round)
-            return tuple(rounds)

@@ -158,8 +158,11 @@ class Aggregator:
         self._executor: futures.ThreadPoolExecutor | None = None
         self._digfl2_executor: futures.ThreadPoolExecutor | None = None
         # The resume pointer committed last, until its checkpoint is hashed and
-        # older ones pruned (after the model's publication).
+        # older ones pruned: on a thread of its own after the model's publication,
+        # so not even a short round's uploads wait for it.
         self._unsealed: dict[str, Any] | None = None
+        self._sealing: futures.Future[None] | None = None
+        self._seal_pool = futures.ThreadPoolExecutor(1, thread_name_prefix="seal")
         try:
             self._open(cfg)
         except BaseException:
@@ -241,7 +244,7 @@ class Aggregator:
             theta, start_round = self.run_dir.load_resume(self.ledger, self.layout)
             # Killed before the last checkpoint was hashed: seal it now.
             self._unsealed = self.ledger.get_state(RESUME_KEY)
-            self._seal_checkpoint()
+            self._sealed()
             log.info("resuming run %s at round %d", self.run_id, start_round)
         else:
             config_json = {
@@ -391,6 +394,7 @@ class Aggregator:
             self.metrics.round_closed(result)
 
     def _commit_durably(self, result: RoundResult, theta_next: np.ndarray) -> None:
+        self._sealed()  # the last pointer first (long done): it is replaced now
         if result.ok:
             # theta_{t+1} whole on disk (fsynced) before the ledger names it: the
             # commit is only as durable as the model it points to. Its SHA-256
@@ -416,15 +420,25 @@ class Aggregator:
         """Publish the model, then seal the checkpoint committed before it.
 
         Hashing the checkpoint, its sidecar and the pruning of old checkpoints need
-        not delay the model: the file is whole and fsynced already.
+        not delay the model (the file is whole and fsynced already), nor the next
+        round: they run on the seal thread.
         """
         self.broadcaster.publish(round_index, theta)
-        self._seal_checkpoint()
-
-    def _seal_checkpoint(self) -> None:
         pointer, self._unsealed = self._unsealed, None
         if pointer is not None:
-            self.ledger.set_state(RESUME_KEY, self.run_dir.seal_checkpoint(pointer))
+            self._sealing = self._seal_pool.submit(self._seal, pointer)
+
+    def _seal(self, pointer: dict[str, Any]) -> None:
+        self.ledger.set_state(RESUME_KEY, self.run_dir.seal_checkpoint(pointer))
+
+    def _sealed(self) -> None:
+        """Wait for the last seal and finish one not started; raise its error."""
+        sealing, self._sealing = self._sealing, None
+        if sealing is not None:
+            sealing.result()
+        pointer, self._unsealed = self._unsealed, None
+        if pointer is not None:
+            self._seal(pointer)
 
     def _on_finish(self, state: RunState, reason: str) -> None:
         meta = {
@@ -438,9 +452,9 @@ class Aggregator:
         if err is not None and not self.failure:
             self.failure = _named_failure(err, self.run_dir)
         try:
-            self._seal_checkpoint()  # the last round publishes no model
+            self._sealed()  # the last round publishes no model
             self.run_dir.save_final(self.layout, self.engine.theta, meta)
-        except OSError as err:
+        except (OSError, sqlite3.Error) as err:
             # Never let a failed write kill the thread that reports the end.
             self.failure = self.failure or _named_failure(err, self.run_dir)
             log.error("cannot write the final model: %s", self.failure)
@@ -573,7 +587,7 @@ class Aggregator:
         log.debug("gRPC server stopped in %.3f s", time.monotonic() - t0)
         if self._driver.is_alive():
             self._driver.join(timeout=5)
-        for pool in (self._executor, self._digfl2_executor):
+        for pool in (self._executor, self._digfl2_executor, self._seal_pool):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
         spill: DirSpill | None = getattr(self, "spill", None)
