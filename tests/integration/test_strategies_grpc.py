@@ -192,9 +192,11 @@ def test_fedbuff_refuses_past_max_staleness(make_server: MakeServer) -> None:
         for t in range(2):
             c.submit(t, zero, 100, train_loss=0.0, kind=UpdateKind.DELTA)
             _wait_round(agg, t + 1)
-        other = {k: v + 0.01 for k, v in zero.items()}  # not a resend of round 0's
+    # A party that trained on version 0 and only now submits: two versions old.
+    with AggregatorClient(client_config(agg, "late")) as late:
+        late.join(100)
         with pytest.raises(Exception, match="max-staleness 1"):
-            c.submit(0, other, 100, train_loss=0.0, kind=UpdateKind.DELTA)
+            late.submit(0, zero, 100, train_loss=0.0, kind=UpdateKind.DELTA)
 
 
 def _wait_round(agg: Aggregator, round_index: int, timeout_s: float = 20.0) -> None:
