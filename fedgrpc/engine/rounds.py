@@ -641,10 +641,10 @@ class RoundEngine:
         of absent parties.
         """
         extra: dict[str, object] = {}
-        if self.strategy.name != "samples" or self.cfg.aggregation != "samples":
-            extra["strategy"] = (
-                self.strategy.name if self.cfg.aggregation != "digfl" else "digfl"
-            )
+        # digfl reweights the samples rule's step: its own name, not the rule's.
+        name = "digfl" if self.cfg.aggregation == "digfl" else self.strategy.name
+        if name != "samples":
+            extra["strategy"] = name
         if rnd.sampled is not None:
             extra["sampled"] = sorted(rnd.sampled)
         stale = {p: e.staleness for p, e in rnd.accepted.items() if e.staleness}

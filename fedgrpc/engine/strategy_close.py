@@ -119,7 +119,8 @@ def close_with_strategy(
     opt.begin(size)
     beta, gain = float(opt.beta), float(opt.gain)
     # The parties whose momentum shares this step: the round's, and earlier ones'.
-    carried = [p for p in moments.vectors if p not in set(ids)] if beta else []
+    present = set(ids)
+    carried = [p for p in moments.vectors if p not in present] if beta else []
     for p in ids if beta else ():
         if p not in moments.vectors:
             moments.vectors[p] = np.zeros(size, np.float32)

@@ -767,6 +767,9 @@ class Ledger:
         share = digfl.shares(total)
         reference = digfl.reference_shares(per_round)
 
+        # Per round, once: who was asked, and the absent parties' momentum carry.
+        asked = [_asked(r) for r in scored]
+        carries = [r.carry for r in scored]
         wanted = known if party_ids is None else list(dict.fromkeys(party_ids))
         entries: list[PartyContribution] = []
         for pid in wanted:
@@ -783,8 +786,8 @@ class Ledger:
                     round_indices=tuple(t for t, _ in history),
                     attack=str(party_rows.get(pid, {}).get("attack", "")),
                     bounded_rounds=sum(1 for _, p in history if p.bounded),
-                    asked_rounds=sum(1 for r in scored if _asked(r, pid)),
-                    carry=sum(r.carry.get(pid, 0.0) for r in scored),
+                    asked_rounds=sum(1 for a in asked if pid in a),
+                    carry=sum(c.get(pid, 0.0) for c in carries),
                 )
             )
         entries.sort(key=lambda c: (-c.total, c.party_id))
@@ -827,12 +830,12 @@ class Ledger:
         return h.hexdigest()
 
 
-def _asked(result: RoundResult, party: str) -> bool:
-    """Whether ``party`` was asked to train in the round.
+def _asked(result: RoundResult) -> set[str]:
+    """The parties asked to train in the round.
 
-    Sampled, or (without sampling) it submitted or was late.
+    The sampled ones, or (without sampling) those that submitted or were late.
     """
     sampled = result.sampled
     if sampled is not None:
-        return party in sampled
-    return party in result.late or any(p.party_id == party for p in result.parties)
+        return set(sampled)
+    return set(result.late) | {p.party_id for p in result.parties}
