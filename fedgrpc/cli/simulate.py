@@ -233,6 +233,9 @@ def simulate(
         port_file=port_file,
         n_parties=len(parties),
         join_timeout_s=timeout_s,
+        # Processes join all at once, and a Join refused as RESOURCE_EXHAUSTED is
+        # not retried; the Ray pool paces its joins below the default cap.
+        concurrent_joins=len(parties) if backend == "processes" else 0,
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     log_level = logging.WARNING if quiet else logging.INFO
@@ -384,6 +387,7 @@ def _serve_cmd(
     port_file: Path,
     n_parties: int,
     join_timeout_s: float,
+    concurrent_joins: int = 0,
 ) -> list[str]:
     """The ``fedgrpc serve`` command line that runs ``rcfg`` for ``n_parties``."""
     # repr() for floats: the child must parse back exactly the value we hold.
@@ -406,9 +410,13 @@ def _serve_cmd(
         str(rcfg.min_parties),
         "--expected-parties",
         str(n_parties),
-        # A simulation of more parties than the default limit raises it to fit.
+        # A simulation of more parties than the default limits raises them to fit:
+        # every party may join, and ``concurrent_joins`` Joins (plus this process's
+        # queries) are served at once.
         "--max-parties",
         str(max(Limits().max_parties, n_parties)),
+        "--max-concurrent-unary",
+        str(max(Limits().max_concurrent_unary, concurrent_joins + 8)),
         "--rounds",
         str(rcfg.rounds),
         "--update-kind",
