@@ -16,7 +16,16 @@ from typing import Any
 from fedgrpc.errors import ConfigError
 from fedgrpc.types import UpdateKind
 
-AGGREGATIONS = ("samples", "uniform", "digfl")
+AGGREGATIONS = (
+    "samples",
+    "uniform",
+    "digfl",
+    "median",
+    "trimmed-mean",
+    "krum",
+    "fltrust",
+)
+SERVER_OPTIMISERS = ("sgd", "avgm", "adagrad", "adam", "yogi")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -175,6 +184,43 @@ class RoundConfig:
     """Local L2 weight decay for delta updates (as torch.optim.SGD; 0 = off)."""
     prox_mu: float = 0.0
     """FedProx mu: (mu/2)||theta - theta_t||^2 joins the local loss (delta; 0 = off)."""
+    server_opt: str = "sgd"
+    """Server optimiser on the pseudo-gradient: sgd (plain), avgm (FedAvgM), adagrad,
+    adam, yogi (Reddi et al. 2021)."""
+    server_opt_lr: float = 0.0
+    """Its step size eta_s (0 = the optimiser's default: 1 for avgm, 0.03 for the
+    adaptive ones)."""
+    server_beta1: float = 0.9
+    """Server momentum / first-moment decay beta1 in [0, 1) (avgm, adagrad, adam,
+    yogi)."""
+    server_beta2: float = 0.99
+    """Second-moment decay beta2 in [0, 1) (adam, yogi)."""
+    server_tau: float = 1e-3
+    """Adaptivity tau > 0 of adagrad, adam and yogi: scale eta_s / (sqrt(v) + tau)."""
+    trim_beta: float = 0.1
+    """trimmed-mean: the fraction dropped at each end per coordinate, in [0, 0.5)."""
+    krum_f: int = 1
+    """krum: Byzantine parties tolerated (needs >= f + 3 updates per round)."""
+    krum_m: int = 0
+    """krum: updates averaged (multi-Krum; 0 = n - f)."""
+    strategy: str = ""
+    """A custom strategy: ``package.module:factory`` returning a
+    fedgrpc.strategies.Strategy (given this config); "" = the built-in one named by
+    aggregation and server_opt."""
+    sample_fraction: float = 1.0
+    """Client sampling: the fraction of joined parties asked to train each round."""
+    sample_count: int = 0
+    """Client sampling: parties asked per round (overrides sample_fraction; 0 = off)."""
+    sample_min: int = 0
+    """Client sampling: at least this many per round (0 = min_parties)."""
+    buffer_size: int = 0
+    """FedBuff: apply a step every K accepted updates, whatever model version they
+    were computed on (0 = synchronous rounds)."""
+    max_staleness: int = 4
+    """FedBuff: updates computed on a model more than this many versions old are
+    refused."""
+    staleness_exponent: float = 0.5
+    """FedBuff: an update tau versions old enters as (1 + tau)^-a times itself."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -215,6 +261,31 @@ class RoundConfig:
                 f"claim_cap must be 0 (off) or in [1, 1e6), got {self.claim_cap}"
             )
         _check_local_optimiser(self)
+        _check_strategy(self)
+
+    @property
+    def sampling(self) -> bool:
+        """Whether rounds ask a sampled subset of the joined parties."""
+        return self.sample_count > 0 or self.sample_fraction < 1.0
+
+    def asked_per_round(self, joined: int) -> int:
+        """Parties asked to train per round out of ``joined`` (client sampling).
+
+        sample_count, or ceil(sample_fraction x joined), at least sample_min and
+        min_parties (fewer could never reach the quorum), at most ``joined``;
+        ``joined`` without sampling.
+        """
+        if not self.sampling:
+            return joined
+        # round(): 0.14 * 50 is 7.000000000000001, which must ask 7 parties, not 8.
+        frac = math.ceil(round(self.sample_fraction * joined, 9))
+        want = self.sample_count or frac
+        return min(joined, max(want, self.sample_min, self.min_parties))
+
+    @property
+    def buffered(self) -> bool:
+        """FedBuff: asynchronous, a step every ``buffer_size`` updates."""
+        return self.buffer_size > 0
 
     @property
     def start_parties(self) -> int:
@@ -246,6 +317,63 @@ def _check_local_optimiser(cfg: RoundConfig) -> None:
         for name, option in _LOCAL_OPTIMISER_OPTIONS:
             if getattr(cfg, name):
                 raise ConfigError(f"{option} needs --update-kind delta")
+
+
+def _check_strategy(cfg: RoundConfig) -> None:
+    """Check the server optimiser, robust-rule, sampling and FedBuff settings.
+
+    Messages name the command-line option.
+    """
+    if cfg.server_opt not in SERVER_OPTIMISERS:
+        raise ConfigError(
+            f"--server-opt must be one of {', '.join(SERVER_OPTIMISERS)}, got "
+            f"{cfg.server_opt!r}"
+        )
+    checks = (
+        (
+            math.isfinite(cfg.server_opt_lr) and cfg.server_opt_lr >= 0,
+            "--server-opt-lr",
+            "a number >= 0",
+        ),
+        (0.0 <= cfg.server_beta1 < 1.0, "--server-beta1", "in [0, 1)"),
+        (0.0 <= cfg.server_beta2 < 1.0, "--server-beta2", "in [0, 1)"),
+        (math.isfinite(cfg.server_tau) and cfg.server_tau > 0, "--server-tau", "> 0"),
+        (0.0 <= cfg.trim_beta < 0.5, "--trim-beta", "in [0, 0.5)"),
+        (cfg.krum_f >= 0, "--krum-f", ">= 0"),
+        (cfg.krum_m >= 0, "--krum-m", ">= 0"),
+        (0.0 < cfg.sample_fraction <= 1.0, "--sample-fraction", "in (0, 1]"),
+        (cfg.sample_count >= 0, "--sample-count", ">= 0"),
+        (cfg.sample_min >= 0, "--sample-min", ">= 0"),
+        (cfg.buffer_size >= 0, "--buffer-size", ">= 0"),
+        (cfg.max_staleness >= 0, "--max-staleness", ">= 0"),
+        (
+            math.isfinite(cfg.staleness_exponent) and cfg.staleness_exponent >= 0,
+            "--staleness-exponent",
+            ">= 0",
+        ),
+    )  # fmt: skip
+    for ok, option, what in checks:
+        if not ok:
+            raise ConfigError(f"{option} must be {what}")
+    if cfg.aggregation == "digfl" and (cfg.server_opt != "sgd" or cfg.buffered):
+        raise ConfigError(
+            "--aggregation digfl reweights the plain step: it needs --server-opt sgd "
+            "and synchronous rounds (no --buffer-size)"
+        )
+    if cfg.buffered and cfg.sampling:
+        raise ConfigError(
+            "--buffer-size (FedBuff) and client sampling do not combine: with FedBuff "
+            "every party trains continuously"
+        )
+    if cfg.sample_count and cfg.sample_count < cfg.min_parties:
+        raise ConfigError(
+            f"--sample-count {cfg.sample_count} is below --min-parties "
+            f"{cfg.min_parties}: no round could reach its quorum"
+        )
+    if cfg.buffered and cfg.buffer_size < cfg.min_parties:
+        raise ConfigError(
+            f"--buffer-size {cfg.buffer_size} is below --min-parties {cfg.min_parties}"
+        )
 
 
 @dataclass(frozen=True)

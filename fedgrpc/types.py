@@ -158,8 +158,30 @@ class RoundResult:
 
     @property
     def predicted_drop(self) -> float:
-        """Sum of the round's DIG-FL scores: the first-order validation-loss drop."""
-        return float(sum(p.score for p in self.parties))
+        """Sum of the round's DIG-FL scores: the first-order validation-loss drop.
+
+        Includes the momentum carry of parties absent from the round (``carry``).
+        """
+        return float(sum(p.score for p in self.parties)) + sum(self.carry.values())
+
+    @property
+    def carry(self) -> dict[str, float]:
+        """Server momentum: the scores of absent parties' momentum in this step."""
+        raw = self.extra.get("carry") or {}
+        return {str(p): float(s) for p, s in raw.items()}
+
+    @property
+    def sampled(self) -> tuple[str, ...] | None:
+        """Client sampling: the parties asked to train (None: every joined party)."""
+        raw = self.extra.get("sampled")
+        return None if raw is None else tuple(str(p) for p in raw)
+
+    def scores(self, method: str) -> dict[str, float]:
+        """Each party's score of the round under ``method``, carry included."""
+        out = {p.party_id: p.method_score(method) for p in self.parties}
+        for p, c in self.carry.items():
+            out[p] = out.get(p, 0.0) + c
+        return out
 
     @property
     def measured_drop(self) -> float:
@@ -168,7 +190,7 @@ class RoundResult:
 
     def predicted(self, method: str) -> float:
         """Sum of the round's scores under ``method`` (NaN while digfl-2 is pending)."""
-        return float(sum(p.method_score(method) for p in self.parties))
+        return float(sum(self.scores(method).values()))
 
     def residual(self, method: str) -> float:
         """r_t = measured drop - the sum of the round's scores under ``method``."""
@@ -187,6 +209,21 @@ class PartyContribution:
     round_indices: tuple[int, ...]  # round number of each entry of ``rounds``
     attack: str = ""
     bounded_rounds: int = 0  # rounds in which the norm bound scaled its update down
+    asked_rounds: int = 0  # rounds it was asked to train in (sampled, or joined)
+    carry: float = 0.0  # part of ``total`` from its momentum in rounds it was absent
+
+    @property
+    def participated(self) -> int:
+        """Rounds in which an update of the party was applied."""
+        return len(self.rounds)
+
+    @property
+    def per_participation(self) -> float:
+        """Total / participated: what one of its rounds was worth (NaN if none).
+
+        So a party sampled less often is not ranked lower for that alone.
+        """
+        return self.total / len(self.rounds) if self.rounds else math.nan
 
     @property
     def flagged(self) -> bool:
@@ -234,6 +271,7 @@ class ContributionReport:
                     if p.party_id == party_id
                 ),
                 late=tuple(p for p in r.late if p == party_id),
+                extra=_own_extra(r.extra, party_id),
                 val_loss_before=nan,
                 val_acc_before=nan,
                 val_loss_after=nan,
@@ -242,6 +280,17 @@ class ContributionReport:
             for r in self.rounds
         )
         return replace(self, parties=mine, rounds=rounds, private=True)
+
+
+def _own_extra(extra: dict[str, Any], party_id: str) -> dict[str, Any]:
+    """A round's extra as ``party_id`` may see it: its own carry and sampling only."""
+    out = {k: v for k, v in extra.items() if k == "strategy"}
+    if "sampled" in extra:
+        out["sampled"] = [p for p in extra["sampled"] if p == party_id]
+    carry = (extra.get("carry") or {}).get(party_id)
+    if carry is not None:
+        out["carry"] = {party_id: carry}
+    return out
 
 
 @dataclass(frozen=True)
@@ -310,6 +359,14 @@ class ModelHeader:
     digest: bytes  # XXH3-128 of the tensors' wire bytes, in spec order
     total_bytes: int
     wire_dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class RoundSkipped:
+    """Client sampling: a party is not asked to train in ``round``."""
+
+    round: int
+    reason: str = ""
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -77,6 +78,7 @@ class Probes:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.events: list[tuple[str, int, float, float]] = []  # (what, round, t0, t1)
+        self.cpu_at_publish: dict[int, float] = {}  # round -> process CPU s after it
         self.add_s: dict[int, float] = defaultdict(float)  # round -> sum of add() time
         self.grad_calls: list[tuple[float, float]] = []
         self.closing = -1  # round being closed (driver thread)
@@ -126,6 +128,10 @@ class Probes:
         t1 = time.monotonic()
         with self.lock:
             self.events.append((what, rnd, t0, t1))
+            if what == "publish":
+                # CPU of every thread of the aggregator: steadier than wall time
+                # on a machine other work shares.
+                self.cpu_at_publish[rnd] = time.process_time()
 
     def install(self, validator: str) -> None:
         """Wrap the methods (class level, before the Aggregator is built)."""
@@ -263,6 +269,7 @@ def _server_main(
             "state": agg.engine.state.value,
             "results": results,
             "events": list(probes.events),
+            "cpu_at_publish": dict(probes.cpu_at_publish),
             "add_s": dict(probes.add_s),
             "grad_calls": list(probes.grad_calls),
             "rss": list(probes.rss),
@@ -481,8 +488,10 @@ def analyse(
         grad = server["grad_calls"][t] if t < len(server["grad_calls"]) else (0, 0)
         rss_up = [m for ts, m in server["rss"] if pub[1] <= ts < close[0]]
         rss_close = [m for ts, m in server["rss"] if close[0] <= ts <= close[1]]
+        cpu = server.get("cpu_at_publish", {})
         row = {
             "round_s": pub_next[1] - pub[1],
+            "cpu_s": cpu.get(t + 1, math.nan) - cpu.get(t, math.nan),
             "download_s": max(recv) - pub[1],
             "transfer_s": max(sub_end) - pub[1],
             "close_s": close[1] - close[0],
@@ -695,6 +704,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 MS_COLUMNS = [
     ("round_s", "round"),
+    ("cpu_s", "aggregator CPU"),
     ("round_excl_val_s", "excl. val"),
     ("transfer_s", "transfer"),
     ("download_s", "download"),
@@ -722,7 +732,7 @@ def print_tables(
         sel = [r for r in ms_rows if r["val"] == val]
         if not sel:
             continue
-        cols = MS_COLUMNS if val == "real" else MS_COLUMNS[:10]
+        cols = MS_COLUMNS if val == "real" else MS_COLUMNS[:11]
         print(f"\nMilliseconds per round, {title}; median of measured rounds\n")
         print(
             markdown_table(

@@ -12,6 +12,7 @@ from typing import Any
 
 from fedgrpc.config import (
     AGGREGATIONS,
+    SERVER_OPTIMISERS,
     WIRE_DTYPES,
     ClientConfig,
     ObserverConfig,
@@ -104,8 +105,10 @@ def add_training_options(p: argparse.ArgumentParser, *, defaults: RoundConfig) -
         "--aggregation",
         choices=AGGREGATIONS,
         default=defaults.aggregation,
-        help="update weights: samples (n_i / sum n), uniform, or digfl "
-        "(max(0, score); buffers the round's updates in memory)",
+        help="aggregation rule: samples (n_i / sum n), uniform, digfl (max(0, score); "
+        "buffers the round's updates in memory), or the robust median, trimmed-mean, "
+        "krum, fltrust (read the round back from disk at the close; "
+        "docs/strategies.md) (default: %(default)s)",
     )
     g.add_argument(
         "--wire-dtype",
@@ -152,6 +155,88 @@ def add_training_options(p: argparse.ArgumentParser, *, defaults: RoundConfig) -
         help="an unattested sample count weighs at most this many times the joined "
         "parties' median claim; 0 = no cap (default: %(default)s)",
     )
+    add_strategy_options(p, defaults)
+
+
+# (RoundConfig field, option, type, help) of the strategy options, in help order.
+_STRATEGY_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
+    ("server_opt", "--server-opt", str, "server optimiser on the aggregated step: "
+     "sgd (plain), avgm (FedAvgM), adagrad, adam, yogi"),
+    ("server_opt_lr", "--server-opt-lr", float, "server optimiser step size eta_s "
+     "(0 = its default: 1 for avgm, 0.03 for adagrad/adam/yogi)"),
+    ("server_beta1", "--server-beta1", float, "server momentum / first-moment decay"),
+    ("server_beta2", "--server-beta2", float, "second-moment decay (adam, yogi)"),
+    ("server_tau", "--server-tau", float, "adaptivity tau (adagrad, adam, yogi)"),
+    ("trim_beta", "--trim-beta", float, "trimmed-mean: fraction dropped at each end"),
+    ("krum_f", "--krum-f", int, "krum: Byzantine parties tolerated (n >= f + 3)"),
+    ("krum_m", "--krum-m", int, "krum: updates averaged (0 = n - f)"),
+    ("strategy", "--strategy", str, "a custom strategy, package.module:factory "
+     "(called with the RoundConfig, returns a fedgrpc.strategies.Strategy)"),
+    ("sample_fraction", "--sample-fraction", float, "client sampling: fraction of "
+     "the joined parties asked to train each round"),
+    ("sample_count", "--sample-count", int, "client sampling: parties asked per "
+     "round (overrides --sample-fraction; 0 = off)"),
+    ("sample_min", "--sample-min", int, "client sampling: at least this many per "
+     "round (0 = --min-parties)"),
+    ("buffer_size", "--buffer-size", int, "FedBuff: a step every K accepted updates, "
+     "parties train on whatever version they have (0 = synchronous rounds)"),
+    ("max_staleness", "--max-staleness", int, "FedBuff: refuse updates computed on "
+     "a model more than this many versions old"),
+    ("staleness_exponent", "--staleness-exponent", float, "FedBuff: a stale update "
+     "enters as (1 + staleness)^-a times itself"),
+)  # fmt: skip
+
+
+def add_strategy_options(p: argparse.ArgumentParser, defaults: RoundConfig) -> None:
+    """Server optimiser, robust-rule, client-sampling and FedBuff options."""
+    g = p.add_argument_group("strategy (docs/strategies.md)")
+    for name, option, kind, text in _STRATEGY_OPTIONS:
+        extra: dict[str, object] = {}
+        if name == "server_opt":
+            extra["choices"] = SERVER_OPTIMISERS
+        g.add_argument(
+            option,
+            type=kind,
+            default=getattr(defaults, name),
+            dest=name,
+            help=f"{text} (default: %(default)s)",
+            **extra,  # type: ignore[arg-type]
+        )
+
+
+def quorum_of(a: argparse.Namespace, parties: int) -> int:
+    """The quorum of a run where all ``parties`` take part (``simulate``, ``shapley``).
+
+    Every party, unless rounds ask fewer of them: client sampling's round size, or
+    FedBuff's buffer.
+    """
+    if a.buffer_size:
+        return min(parties, int(a.buffer_size))
+    sampling = RoundConfig(
+        min_parties=1,
+        sample_count=a.sample_count,
+        sample_fraction=a.sample_fraction,
+        sample_min=a.sample_min,
+    )
+    return sampling.asked_per_round(parties)
+
+
+def strategy_values(a: argparse.Namespace) -> dict[str, object]:
+    """The strategy options as RoundConfig keyword arguments."""
+    return {name: getattr(a, name) for name, *_ in _STRATEGY_OPTIONS}
+
+
+def strategy_args(cfg: RoundConfig) -> list[str]:
+    """The strategy options of ``cfg`` as a command line.
+
+    What ``simulate`` passes to its ``fedgrpc serve``; floats as repr() so they
+    parse back exactly.
+    """
+    out: list[str] = []
+    for name, option, kind, _ in _STRATEGY_OPTIONS:
+        value = getattr(cfg, name)
+        out += [option, repr(value) if kind is float else str(value)]
+    return out
 
 
 def round_config(
@@ -182,6 +267,7 @@ def round_config(
         norm_bound=a.norm_bound,
         norm_bound_factor=a.norm_bound_factor,
         claim_cap=a.claim_cap,
+        **strategy_values(a),  # type: ignore[arg-type]
     )
 
 

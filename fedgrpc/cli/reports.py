@@ -24,11 +24,16 @@ def report_table(report: ContributionReport, top: int = 0) -> str:
     lines = [
         f"run {report.run_id} · {report.method} · {report.rounds_done} rounds recorded"
     ]
+    # Client sampling or server momentum: how often each party was asked, what one
+    # of its rounds was worth, and the momentum carry in its total (docs/strategies.md).
+    partial = any(r.sampled is not None or r.carry for r in report.rounds)
     head = (
         f"{'rank':>4}  {'party':<14} {'attack':<16} {'samples':>7} {'rounds':>6} "
         f"{'contribution':>13} {'share':>8} {'ref share':>9} {'train loss':>10} "
         f"{'bounded':>8}"
     )
+    if partial:
+        head += f" {'asked':>6} {'per round':>10} {'carry':>9}"
     lines += [head, "-" * len(head)]
     n = len(report.parties)
     hidden = range(top, n - top) if top > 0 and 2 * top + 1 < n else range(0)
@@ -42,11 +47,16 @@ def report_table(report: ContributionReport, top: int = 0) -> str:
             continue
         samples = pc.rounds[-1].num_samples if pc.rounds else 0
         bounded = f"{pc.bounded_rounds}{' !' if pc.flagged else ''}"
-        lines.append(
+        line = (
             f"{i:>4}  {pc.party_id:<14} {pc.attack or '-':<16} {samples:>7} "
             f"{len(pc.rounds):>6} {pc.total:>13.5f} {pc.share:>8.1%} "
             f"{pc.reference_share:>9.1%} {final_train_loss(pc):>10.4f} {bounded:>8}"
         )
+        if partial:
+            line += (
+                f" {pc.asked_rounds:>6} {pc.per_participation:>10.5f} {pc.carry:>9.5f}"
+            )
+        lines.append(line)
     flagged = [pc.party_id for pc in report.parties if pc.flagged]
     if flagged:
         named = flagged[:top] if hidden and len(flagged) > top else flagged
@@ -150,10 +160,15 @@ def report_json(report: ContributionReport) -> dict[str, Any]:
                 val_loss_after=r.val_loss_after,
                 val_acc_before=r.val_acc_before,
                 val_acc_after=r.val_acc_after,
-                predicted_drop=sum(rounds.get(t, {}).values()),
+                predicted_drop=sum(rounds.get(t, {}).values()) + sum(r.carry.values()),
                 measured_drop=r.measured_drop,
-                residual=r.measured_drop - sum(rounds.get(t, {}).values()),
+                residual=r.measured_drop
+                - sum(rounds.get(t, {}).values())
+                - sum(r.carry.values()),
                 late=list(r.late),
+                carry=r.carry,
+                sampled=None if r.sampled is None else list(r.sampled),
+                strategy=r.extra.get("strategy", "samples"),
             )
         out_rounds.append(entry)
     return {
@@ -165,6 +180,11 @@ def report_json(report: ContributionReport) -> dict[str, Any]:
         "reference_shares": {pc.party_id: pc.reference_share for pc in report.parties},
         "attacks": {pc.party_id: pc.attack for pc in report.parties},
         "bounded_rounds": {pc.party_id: pc.bounded_rounds for pc in report.parties},
+        "asked_rounds": {pc.party_id: pc.asked_rounds for pc in report.parties},
+        "per_participation": {
+            pc.party_id: pc.per_participation for pc in report.parties
+        },
+        "carry": {pc.party_id: pc.carry for pc in report.parties},
         "flagged": [pc.party_id for pc in report.parties if pc.flagged],
         "pending_rounds": list(report.pending_rounds),
         "low_fidelity_rounds": [] if report.private else low_fidelity_rounds(report),

@@ -25,8 +25,10 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 from fedgrpc.cli.options import (
     add_data_options,
     add_training_options,
+    quorum_of,
     round_config,
     split_config,
+    strategy_args,
 )
 from fedgrpc.config import (
     SIMULATE_BACKENDS,
@@ -99,7 +101,7 @@ def add_parsers(sub: Any) -> None:
 
 
 def _cmd_simulate(a: argparse.Namespace) -> int:
-    rcfg = round_config(a, min_parties=a.parties, expected=a.parties)
+    rcfg = round_config(a, min_parties=quorum_of(a, a.parties), expected=a.parties)
     code = simulate(
         split_config(a),
         rcfg,
@@ -461,6 +463,7 @@ def _serve_cmd(
         repr(max(rcfg.join_timeout_s, join_timeout_s)),
         "--quorum-retries",
         str(rcfg.quorum_retries),
+        *strategy_args(rcfg),
     ]
 
 

@@ -15,7 +15,7 @@ from fedgrpc.datasets.attacks import Attack, claimed_samples, parse_attack
 from fedgrpc.datasets.sources import Dataset, load_dataset
 from fedgrpc.errors import ConfigError, ErrorCode, RemoteError
 from fedgrpc.learning.inprocess import LocalTrainer
-from fedgrpc.types import TrainingDone
+from fedgrpc.types import RoundSkipped, TrainingDone
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,10 @@ def run_party(
                         return PartyResult(
                             submitted, item.rounds_completed, item.reason, last_loss
                         )
+                    if isinstance(item, RoundSkipped):  # not sampled: sit it out
+                        log.info("party %s: %s", cfg.party_id, item.reason)
+                        next_round = item.round + 1
+                        continue
                     last_loss = (
                         _train_and_submit(
                             client, item, trainer, data, cfg, attack, refused

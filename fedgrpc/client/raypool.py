@@ -45,7 +45,7 @@ import grpc
 from fedgrpc.client.stub import AggregatorClient, ModelVersion
 from fedgrpc.config import ClientConfig, RayPoolConfig
 from fedgrpc.errors import ConfigError, FedGrpcError
-from fedgrpc.types import SubmitOutcome, TrainingDone
+from fedgrpc.types import RoundSkipped, SubmitOutcome, TrainingDone
 from fedgrpc.wire import JoinInfo
 
 log = logging.getLogger(__name__)
@@ -164,10 +164,10 @@ class PacedClient(AggregatorClient):
 
     def models(
         self, from_round: int, timeout_s: float
-    ) -> Iterator[ModelVersion | TrainingDone]:
+    ) -> Iterator[ModelVersion | RoundSkipped | TrainingDone]:
         """The model stream; each model version is handed over with a work slot."""
         for item in super().models(from_round, timeout_s):
-            if isinstance(item, TrainingDone):
+            if not isinstance(item, ModelVersion):  # done or skipped: no work
                 yield item
                 continue
             self._slots.work.acquire()

@@ -35,6 +35,7 @@ from fedgrpc.errors import (
 from fedgrpc.proto import aggregator_pb2, aggregator_pb2_grpc
 from fedgrpc.types import (
     ContributionReport,
+    RoundSkipped,
     RunStatus,
     SubmitHeader,
     SubmitOutcome,
@@ -47,11 +48,18 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-CHANNEL_OPTIONS = [
-    # Detect a dead peer on a silent network within ~15 s, without flooding a live one.
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
+KEEPALIVE_TIME_MS = 30_000
+"""A party pings an otherwise silent connection every 30 s (a dead link is found
+within ~40 s). The aggregator accepts a data-less ping every 10 s
+(server.app.KEEPALIVE_OPTIONS): a third, so pings it reads late under load are
+never strikes. The old 10 s against the server's 5 s drew GOAWAY "too_many_pings"
+on every connection at 1,024 parties (issue 14)."""
+
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # Keep pinging while a model stream waits for the next round (no data).
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.enable_retries", 0),  # we retry ourselves, with idempotent submission ids
 ]
@@ -203,7 +211,7 @@ class AggregatorClient:
 
     def models(
         self, from_round: int, timeout_s: float
-    ) -> Iterator[ModelVersion | TrainingDone]:
+    ) -> Iterator[ModelVersion | RoundSkipped | TrainingDone]:
         """One GetModel stream: each model version from ``from_round`` on, then the end.
 
         The stream's deadline is ``timeout_s``; the caller reopens it when it expires.
@@ -219,7 +227,7 @@ class AggregatorClient:
 
     def _read_models(
         self, stream: Iterator[bytes]
-    ) -> Iterator[ModelVersion | TrainingDone]:
+    ) -> Iterator[ModelVersion | RoundSkipped | TrainingDone]:
         layout = wire.FlatLayout.of(self.specs)
         header = None
         dec: wire.BundleDecoder | None = None
@@ -245,6 +253,8 @@ class AggregatorClient:
                 dec.finish(header.digest)
                 yield ModelVersion(header.round, flat, header.digest)
                 header, dec = None, None
+            elif kind == "skipped":
+                yield wire.round_skipped_from_proto(part)
             elif kind == "done":
                 yield wire.training_done_from_proto(part)
                 return

@@ -17,8 +17,10 @@ import numpy.typing as npt
 
 from fedgrpc.config import RoundConfig
 from fedgrpc.engine.spill import Spill
+from fedgrpc.engine.strategy_close import PartyMoments, close_with_strategy
 from fedgrpc.engine.uploads import AcceptedUpdate
 from fedgrpc.scoring import bounds, digfl
+from fedgrpc.strategies import Strategy, UpdateInfo
 from fedgrpc.types import UpdateKind
 
 _FOLD_BLOCK = 1 << 18  # elements per block of the weighted fold (1 MiB of float32)
@@ -121,6 +123,8 @@ class Step:
     seconds: float
     bound: float = math.inf  # B_t
     clip: dict[str, float] = field(default_factory=dict)  # c_i per party
+    carry: dict[str, float] = field(default_factory=dict)  # absent parties' momentum
+    trapezoid: bool = True  # score_i = coefficient_i <v, u_i>: digfl-2 applies
 
     def coefficient(self, party: str, cfg: RoundConfig) -> float:
         """Eta p_i c_i: a party's score is this times its inner product with v."""
@@ -139,6 +143,9 @@ def close_step(
     folded: int,
     spill: Spill,
     recycle: Callable[[np.ndarray], None],
+    strategy: Strategy | None = None,
+    v: np.ndarray | None = None,
+    moments: PartyMoments | None = None,
 ) -> Step:
     """Bound, weights, scores and the step of a round whose updates are in.
 
@@ -149,6 +156,11 @@ def close_step(
     over the bound gets a correction w_i (c_i - 1) u_i. A rule that buffers updates
     folds its buffers here with p_i c_i and hands them to ``recycle``.
     theta_{t+1} = theta_t - eta * acc / weight_sum, written into ``acc``.
+
+    Any other strategy (``strategy`` not streaming: a rule deciding at the close, or
+    a server optimiser) reads the round back from the spill instead
+    (:func:`~fedgrpc.engine.strategy_close.close_with_strategy`, given v_t and the
+    parties' momenta). FedBuff's staleness factor s_i multiplies every update.
     """
     t0 = time.perf_counter()
     parties = sorted(accepted)
@@ -156,9 +168,40 @@ def close_step(
     bound = bounds.round_bound(norms, cfg.norm_bound, cfg.norm_bound_factor)
     clip = {p: bounds.clip_factor(norms[p], bound) for p in parties}
     n = {p: accepted[p].weight_samples or accepted[p].num_samples for p in parties}
+    stale = {p: accepted[p].stale_factor for p in parties}
+    eta = step_size(cfg.update_kind, cfg.server_lr)
+    if (
+        strategy is not None
+        and not buffers_updates(cfg.aggregation)
+        and not (strategy.streaming)
+    ):
+        assert v is not None and moments is not None
+        infos = [
+            UpdateInfo(
+                p, n[p], accepted[p].dot, norms[p], clip[p] * stale[p],
+                accepted[p].staleness,
+            )
+            for p in parties
+        ]  # fmt: skip
+        with np.errstate(over="ignore", invalid="ignore"):  # checked by the caller
+            st = close_with_strategy(
+                strategy, round_index, infos, stale, eta, v, theta, acc, spill, moments
+            )
+        return Step(
+            st.weights, st.scores, acc, time.perf_counter() - t0, bound, clip,
+            carry=st.carry, trapezoid=strategy.trapezoid,
+        )  # fmt: skip
     # The scores see the bounded update c_i u_i: <v_t, c_i u_i> = c_i <v_t, u_i>.
     dots = {p: accepted[p].dot * clip[p] for p in parties}
-    weights = round_weights(cfg.aggregation, n, dots, cfg.update_kind, cfg.server_lr)
+    if strategy is None or buffers_updates(cfg.aggregation):
+        weights = round_weights(
+            cfg.aggregation, n, dots, cfg.update_kind, cfg.server_lr
+        )
+    else:  # the streaming rule's own weights: the ones its fixed weights folded with
+        infos = [UpdateInfo(p, n[p], accepted[p].dot, norms[p]) for p in parties]
+        weights = strategy.rule.weights(infos, None, math.nan)
+    # FedBuff: a stale update enters as s_i u_i (s_i = 1 in synchronous rounds).
+    weights = {p: w * stale[p] for p, w in weights.items()}
     if buffers_updates(cfg.aggregation):
         pairs = []
         for p in parties:
@@ -184,7 +227,8 @@ def close_step(
                     f"round {round_index}: the update of party {p} is missing from "
                     "the spill; the round cannot be folded"
                 )
-            w = entry.weight * (clip[p] - 1.0 if entry.folded else clip[p])
+            w = entry.weight * entry.stale_factor
+            w *= clip[p] - 1.0 if entry.folded else clip[p]
             if started:
                 fold(acc, u, w)
             else:
@@ -193,6 +237,5 @@ def close_step(
     scores = digfl.digfl_scores(dots, weights, cfg.update_kind, cfg.server_lr)
     # In place in the spare buffer: theta_t stays intact for v_t and for anyone
     # holding it until the next round's first fold; no fresh pages per round.
-    eta = step_size(cfg.update_kind, cfg.server_lr)
     new_theta = apply_step(theta, acc, eta / weight_sum)
     return Step(weights, scores, new_theta, time.perf_counter() - t0, bound, clip)

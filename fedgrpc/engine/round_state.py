@@ -50,6 +50,8 @@ class OpenRound:
     weight_sum: float = 0.0
     closing: bool = False  # decided to close or fail: no update is taken any more
     late: tuple[str, ...] = ()  # joined but not accepted when the close was decided
+    keep_buffers: bool = False  # digfl: the rule holds updates in memory to the close
+    sampled: frozenset[str] | None = None  # client sampling: the parties asked
 
     def take(self, sub: Submission, digest: str, acc: np.ndarray) -> SubmitOutcome:
         """Accept a whole update: fold it into ``acc``, or keep it (``digfl``)."""
@@ -70,14 +72,16 @@ class OpenRound:
         entry = AcceptedUpdate(
             sub.submission_id, digest, sub.num_samples, sub.train_loss, sub.dot,
             sub.norm_sq, weight=sub.weight, weight_samples=sub.weight_samples,
+            stale_factor=sub.stale_factor, staleness=sub.staleness,
         )  # fmt: skip
-        if sub.weight is None:  # digfl: weights only at the close
-            entry.buffer = sub.keep_buffer()
+        if sub.weight is None:  # weights only at the close
+            if self.keep_buffers:  # digfl holds them; other rules read the spill
+                entry.buffer = sub.keep_buffer()
         else:
             self.weight_sum += sub.weight
             if math.sqrt(sub.norm_sq) <= self.fold_limit:
                 fold = aggregate.start_fold if self.folded == 0 else aggregate.fold
-                fold(acc, sub.update, sub.weight)
+                fold(acc, sub.update, sub.weight * sub.stale_factor)
                 self.folded += 1
                 entry.folded = True
             # Else the norm bound may scale it: it is folded at the close, from the
@@ -96,7 +100,12 @@ class OpenRound:
         # Close early only with quorum: after a failed round the inactive parties must
         # not let a single resubmission close the retry.
         quorum = len(self.accepted) >= cfg.min_parties
-        if quorum and (active <= set(self.accepted) or now >= self.deadline):
+        if cfg.buffered:  # FedBuff: a step every buffer_size updates
+            everyone = len(self.accepted) >= cfg.buffer_size
+        else:  # sampled: only the parties asked are waited for
+            waited = active if self.sampled is None else active & self.sampled
+            everyone = waited <= set(self.accepted)
+        if quorum and (everyone or now >= self.deadline):
             return Ending(RoundOutcome.OK)
         if now >= self.deadline:
             return Ending(

@@ -31,8 +31,9 @@ from fedgrpc.config import Limits, RoundConfig
 from fedgrpc.engine import aggregate
 from fedgrpc.engine.parties import PartyTable
 from fedgrpc.engine.round_state import Ending, OpenRound
-from fedgrpc.engine.second_order import PendingSecond
-from fedgrpc.engine.spill import MemorySpill, Spill
+from fedgrpc.engine.second_order import PendingSecond, SecondOrderJobs
+from fedgrpc.engine.spill import MemorySpill, Spill, blocked_dot
+from fedgrpc.engine.strategy_close import PartyMoments
 from fedgrpc.engine.uploads import (
     AcceptedUpdate,
     Resend,
@@ -49,6 +50,7 @@ from fedgrpc.errors import (
 )
 from fedgrpc.layout import FlatLayout, update_digest
 from fedgrpc.scoring import bounds
+from fedgrpc.strategies import Strategy, build_strategy
 from fedgrpc.types import (
     RoundOutcome,
     RoundResult,
@@ -101,11 +103,16 @@ class RoundEngine:
         upload_idle_s: an upload that sends nothing for this long is discarded.
         spill: where accepted updates wait for the close (norm bound) and for
             v_{t+1} (digfl-2); in memory when ``None``.
-        on_second_order: called with a round's digfl-2 scores once v_{t+1} is known,
-            before the commit of the round after it (or at the end of the run).
+        on_second_order: called with a round's digfl-2 scores once they are computed
+            (after v_{t+1}, while the next round runs), at the latest before the
+            commit of the round two after it (or at the end of the run).
         pending_second: a resumed run's last committed round still waiting for
             its digfl-2 scores.
+        second_order_executor: where the digfl-2 jobs run (default: ``executor``);
+            a thread of their own keeps a slow job from delaying the next v_t.
         max_samples: the largest sample count a party may claim.
+        strategy: the aggregation rule and server optimiser (built from ``cfg``
+            when ``None``); its state is :meth:`strategy_state`.
         upload_min_rate_bytes_s: after ``upload_grace_s`` an upload slower than this
             (on average) is discarded, which also bounds its overall time.
         upload_grace_s: time an upload gets before its rate is judged.
@@ -140,8 +147,13 @@ class RoundEngine:
         on_second_order: Callable[[SecondOrder], None] | None = None,
         pending_second: PendingSecond | None = None,
         max_samples: int = _LIMITS.max_num_samples,
+        strategy: Strategy | None = None,
+        second_order_executor: Executor | None = None,
     ) -> None:
         self.cfg = cfg
+        self.strategy = strategy if strategy is not None else build_strategy(cfg)
+        # Each party's share of the server optimiser's momentum (DESIGN §4).
+        self.moments = PartyMoments()
         self.layout = FlatLayout.of(specs)
         theta_buffers = _theta_buffers(self.layout.size, init_flat, theta_buffers)
         self.theta = theta_buffers[0]  # theta_t
@@ -166,16 +178,20 @@ class RoundEngine:
         )
         self.parties = PartyTable(max_parties, clock, max_samples)
         self.spill: Spill = spill if spill is not None else MemorySpill()
-        self._on_second_order = on_second_order
-        # digfl-2 of the last closed round, and its computation once v_{t+1} exists.
-        self._pending2 = pending_second
-        self._second: Future[SecondOrder] | None = None
+        # digfl-2 of the closed rounds, from their close to the ledger.
+        self._digfl2 = SecondOrderJobs(
+            self.spill,
+            second_order_executor or executor,
+            on_second_order,
+            pending_second,
+        )
         self._last_bound = math.inf  # B of the last closed round (early-fold limit)
         self.state = RunState.WAITING
         self.reason = ""
         self.round_index = start_round
         self.rounds_done = start_round
         self._round: OpenRound | None = None
+        self._sampled: dict[int, frozenset[str] | None] = {}  # the last two rounds'
         self._retries = 0
         # Accepted digests of the last two rounds: resends after a close get their OK.
         self._history: dict[tuple[int, str], AcceptedUpdate] = {}
@@ -290,7 +306,15 @@ class RoundEngine:
                 and past.submission_id == submission_id
             ):
                 return Resend(self.layout, round_index, party_id, submission_id, past)
-            rnd = self._open_for_updates(label, round_index)
+            if past is not None and self.cfg.buffered:
+                # FedBuff: one update per model version a party trained on; the same
+                # work replayed into later versions under new ids is not new work.
+                raise DuplicateSubmissionError(
+                    f"{label}: an update computed on version {round_index} "
+                    f"({past.submission_id or 'no id'}) was already accepted; train "
+                    "on the current version"
+                )
+            rnd, staleness = self._open_for_updates(label, round_index, party_id)
             prev = rnd.accepted.get(party_id)
             if prev is not None:
                 if prev.submission_id != submission_id:
@@ -311,11 +335,10 @@ class RoundEngine:
             weight = (
                 None
                 if aggregate.buffers_updates(self.cfg.aggregation)
-                else aggregate.fixed_weight(
-                    self.cfg.aggregation, counted, rnd.weight_ref
-                )
+                or not self.strategy.streaming
+                else self.strategy.rule.fixed_weight(counted, rnd.weight_ref)
             )
-            return Submission(
+            sub = Submission(
                 self,
                 self.uploads,
                 self.layout,
@@ -331,9 +354,20 @@ class RoundEngine:
                 counted,
                 share,
             )
+            if staleness:
+                sub.staleness = staleness
+                sub.stale_factor = (1.0 + staleness) ** -self.cfg.staleness_exponent
+            return sub
 
-    def _open_for_updates(self, label: str, round_index: int) -> OpenRound:
-        """The open round if ``round_index`` is it and it takes updates; else raise."""
+    def _open_for_updates(
+        self, label: str, round_index: int, party_id: str
+    ) -> tuple[OpenRound, int]:
+        """The open round if it takes this update, and the update's staleness.
+
+        In synchronous rounds ``round_index`` must be the open round (and, with client
+        sampling, the party one of those asked); with FedBuff it may be up to
+        ``max_staleness`` versions old.
+        """
         if self.state == RunState.DONE:
             raise StaleRoundError(
                 f"{label}: training is over after {self.rounds_done} rounds"
@@ -346,18 +380,36 @@ class RoundEngine:
                 f"{label}: no round is open yet (waiting for parties); the next is "
                 f"{self.round_index}"
             )
-        if round_index != rnd.index:
+        staleness = rnd.index - round_index
+        if self.cfg.buffered and 0 < staleness <= self.cfg.max_staleness:
+            pass  # FedBuff: applied to the open version, weighted by its staleness
+        elif staleness:
             when = "past" if round_index < rnd.index else "future"
-            raise StaleRoundError(f"{label}: {when} round; open round is {rnd.index}")
-        if rnd.closing:
+            limit = (
+                f" (more than --max-staleness {self.cfg.max_staleness} versions old)"
+                if self.cfg.buffered and staleness > 0
+                else ""
+            )
+            raise StaleRoundError(
+                f"{label}: {when} round{limit}; open round is {rnd.index}"
+            )
+        if rnd.closing and not self.cfg.buffered:  # FedBuff: it follows (accept)
             raise StaleRoundError(
                 f"{label}: round {rnd.index} is closing; the next round is "
                 f"{rnd.index + 1}"
             )
-        return rnd
+        if rnd.sampled is not None and party_id not in rnd.sampled:
+            raise StaleRoundError(
+                f"{label}: party {party_id} was not sampled for round {rnd.index} "
+                f"({len(rnd.sampled)} of {len(self.parties)} parties were); it is "
+                "asked again in a later round"
+            )
+        return rnd, staleness
 
     def accept(self, sub: Submission, digest: str) -> SubmitOutcome:
         """Take a whole, validated update into its round (called by ``finish``)."""
+        if self.cfg.buffered:
+            self._follow_versions(sub)
         # Outside the lock: the copy to the spill is the size of the model. It becomes
         # the party's stored update only if the round takes it (under the lock).
         try:
@@ -389,12 +441,38 @@ class RoundEngine:
                 if not known:  # an identical resend keeps the stored update
                     self.spill.commit(staged)
                     committed = True
-                self._history[(rnd.index, sub.party_id)] = rnd.accepted[sub.party_id]
+                # Keyed by the round the party trained on: its resend names that one.
+                base = rnd.index - sub.staleness
+                self._history[(base, sub.party_id)] = rnd.accepted[sub.party_id]
                 self._changed.notify_all()
                 return outcome
         finally:
             if not committed:
                 self.spill.discard(staged)
+
+    def _follow_versions(self, sub: Submission) -> None:
+        """FedBuff: move an upload whose version closed meanwhile to the open one.
+
+        A slow party's update then still counts, as FedBuff intends: staleness one
+        more, scored against the open version's v (one pass over the update).
+        Beyond ``max_staleness`` it stays where it was and is refused.
+        """
+        with self._lock:
+            # A version closing now opens the next in well under a round's timeout.
+            self._changed.wait_for(
+                lambda: self._round is None or not self._round.closing,
+                timeout=self.cfg.round_timeout_s,
+            )
+            rnd = self._round
+            if rnd is None or rnd.index == sub.round or rnd.closing:
+                return
+            staleness = rnd.index - (sub.round - sub.staleness)
+            if staleness > self.cfg.max_staleness:
+                return
+            index, val_grad = rnd.index, rnd.val_grad
+        dot = blocked_dot(val_grad.result()[0], sub.update)  # outside the lock
+        factor = (1.0 + staleness) ** -self.cfg.staleness_exponent
+        sub.rebind(index, staleness, factor, dot)
 
     # ----------------------------------------------------------------- rounds
     def wait(self, timeout_s: float) -> None:
@@ -410,6 +488,9 @@ class RoundEngine:
         """
         if self.storage_error is not None:
             raise self.storage_error
+        if self.spill.error is not None:  # a background write failed (disk full)
+            raise self.spill.error
+        self._digfl2.collect()  # the digfl-2 jobs done since the last tick
         self.uploads.expire_idle(self._clock())
         with self._lock:
             now = self._clock()
@@ -418,8 +499,11 @@ class RoundEngine:
             self._run_effects()
         else:
             # Uploads still streaming into the closing round can no longer count:
-            # free their slots for the next round now.
-            dropped = self.uploads.abort_round(ending[0].index)
+            # free their slots for the next round now. (FedBuff: they count in the
+            # next version instead.)
+            dropped = (
+                0 if self.cfg.buffered else self.uploads.abort_round(ending[0].index)
+            )
             if dropped:
                 log.info(
                     "round %d closing: %d uploads in flight discarded",
@@ -448,8 +532,14 @@ class RoundEngine:
         if decision is None:
             return None
         rnd.closing = True
-        # Who missed the round, as of now: a party joining while it closes is not.
-        rnd.late = tuple(p for p in self.parties.ids() if p not in rnd.accepted)
+        # Who missed the round, as of now: a party joining while it closes is not;
+        # nor is one that was not sampled, nor (FedBuff) one still training.
+        asked = self.parties.ids() if rnd.sampled is None else sorted(rnd.sampled)
+        rnd.late = (
+            ()
+            if self.cfg.buffered
+            else tuple(p for p in asked if p not in rnd.accepted)
+        )
         return rnd, decision
 
     def _conclude(self, rnd: OpenRound, ending: Ending, now: float) -> None:
@@ -468,13 +558,15 @@ class RoundEngine:
         if ending.outcome is RoundOutcome.OK:
             result, new_theta, pending = self._close(rnd, now)
             if result.ok and pending is not None:
-                # Round t-1's digfl-2 first: the ledger never holds round t without it.
-                self._record_second_order()
+                # The close does not wait for round t-1's digfl-2 job (it may still be
+                # reading the spill): the ledger may hold round t before it, never
+                # before round t-2's.
+                self._digfl2.collect(through=rnd.index - 2)
                 self._commit(result, new_theta)
-                self._pending2, self._second = pending, None
+                self._digfl2.closed(pending)
                 if rnd.index + 1 >= self.cfg.rounds:
                     # The last round: one extra gradient pass at theta_T for digfl-2.
-                    self._record_second_order(self._final_gradient(new_theta))
+                    self._digfl2.final(self._final_gradient(new_theta))
                 self._last_bound = (
                     result.parties[0].norm_bound if result.parties else math.inf
                 )
@@ -501,8 +593,11 @@ class RoundEngine:
     ) -> tuple[RoundResult, np.ndarray, PendingSecond | None]:
         """The step and the validation pass of a closing round (outside the lock)."""
         t0 = time.perf_counter()
-        _, loss_before, acc_before = rnd.val_grad.result()
+        v_t, loss_before, acc_before = rnd.val_grad.result()
         val_grad_s = time.perf_counter() - t0
+        # A failed step must leave the optimiser's state (and the parties' momenta)
+        # as they were: the retry starts from them again.
+        saved = None if self.strategy.streaming else self.strategy_state()
         step = aggregate.close_step(
             self.cfg,
             rnd.index,
@@ -513,6 +608,9 @@ class RoundEngine:
             rnd.folded,
             self.spill,
             self.uploads.recycle,
+            self.strategy,
+            v_t,
+            self.moments,
         )
         late, before = rnd.late, (loss_before, acc_before)
         if not np.isfinite(step.theta).all():
@@ -520,15 +618,58 @@ class RoundEngine:
                 f"round {rnd.index}: the aggregated model is not finite (updates too "
                 "large); nothing was applied"
             )
+            if saved is not None:
+                self.load_strategy_state(saved)
             return rnd.failed(reason, late, before, now), self.theta, None
         after = self._validator.evaluate(step.theta)
-        pending = PendingSecond(
-            rnd.index,
-            {p: step.coefficient(p, self.cfg) for p in rnd.accepted},
-            {p: e.dot for p, e in rnd.accepted.items()},
-        )
+        if step.trapezoid:
+            pending = PendingSecond(
+                rnd.index,
+                {p: step.coefficient(p, self.cfg) for p in rnd.accepted},
+                {p: e.dot for p, e in rnd.accepted.items()},
+            )
+        else:  # a party's part is not c <v, u_i>: digfl-2 = digfl-1 (DESIGN §4)
+            pending = PendingSecond(rnd.index, {}, {}, fixed=dict(step.scores))
         result = rnd.result(step, late, before, after, now, val_grad_s)
+        result.extra.update(self._round_extra(rnd, step))
         return result, step.theta, pending
+
+    def _round_extra(self, rnd: OpenRound, step: aggregate.Step) -> dict[str, object]:
+        """What the ledger keeps of a round beyond its rows.
+
+        The strategy, the sampled parties, FedBuff staleness and the momentum carry
+        of absent parties.
+        """
+        extra: dict[str, object] = {}
+        if self.strategy.name != "samples" or self.cfg.aggregation != "samples":
+            extra["strategy"] = (
+                self.strategy.name if self.cfg.aggregation != "digfl" else "digfl"
+            )
+        if rnd.sampled is not None:
+            extra["sampled"] = sorted(rnd.sampled)
+        stale = {p: e.staleness for p, e in rnd.accepted.items() if e.staleness}
+        if stale:
+            extra["staleness"] = dict(sorted(stale.items()))
+        if step.carry:
+            extra["carry"] = dict(sorted(step.carry.items()))
+        return extra
+
+    # -------------------------------------------------------- strategy state
+    def strategy_state(self) -> dict[str, np.ndarray]:
+        """The server optimiser's state and the parties' momenta (copies).
+
+        For the checkpoint of the round just committed; empty for plain strategies.
+        """
+        state = {f"opt:{k}": v for k, v in self.strategy.optimiser.state().items()}
+        state.update(self.moments.state())
+        return state
+
+    def load_strategy_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore :meth:`strategy_state` (a resumed run, or a failed step)."""
+        opt = {k[4:]: v for k, v in state.items() if k.startswith("opt:")}
+        if opt:
+            self.strategy.optimiser.load_state(opt)
+        self.moments.load_state(state)
 
     def _advance(
         self, rnd: OpenRound, result: RoundResult, new_theta: np.ndarray
@@ -540,7 +681,9 @@ class RoundEngine:
         self._late = result.late
         self._last_round_s = result.duration_s
         self._retries = 0
-        for key in [k for k in self._history if k[0] < rnd.index - 1]:
+        # FedBuff: a resend may name a model up to max_staleness versions older.
+        horizon = rnd.index - 1 - (self.cfg.max_staleness if self.cfg.buffered else 0)
+        for key in [k for k in self._history if k[0] < horizon]:
             del self._history[key]
         log.info(
             "round %d closed: %d parties, val loss %.4f -> %.4f, acc %.3f, %.2f s",
@@ -562,6 +705,10 @@ class RoundEngine:
             self._pending_publish = self._open_round(self._clock())
 
     def _commit(self, result: RoundResult, theta_next: np.ndarray) -> None:
+        if self.spill.error is not None:
+            # A write of this round's updates may have failed: stop uncommitted, as
+            # a refused upload did; --resume reopens the round.
+            raise self.spill.error
         if self._on_commit is not None:
             self._on_commit(result, theta_next)
 
@@ -578,11 +725,12 @@ class RoundEngine:
                 if entry.buffer is not None:
                     self.uploads.recycle(entry.buffer)
                     entry.buffer = None
-            for key in [k for k in self._history if k[0] == rnd.index]:
+            gone = {id(e) for e in rnd.accepted.values()}
+            for key in [k for k, e in self._history.items() if id(e) in gone]:
                 del self._history[key]
         result = rnd.failed(reason, late, (loss_before, acc_before), now)
         result.extra["attempt"] = self._retries
-        self._record_second_order()  # v_{t+1} = v of this attempt: theta unchanged
+        self._digfl2.collect()  # a retry opens with the same theta: its job stands
         self.spill.drop(rnd.index)  # what the round received is not applied
         self._commit(result, self.theta)
         log.warning("%s", reason)
@@ -629,53 +777,49 @@ class RoundEngine:
             count_caps=caps,
             count_cap_late=late_cap,
             fold_limit=bounds.early_fold_limit(self._last_bound, self.cfg.norm_bound),
+            keep_buffers=aggregate.buffers_updates(self.cfg.aggregation),
+            sampled=self._sample() if self.cfg.sampling else None,
         )
+        self._sampled = {
+            r: s for r, s in self._sampled.items() if r >= self.round_index - 1
+        }
+        self._sampled[self.round_index] = self._round.sampled
         log.info("round %d open", self.round_index)
         self._changed.notify_all()
         return self.round_index, theta
 
+    def _sample(self) -> frozenset[str]:
+        """Client sampling: the parties asked to train in the opening round.
+
+        Seeded by (seed, round, attempt): the same joined parties give the same
+        subsets in every run. Drawn from the active parties first (a party that
+        missed its last round is asked only when too few others are).
+        """
+        cfg, ids = self.cfg, self.parties.ids()
+        want = cfg.asked_per_round(len(ids))
+        active = set(self.parties.active())
+        rng = np.random.default_rng([cfg.seed, self.round_index, self._retries])
+        first = sorted(p for p in ids if p in active)
+        rest = sorted(p for p in ids if p not in active)
+        order = [first[i] for i in rng.permutation(len(first))]
+        order += [rest[i] for i in rng.permutation(len(rest))]
+        return frozenset(order[:want])
+
+    def sampled(self, party_id: str, round_index: int) -> bool:
+        """Whether ``party_id`` is asked to train in ``round_index``.
+
+        Always True without client sampling; False for a round not open any more.
+        """
+        with self._lock:
+            if not self.cfg.sampling:
+                return True
+            chosen = self._sampled.get(round_index)
+            return chosen is not None and party_id in chosen
+
     # ------------------------------------------------------------ digfl-2
     def _start_second_order(self, val_grad: ValGrad) -> None:
         """Once v_{t+1} (``val_grad``) exists, score the last closed round (digfl-2)."""
-        pending = self._pending2
-        if pending is None or self._second is not None:
-            return
-
-        def job() -> SecondOrder:
-            return pending.compute(val_grad.result()[0], self.spill)
-
-        if self._executor is None:
-            fut: Future[SecondOrder] = Future()
-            fut.set_result(job())
-            self._second = fut
-        else:  # after v_{t+1} in the same queue: both overlap the parties' training
-            self._second = self._executor.submit(job)
-
-    def _record_second_order(self, v_next: np.ndarray | None = None) -> None:
-        """Record the pending digfl-2 scores if they are ready (outside the lock).
-
-        ``v_next`` given: compute them now from it (the extra pass after the last
-        round). A computation that failed leaves the round without digfl-2 scores.
-        """
-        pending, fut = self._pending2, self._second
-        if pending is None:
-            return
-        if v_next is not None:
-            so: SecondOrder | None = pending.compute(v_next, self.spill)
-        elif fut is not None:
-            if fut.exception() is not None:  # waits: one read of the round's updates
-                log.warning(
-                    "round %d: digfl-2 scores lost: %s", pending.round, fut.exception()
-                )
-                so = None
-            else:
-                so = fut.result()
-        else:
-            return
-        if so is not None and self._on_second_order is not None:
-            self._on_second_order(so)
-        self.spill.drop(pending.round)
-        self._pending2, self._second = None, None
+        self._digfl2.start(val_grad)
 
     def _set_finished(self, state: RunState, reason: str) -> None:
         """Record the end of the run (under the lock); on_finish runs after it."""

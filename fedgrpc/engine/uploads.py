@@ -54,6 +54,8 @@ class AcceptedUpdate:
     weight_samples: int = 0  # the count w_i derives from (the claim, maybe capped)
     folded: bool = False  # in the accumulator already (with weight w_i, unbounded)
     buffer: np.ndarray | None = None  # the update itself, only while a rule needs it
+    stale_factor: float = 1.0  # FedBuff: s_i = (1 + staleness)^-a, 1 when in sync
+    staleness: int = 0  # versions between the model it was computed on and its round
 
 
 class Acceptor(Protocol):
@@ -275,6 +277,8 @@ class Submission:
         self.submission_id = submission_id
         self.weight = weight
         self.weight_samples = weight_samples or num_samples
+        self.stale_factor = 1.0  # FedBuff: set by the engine for a stale update
+        self.staleness = 0
         self.label = f"party {party_id}, round {round_index}"
         self.last_activity = clock()
         self.slot_since = self.last_activity
@@ -427,6 +431,21 @@ class Submission:
         with self._lock:
             buf, self._buffer = self._buffer, None
         self._pool.release(self, None if self._kept else buf)
+
+    def rebind(
+        self, round_index: int, staleness: int, factor: float, dot: float
+    ) -> None:
+        """FedBuff: the version the update was for closed while it streamed in.
+
+        It counts in ``round_index`` instead, ``staleness`` versions after the model
+        it was computed on, scored against that round's v (``dot``, recomputed from
+        the whole update by the engine).
+        """
+        self.round = round_index
+        self.staleness = staleness
+        self.stale_factor = factor
+        self._dot = dot
+        self.label = f"party {self.party_id}, round {round_index}"
 
     # ------------------------------------------- what the engine reads at accept
     @property

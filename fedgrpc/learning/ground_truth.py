@@ -114,9 +114,9 @@ class CoalitionUtility:
     def train(self, coalition: frozenset[str]) -> list[RoundResult]:
         """Run the engine on exactly the parties of ``coalition``; its round results."""
         members = {p: self._parties[p] for p in sorted(coalition)}
-        cfg = replace(
-            self._cfg, min_parties=len(members), expected_parties=len(members)
-        )
+        # Every member takes part (client sampling: the round's sample of them).
+        quorum = replace(self._cfg, min_parties=1).asked_per_round(len(members))
+        cfg = replace(self._cfg, min_parties=quorum, expected_parties=len(members))
         _, results = run_in_process(
             cfg,
             members,
@@ -485,9 +485,7 @@ def _full_run(utility: CoalitionUtility, ids: Sequence[str]) -> _FullRun:
     grand = utility.value_of(results, wall_s)
     out = []
     for method in ("digfl-1", "digfl-2"):
-        per_round = [
-            {p.party_id: p.method_score(method) for p in r.parties} for r in results
-        ]
+        per_round = [r.scores(method) for r in results]  # momentum carry included
         totals = dg.totals(per_round)
         out.append({p: totals.get(p, 0.0) for p in ids})
     utility.record(everyone, grand)

@@ -136,9 +136,17 @@ def run_in_process(
 ) -> tuple[RoundEngine, list[RoundResult]]:
     """Run the same engine and training without any network (DESIGN §4 oracle).
 
+    Every party answers every round it is asked in, at once: a FedBuff run
+    (``buffer_size``) is refused, its staleness being a matter of timing.
+
     Returns the finished engine (``engine.theta`` is the final model) and the round
     results.
     """
+    if cfg.buffered:
+        raise ConfigError(
+            "FedBuff (--buffer-size) depends on when updates arrive; an in-process "
+            "run has no timing to reproduce (measure it over gRPC: fedgrpc simulate)"
+        )
     setup = setup_model(cfg)
     trainer = LocalTrainer(cfg, setup.specs, "in-process run", threads)
     start = setup.theta0 if theta0 is None else theta0
@@ -173,6 +181,8 @@ def run_in_process(
         t = engine.open_round
         theta = engine.theta
         for pid in sorted(parties):
+            if not engine.sampled(pid, t):  # client sampling: sits the round out
+                continue
             update, loss = trainer.train(theta, parties[pid], pid, t, attacks.get(pid))
             submit_arrays(
                 engine,

@@ -36,6 +36,15 @@ log = logging.getLogger("fedgrpc.validation_worker")
 REGIONS = ("theta_a", "theta_b", "grad", "scratch")
 THETA_A, THETA_B, GRAD, SCRATCH = range(len(REGIONS))
 
+TORCH_THREADS = 1
+"""Threads of the worker's torch (intra-op; inter-op is 1 too).
+
+One, whatever the machine: a pass runs while the aggregator's own threads receive,
+fold and encode on the same cores, and torch's default (one per core) made them
+compete. Measured with ``scripts/bench_round.py`` on 2 cores (docs/benchmarks.md):
+the 4 x 100 k round with the real passes took 64 % longer with 2 threads, and at
+4 x 10 M the passes themselves were no faster with 2."""
+
 
 def map_regions(fd: int, size: int) -> np.ndarray:
     """Map ``len(REGIONS)`` float32 vectors of ``size`` elements from ``fd``.
@@ -122,7 +131,11 @@ def main() -> int:
         level=int(init.get("log_level", logging.INFO)),
         format="%(asctime)s %(levelname)s validator: %(message)s",
     )
-    from fedgrpc.learning.validation import local_validation  # torch: here, not above
+    import torch  # here, not above: the aggregator imports the protocol half
+
+    torch.set_num_threads(TORCH_THREADS)
+    torch.set_num_interop_threads(1)  # before any parallel work, or torch refuses
+    from fedgrpc.learning.validation import local_validation
 
     try:
         local = local_validation(
@@ -159,6 +172,7 @@ def main() -> int:
             "specs": specs_to_json(local.specs),
             "round": round_config_to_json(local.round_cfg),
             "val_digest": local.val_digest,
+            "torch_threads": [torch.get_num_threads(), torch.get_num_interop_threads()],
         },
     )
     validator = local.validator

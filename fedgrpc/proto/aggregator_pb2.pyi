@@ -317,6 +317,32 @@ class TrainingDone(_message.Message):
 Global___TrainingDone: _TypeAlias = TrainingDone  # noqa: Y015
 
 @_typing.final
+class RoundSkipped(_message.Message):
+    """Client sampling: sent instead of the model to a party not asked to train in a round."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    """the round the party sits out; it waits for the next version"""
+    reason: _builtins.str
+    """e.g. "not sampled (100 of 1000 parties)" """
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoundSkipped: _TypeAlias = RoundSkipped  # noqa: Y015
+
+@_typing.final
 class ModelMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -324,6 +350,7 @@ class ModelMessage(_message.Message):
     CHUNK_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def header(self) -> Global___ModelHeader: ...
     @_builtins.property
@@ -332,6 +359,10 @@ class ModelMessage(_message.Message):
     def end(self) -> Global___ModelEnd: ...
     @_builtins.property
     def done(self) -> Global___TrainingDone: ...
+    @_builtins.property
+    def skipped(self) -> Global___RoundSkipped:
+        """client sampling: this party is not asked to train this round"""
+
     def __init__(
         self,
         *,
@@ -339,12 +370,13 @@ class ModelMessage(_message.Message):
         chunk: _tensor_pb2.TensorChunk | None = ...,
         end: Global___ModelEnd | None = ...,
         done: Global___TrainingDone | None = ...,
+        skipped: Global___RoundSkipped | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "end", b"end", "header", b"header", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "end", b"end", "header", b"header", "kind", b"kind", "skipped", b"skipped"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "end", b"end", "header", b"header", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "done", b"done", "end", b"end", "header", b"header", "kind", b"kind", "skipped", b"skipped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["header", "chunk", "end", "done"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["header", "chunk", "end", "done", "skipped"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -590,6 +622,8 @@ class PartyContribution(_message.Message):
     ROUNDS_FIELD_NUMBER: _builtins.int
     ATTACK_FIELD_NUMBER: _builtins.int
     BOUNDED_ROUNDS_FIELD_NUMBER: _builtins.int
+    ASKED_ROUNDS_FIELD_NUMBER: _builtins.int
+    CARRY_FIELD_NUMBER: _builtins.int
     party_id: _builtins.str
     total: _builtins.float
     """sum of phi_{t,i} over the selected rounds (nats), signed"""
@@ -601,6 +635,10 @@ class PartyContribution(_message.Message):
     """attack recorded for the party in simulations ("" = none)"""
     bounded_rounds: _builtins.int
     """rounds in which the norm bound scaled the update down"""
+    asked_rounds: _builtins.int
+    """rounds it was asked to train in (client sampling; else joined)"""
+    carry: _builtins.float
+    """part of total from its momentum in rounds it was absent (nats)"""
     @_builtins.property
     def rounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartyRoundScore]: ...
     def __init__(
@@ -613,10 +651,12 @@ class PartyContribution(_message.Message):
         rounds: _abc.Iterable[Global___PartyRoundScore] | None = ...,
         attack: _builtins.str = ...,
         bounded_rounds: _builtins.int = ...,
+        asked_rounds: _builtins.int = ...,
+        carry: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attack", b"attack", "bounded_rounds", b"bounded_rounds", "party_id", b"party_id", "reference_share", b"reference_share", "rounds", b"rounds", "share", b"share", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asked_rounds", b"asked_rounds", "attack", b"attack", "bounded_rounds", b"bounded_rounds", "carry", b"carry", "party_id", b"party_id", "reference_share", b"reference_share", "rounds", b"rounds", "share", b"share", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -627,6 +667,26 @@ class RoundMetrics(_message.Message):
     """Per-round metrics (validation set on the aggregator)."""
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CarryEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     ROUND_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
@@ -642,6 +702,9 @@ class RoundMetrics(_message.Message):
     VAL_GRAD_S_FIELD_NUMBER: _builtins.int
     AGGREGATE_S_FIELD_NUMBER: _builtins.int
     PREDICTED_DROP_2_FIELD_NUMBER: _builtins.int
+    SAMPLED_FIELD_NUMBER: _builtins.int
+    CARRY_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     status: _builtins.str
     """"ok" or "failed: reason" """
@@ -664,10 +727,20 @@ class RoundMetrics(_message.Message):
     """time to fold and step (seconds)"""
     predicted_drop_2: _builtins.float
     """sum_i of the digfl-2 scores (NaN while pending)"""
+    strategy: _builtins.str
+    """rule[+optimiser], e.g. "median+adam" ("" = samples)"""
     @_builtins.property
     def submitted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def late(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def sampled(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """client sampling: the parties asked (empty = every joined party)"""
+
+    @_builtins.property
+    def carry(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """server momentum: absent parties' scores in this step (nats)"""
+
     def __init__(
         self,
         *,
@@ -685,10 +758,13 @@ class RoundMetrics(_message.Message):
         val_grad_s: _builtins.float = ...,
         aggregate_s: _builtins.float = ...,
         predicted_drop_2: _builtins.float = ...,
+        sampled: _abc.Iterable[_builtins.str] | None = ...,
+        carry: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        strategy: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_s", b"aggregate_s", "duration_s", b"duration_s", "late", b"late", "measured_drop", b"measured_drop", "predicted_drop", b"predicted_drop", "predicted_drop_2", b"predicted_drop_2", "round", b"round", "status", b"status", "submitted", b"submitted", "val_acc_after", b"val_acc_after", "val_acc_before", b"val_acc_before", "val_grad_s", b"val_grad_s", "val_loss_after", b"val_loss_after", "val_loss_before", b"val_loss_before"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_s", b"aggregate_s", "carry", b"carry", "duration_s", b"duration_s", "late", b"late", "measured_drop", b"measured_drop", "predicted_drop", b"predicted_drop", "predicted_drop_2", b"predicted_drop_2", "round", b"round", "sampled", b"sampled", "status", b"status", "strategy", b"strategy", "submitted", b"submitted", "val_acc_after", b"val_acc_after", "val_acc_before", b"val_acc_before", "val_grad_s", b"val_grad_s", "val_loss_after", b"val_loss_after", "val_loss_before", b"val_loss_before"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import fedgrpc
@@ -38,15 +38,17 @@ from fedgrpc.errors import ConfigError, FedGrpcError
 from fedgrpc.layout import FlatLayout
 from fedgrpc.proto import aggregator_pb2
 from fedgrpc.security.registry import PartyRegistry
+from fedgrpc.server.aioserver import AioServer, ThreadSafeHealth
 from fedgrpc.server.auth import server_credentials
 from fedgrpc.server.broadcast import ModelBroadcaster
-from fedgrpc.server.guard import pool_size
 from fedgrpc.server.servicer import AggregatorServicer, Run
 from fedgrpc.server.validation import ValidationSetup, open_validation
+from fedgrpc.store.checkpoint import load_arrays
 from fedgrpc.store.files import atomic_write
 from fedgrpc.store.ledger import Ledger
 from fedgrpc.store.run_dir import RESUME_KEY, RunDir
-from fedgrpc.types import RoundResult, RunState
+from fedgrpc.strategies import build_strategy
+from fedgrpc.types import RoundResult, RunState, SecondOrder
 
 if TYPE_CHECKING:
     from fedgrpc.server.metrics import Metrics
@@ -154,6 +156,13 @@ class Aggregator:
         self.port = 0
         self.validation: ValidationSetup | None = None
         self._executor: futures.ThreadPoolExecutor | None = None
+        self._digfl2_executor: futures.ThreadPoolExecutor | None = None
+        # The resume pointer committed last, until its checkpoint is hashed and
+        # older ones pruned: on a thread of its own after the model's publication,
+        # so not even a short round's uploads wait for it.
+        self._unsealed: dict[str, Any] | None = None
+        self._sealing: futures.Future[None] | None = None
+        self._seal_pool = futures.ThreadPoolExecutor(1, thread_name_prefix="seal")
         try:
             self._open(cfg)
         except BaseException:
@@ -205,7 +214,7 @@ class Aggregator:
                 "anyone who reaches this port can join and upload as any party id. "
                 "Nobody's contributions will be served."
             )
-        self.health = health.HealthServicer()
+        self.health = ThreadSafeHealth()
         self.metrics: Metrics | None = None
         if cfg.metrics_address is not None:
             from fedgrpc.server.metrics import Metrics  # prometheus: only when asked
@@ -233,6 +242,9 @@ class Aggregator:
         theta, start_round = validation.theta0, 0
         if cfg.resume:
             theta, start_round = self.run_dir.load_resume(self.ledger, self.layout)
+            # Killed before the last checkpoint was hashed: seal it now.
+            self._unsealed = self.ledger.get_state(RESUME_KEY)
+            self._sealed()
             log.info("resuming run %s at round %d", self.run_id, start_round)
         else:
             config_json = {
@@ -247,6 +259,11 @@ class Aggregator:
             self.ledger.set_state(RESUME_KEY, state)
         self.broadcaster = ModelBroadcaster(self.layout, wire_dtype=rcfg.wire_dtype)
         self._executor = futures.ThreadPoolExecutor(1, thread_name_prefix="val-grad")
+        # digfl-2 jobs on a thread of their own: a job still reading the spill never
+        # delays the next round's v_t.
+        self._digfl2_executor = futures.ThreadPoolExecutor(
+            1, thread_name_prefix="digfl-2"
+        )
         self.spill = DirSpill(self.run_dir.path / "spill")
         self.engine = RoundEngine(
             rcfg,
@@ -256,7 +273,7 @@ class Aggregator:
             theta_buffers=validation.theta_buffers,
             executor=self._executor,
             on_commit=self._commit,
-            on_publish=self.broadcaster.publish,
+            on_publish=self._publish,
             on_finish=self._on_finish,
             on_join=self.ledger.upsert_party,
             start_round=start_round,
@@ -269,7 +286,12 @@ class Aggregator:
             max_samples=cfg.limits.max_num_samples,
             upload_min_rate_bytes_s=cfg.limits.upload_min_rate_bytes_s,
             upload_grace_s=cfg.limits.upload_grace_s,
+            second_order_executor=self._digfl2_executor,
         )
+        if cfg.resume:  # the server optimiser continues where it stopped
+            self.engine.load_strategy_state(
+                self.run_dir.load_strategy_state(self.ledger)
+            )
         self.engine.parties.evicted = self.ledger.evicted()
         registry = self.servicer.registry
         for p in self.ledger.parties():
@@ -305,24 +327,58 @@ class Aggregator:
     def _pending_second(
         self, rcfg: RoundConfig, start_round: int
     ) -> PendingSecond | None:
-        """A resumed run's last committed round still waiting for digfl-2 scores.
+        """A resumed run's committed rounds still waiting for digfl-2 scores.
 
-        Its updates are in the spill if the aggregator stopped after that round's
-        commit; any other spilled round is stale and removed.
+        The close does not wait for a round's digfl-2 job, so the ledger may hold the
+        last round and the one before it without them. The last waits for v_t of the
+        resumed round like any closed round (returned); the one before is scored now,
+        with v at the checkpoint of its next round. Their updates are in the spill if
+        the aggregator stopped after the commit; any other spilled round is stale and
+        removed.
         """
-        last = (
-            self.ledger.rounds(start_round - 1, start_round - 1) if start_round else []
+        rows = (
+            self.ledger.rounds(max(0, start_round - 2), start_round - 1)
+            if start_round
+            else []
         )
-        keep = None
-        if (
-            last
-            and last[0].ok
-            and last[0].parties
-            and not all(math.isfinite(p.score2) for p in last[0].parties)
-        ):
-            keep = PendingSecond.of(last[0], rcfg.server_lr, rcfg.update_kind)
-        self.spill.drop_all(keep.round if keep else None)
-        return keep
+        trapezoid = build_strategy(rcfg).trapezoid
+        pending = {
+            r.round: PendingSecond.of(r, rcfg.server_lr, rcfg.update_kind, trapezoid)
+            for r in rows
+            if r.ok
+            and r.parties
+            and not all(math.isfinite(p.score2) for p in r.parties)
+        }
+        self.spill.drop_all(keep=pending)
+        last = pending.pop(start_round - 1, None)
+        for t, older in pending.items():
+            self.ledger.record_second_order(self._second_order_now(older))
+            self.spill.drop(t)
+        return last
+
+    def _second_order_now(self, pending: PendingSecond) -> SecondOrder:
+        """digfl-2 of a committed round, with v_{t+1} from its next round's checkpoint.
+
+        Without that checkpoint (a run restored from a backup holds only the newest)
+        the round keeps its digfl-1 scores, ``dots_next`` NaN saying so.
+        """
+        if pending.fixed is not None:  # no trapezoid for this strategy: nothing to read
+            return pending.first_order()
+        path = self.run_dir.checkpoint_path(pending.round + 1)
+        assert self.validation is not None
+        try:
+            arrays, _ = load_arrays(path)
+            v_next = self.validation.validator.gradient(self.layout.flatten(arrays))[0]
+        except (ConfigError, FedGrpcError, OSError) as e:
+            log.warning(
+                "round %d: no digfl-2 from %s (%s); its digfl-1 scores stand in",
+                pending.round,
+                path.name,
+                e,
+            )
+            return pending.first_order()
+        log.info("round %d: digfl-2 scored at resume from %s", pending.round, path.name)
+        return pending.compute(v_next, self.spill)
 
     def _known_parties(self) -> set[str]:
         """Every party id of the run: joined now, or recorded in the ledger."""
@@ -338,17 +394,51 @@ class Aggregator:
             self.metrics.round_closed(result)
 
     def _commit_durably(self, result: RoundResult, theta_next: np.ndarray) -> None:
+        self._sealed()  # the last pointer first (long done): it is replaced now
         if result.ok:
+            # theta_{t+1} whole on disk (fsynced) before the ledger names it: the
+            # commit is only as durable as the model it points to. Its SHA-256
+            # follows the publication (docs/faults.md).
             state = self.run_dir.save_checkpoint(
-                self.layout, theta_next, self.run_id, result.round + 1, self.model_info
+                self.layout,
+                theta_next,
+                self.run_id,
+                result.round + 1,
+                self.model_info,
+                self.engine.strategy_state(),
+                sealed=False,
             )
             self.ledger.record_round(result, state={RESUME_KEY: state})
-            self.run_dir.prune_checkpoints(result.round + 1)
+            self._unsealed = state
         else:
             self.ledger.record_round(result)
         # Every round into the database file, not only the WAL (issue 11).
         if not self.ledger.checkpoint_wal():
             log.debug("ledger WAL checkpoint incomplete (a reader holds frames)")
+
+    def _publish(self, round_index: int, theta: np.ndarray) -> None:
+        """Publish the model, then seal the checkpoint committed before it.
+
+        Hashing the checkpoint, its sidecar and the pruning of old checkpoints need
+        not delay the model (the file is whole and fsynced already), nor the next
+        round: they run on the seal thread.
+        """
+        self.broadcaster.publish(round_index, theta)
+        pointer, self._unsealed = self._unsealed, None
+        if pointer is not None:
+            self._sealing = self._seal_pool.submit(self._seal, pointer)
+
+    def _seal(self, pointer: dict[str, Any]) -> None:
+        self.ledger.set_state(RESUME_KEY, self.run_dir.seal_checkpoint(pointer))
+
+    def _sealed(self) -> None:
+        """Wait for the last seal and finish one not started; raise its error."""
+        sealing, self._sealing = self._sealing, None
+        if sealing is not None:
+            sealing.result()
+        pointer, self._unsealed = self._unsealed, None
+        if pointer is not None:
+            self._seal(pointer)
 
     def _on_finish(self, state: RunState, reason: str) -> None:
         meta = {
@@ -362,8 +452,9 @@ class Aggregator:
         if err is not None and not self.failure:
             self.failure = _named_failure(err, self.run_dir)
         try:
+            self._sealed()  # the last round publishes no model
             self.run_dir.save_final(self.layout, self.engine.theta, meta)
-        except OSError as err:
+        except (OSError, sqlite3.Error) as err:
             # Never let a failed write kill the thread that reports the end.
             self.failure = self.failure or _named_failure(err, self.run_dir)
             log.error("cannot write the final model: %s", self.failure)
@@ -471,6 +562,7 @@ class Aggregator:
         self._closed = True
         self.health.enter_graceful_shutdown()
         self._stopping.set()
+        self.servicer.wake_streams()  # model streams end now, not at the grace
         ready = self.servicer.ready
         if save_open_round and ready and not self.engine.finished:
             st = self.engine.status()
@@ -495,8 +587,12 @@ class Aggregator:
         log.debug("gRPC server stopped in %.3f s", time.monotonic() - t0)
         if self._driver.is_alive():
             self._driver.join(timeout=5)
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+        for pool in (self._executor, self._digfl2_executor, self._seal_pool):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        spill: DirSpill | None = getattr(self, "spill", None)
+        if spill is not None:
+            spill.close()  # queued writes reach the disk: --resume reads them
         if self.validation is not None:
             self.validation.close()
             log.debug("validation closed at %.3f s", time.monotonic() - t0)
@@ -547,50 +643,67 @@ def _open_ledger(run_dir: RunDir) -> Ledger:
         ) from err
 
 
+KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
+    # Agreed with the client (client.stub.CHANNEL_OPTIONS, a ping every 30 s): the
+    # server accepts a data-less ping every 10 s, a third of the client's interval,
+    # so pings a loaded server reads late still never count as strikes. Before
+    # issue 14 the client pinged every 10 s against a 5 s minimum, and with 1,024
+    # parties every connection got GOAWAY ENHANCE_YOUR_CALM "too_many_pings".
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # A client pinging more often than allowed is still disconnected.
+    ("grpc.http2.max_ping_strikes", 3),
+    # The server probes silent connections too: a peer that vanished without
+    # closing frees its streams within ~40 s.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+"""The server's HTTP/2 keepalive and ping policy."""
+
+
 def _grpc_server(
     servicer: AggregatorServicer,
-    health_servicer: health.HealthServicer,
+    health_servicer: ThreadSafeHealth,
     limits: Limits,
     metrics: Metrics | None = None,
-) -> grpc.Server:
-    """The gRPC server: the Aggregator service, health checking and reflection."""
-    server = grpc.server(
-        # Each GetModel stream and each upload holds a worker thread while it lasts;
-        # threads start lazily, so the bound costs nothing until used. The servicer's
-        # caps (server.guard) stay below it, so health checks always find a thread.
-        futures.ThreadPoolExecutor(
-            max_workers=pool_size(limits), thread_name_prefix="rpc"
-        ),
-        options=[
+) -> AioServer:
+    """The gRPC server: the Aggregator service, health checking and reflection.
+
+    An asyncio server (server.aioserver): every call is a coroutine on one event
+    loop thread, so 1,000 open model streams and waiting uploads cost no thread each
+    (a thread per stream cost 62 % of the aggregator's CPU in the kernel's
+    scheduler at 128 parties; docs/benchmarks.md, Scale). ``limits`` bound the calls
+    in the servicer (server.guard).
+    """
+    del limits  # bounded by the servicer's guard, not by a thread pool
+
+    def setup(server: grpc.aio.Server, loop: Any) -> None:
+        servicer.bind(loop)
+        health_servicer.bind(loop)
+        server.add_generic_rpc_handlers((build_handler(servicer, metrics),))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer.servicer, server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+
+    return AioServer(
+        [
             ("grpc.so_reuseport", 0),
             # Without BDP probing each stream's HTTP/2 window stays at its default
             # instead of growing per connection: peak RSS with 32 parties x 10 M
             # parameters fell from 1365 to 843 MiB at the same round time.
             ("grpc.http2.bdp_probe", 0),
-            # Clients ping every 10 s to detect dead links; allow it.
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            # The server probes silent connections too: a peer that vanished
-            # without closing frees its streams (and threads) within ~40 s.
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            # A client pinging more often than allowed is disconnected.
-            ("grpc.http2.max_ping_strikes", 3),
+            *KEEPALIVE_OPTIONS,
             # Connections with no call for 10 min are closed.
             ("grpc.max_connection_idle_ms", 600_000),
         ],
+        setup,
     )
-    server.add_generic_rpc_handlers((build_handler(servicer, metrics),))
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    return server
 
 
 MALLOC_ARENAS = 2

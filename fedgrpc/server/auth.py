@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from typing import cast
+from typing import Any, cast
 
 import grpc
 
@@ -25,6 +25,9 @@ from fedgrpc.store.files import read_file
 
 log = logging.getLogger(__name__)
 
+AnyContext = grpc.ServicerContext | grpc.aio.ServicerContext[Any, Any]
+"""A call's context on the sync or the asyncio server (the same calls are used)."""
+
 _CN_KEY = "x509_common_name"
 """auth_context key of the verified peer certificate's subject CN (values are bytes)."""
 
@@ -33,7 +36,7 @@ _CN_KEY = "x509_common_name"
 _OPEN_REGISTRY = PartyRegistry(open=True)
 
 
-def _cert_name(context: grpc.ServicerContext) -> str | None:
+def _cert_name(context: AnyContext) -> str | None:
     """CN of the verified client certificate, or None if the peer sent none."""
     # grpc-stubs types this as Mapping[str, bytes]; at runtime each value is a list
     # of bytes, and the key is absent when the peer presented no certificate.
@@ -49,9 +52,10 @@ def _cert_name(context: grpc.ServicerContext) -> str | None:
         raise AuthError("client certificate common name is not UTF-8") from e
 
 
-def _bearer_token(context: grpc.ServicerContext) -> str | None:
+def _bearer_token(context: AnyContext) -> str | None:
     """The token of the call's ``authorization: Bearer`` header, or None if absent."""
-    headers = [v for k, v in context.invocation_metadata() if k.lower() == AUTH_HEADER]
+    metadata = context.invocation_metadata() or ()
+    headers = [v for k, v in metadata if k.lower() == AUTH_HEADER]
     if not headers:
         return None
     if len(headers) != 1:
@@ -70,7 +74,7 @@ def _bearer_token(context: grpc.ServicerContext) -> str | None:
 
 
 def identity_from_context(
-    context: grpc.ServicerContext, registry: PartyRegistry | None, *, mtls: bool
+    context: AnyContext, registry: PartyRegistry | None, *, mtls: bool
 ) -> Identity | None:
     """Authenticate the caller of an RPC from its channel and metadata.
 

@@ -1,29 +1,26 @@
-"""Admission at the gRPC edge: caps on concurrent calls, and a watchdog (DESIGN §5).
+"""Admission at the gRPC edge: caps on concurrent calls (DESIGN §5).
 
-Every RPC handler holds a worker thread while it runs, and a stream can last as long
-as its sender likes. So that no caller (or crowd of callers) can take every thread:
+RPCs are coroutines on one event loop (server.servicer), so an open stream holds no
+thread, but it still holds memory and a place in the server's bookkeeping, and a
+stream can last as long as its sender likes. So that no caller (or crowd of callers)
+can take the server:
 
 - the server admits at most ``stream_cap`` long-lived streams (GetModel,
-  SubmitGradient) and ``max_concurrent_unary`` unary calls at once; the thread pool
-  is larger than both together, so the health service and the rejections themselves
-  always find a thread;
+  SubmitGradient) and ``max_concurrent_unary`` unary calls at once;
 - each identity (an authenticated party or admin, else the payload's party id, else
   the connection) holds at most ``max_streams_per_party`` streams and
   ``max_unary_per_identity`` unary calls of each method at once;
-- a :class:`Watchdog` cancels streams that overstay: an upload whose header does not
-  arrive in time, or one the engine discarded while its sender went quiet.
+- streams that overstay are cancelled by timers on the loop: an upload whose header
+  does not arrive in time, or one the engine discarded while its sender went quiet.
 
 Rejections are RESOURCE_EXHAUSTED, raised before any message of the call is read.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from fedgrpc.config import Limits
@@ -34,13 +31,18 @@ log = logging.getLogger(__name__)
 STREAMING = ("GetModel", "SubmitGradient")
 """RPCs whose calls last as long as their sender (or the run) wants."""
 
-HEADROOM_THREADS = 16
-"""Worker threads beyond both caps: health checks, reflection and rejections."""
+HEADROOM_THREADS = 4
+"""Blocking-call threads beyond the caps that bound those calls."""
 
 
 def pool_size(limits: Limits) -> int:
-    """Worker threads the gRPC server needs so that the caps, not it, bound calls."""
-    return limits.stream_cap + limits.max_concurrent_unary + HEADROOM_THREADS
+    """Threads for the engine calls that may block, so the caps, not it, bound them.
+
+    Every unary call may block on the ledger (a Join's fsync, a contributions
+    query) and every upload in a slot ends with the fold; streams waiting for a
+    model or a slot hold no thread. Threads start lazily.
+    """
+    return limits.max_concurrent_unary + limits.max_inflight_uploads + HEADROOM_THREADS
 
 
 class CallGuard:
@@ -119,60 +121,3 @@ class CallGuard:
         """Calls in progress by kind (``stream``, ``unary``)."""
         with self._lock:
             return dict(self._total)
-
-
-class Watchdog:
-    """Runs callbacks at deadlines on one daemon thread (cancellable handles)."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
-        self._live: set[int] = set()
-        self._seq = itertools.count()
-        self._thread: threading.Thread | None = None
-        self._stopped = False
-
-    def after(self, delay_s: float, fn: Callable[[], None]) -> int:
-        """Call ``fn`` in ``delay_s`` seconds unless :meth:`cancel` is called first."""
-        with self._cond:
-            handle = next(self._seq)
-            heapq.heappush(self._heap, (self._clock() + delay_s, handle, fn))
-            self._live.add(handle)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._loop, name="rpc-watchdog", daemon=True
-                )
-                self._thread.start()
-            self._cond.notify()
-            return handle
-
-    def cancel(self, handle: int) -> None:
-        """Forget ``handle``'s callback (a no-op once it ran)."""
-        with self._cond:
-            self._live.discard(handle)
-
-    def stop(self) -> None:
-        """End the thread; pending callbacks never run."""
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stopped and (
-                    not self._heap or self._heap[0][0] > self._clock()
-                ):
-                    wait = self._heap[0][0] - self._clock() if self._heap else None
-                    self._cond.wait(wait)
-                if self._stopped:
-                    return
-                _, handle, fn = heapq.heappop(self._heap)
-                if handle not in self._live:
-                    continue
-                self._live.discard(handle)
-            try:
-                fn()
-            except Exception:
-                log.exception("watchdog callback failed")

@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import start_http_server
 
@@ -117,16 +116,16 @@ class Metrics:
         self.val_acc.set_function(lambda: float(status().val_acc))
 
     def submit_handler(
-        self, fn: Callable[[Iterator[bytes], grpc.ServicerContext], Any]
-    ) -> Callable[[Iterator[bytes], grpc.ServicerContext], Any]:
+        self, fn: Callable[[AsyncIterator[bytes], Any], Awaitable[Any]]
+    ) -> Callable[[AsyncIterator[bytes], Any], Awaitable[Any]]:
         """Wrap SubmitGradient: bytes in, and the outcome of every upload."""
 
-        def handler(requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+        async def handler(requests: AsyncIterator[bytes], context: Any) -> Any:
             try:
-                reply = fn(self._count_in(requests, "SubmitGradient"), context)
+                reply = await fn(self._count_in(requests, "SubmitGradient"), context)
             except BaseException:
-                # context.abort set the code (grpc's stubs do not type code()).
-                code = getattr(context, "code", lambda: None)()
+                # context.abort set the code (None: cancelled by the caller).
+                code = context.code()
                 reason = code.name if code is not None else "UNKNOWN"
                 self.submissions.labels(outcome="refused", reason=reason).inc()
                 raise
@@ -140,21 +139,20 @@ class Metrics:
         return handler
 
     def model_handler(
-        self, fn: Callable[[bytes, grpc.ServicerContext], Iterator[bytes]]
-    ) -> Callable[[bytes, grpc.ServicerContext], Iterator[bytes]]:
-        """Wrap GetModel: bytes out."""
+        self, fn: Callable[[bytes, Any], Awaitable[None]]
+    ) -> Callable[[bytes, Any], Awaitable[None]]:
+        """Wrap GetModel (a coroutine writing to its context): bytes out."""
 
-        def handler(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-            counter = self.bytes_out.labels(rpc="GetModel")
-            for message in fn(request, context):
-                counter.inc(len(message))
-                yield message
+        async def handler(request: bytes, context: Any) -> None:
+            await fn(request, _CountingContext(context, self.bytes_out, "GetModel"))
 
         return handler
 
-    def _count_in(self, requests: Iterator[bytes], rpc: str) -> Iterator[bytes]:
+    async def _count_in(
+        self, requests: AsyncIterator[bytes], rpc: str
+    ) -> AsyncIterator[bytes]:
         counter = self.bytes_in.labels(rpc=rpc)
-        for message in requests:
+        async for message in requests:
             counter.inc(len(message))
             yield message
 
@@ -185,3 +183,18 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class _CountingContext:
+    """A servicer context whose ``write`` counts the bytes it sends."""
+
+    def __init__(self, context: Any, counter: Counter, rpc: str) -> None:
+        self._context = context
+        self._counter = counter.labels(rpc=rpc)
+
+    async def write(self, message: bytes) -> None:
+        await self._context.write(message)
+        self._counter.inc(len(message))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)

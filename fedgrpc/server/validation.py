@@ -144,6 +144,9 @@ class RemoteValidator:
         self._closed = False
         self.pid = proc.pid
         self.restarts = 0  # workers replaced so far
+        # (intra-op, inter-op) threads of the worker's torch, as it reported them.
+        threads = setup_reply.get("torch_threads") or (0, 0)
+        self.torch_threads = (int(threads[0]), int(threads[1]))
         self.restarts_left = 0
         self._restart_args: tuple[RoundConfig, str, int, list[str] | None] | None = None
         specs = specs_from_json(setup_reply["specs"])
@@ -217,10 +220,12 @@ class RemoteValidator:
             _stop(proc)
             raise
         log.info(
-            "validation worker pid %d: %d parameters, validation digest %s",
+            "validation worker pid %d: %d parameters, validation digest %s, "
+            "torch threads %s",
             proc.pid,
             size,
             str(reply["val_digest"])[:12],
+            reply.get("torch_threads"),
         )
         validator = cls(proc, regions, reply)
         validator._restart_args = (cfg, val_spec, val_count, dirs)

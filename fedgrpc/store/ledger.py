@@ -760,9 +760,7 @@ class Ledger:
             r.round for r in scored if not math.isfinite(r.predicted(method))
         )
         scored = [r for r in scored if r.round not in pending]
-        per_round = [
-            {p.party_id: p.method_score(method) for p in r.parties} for r in scored
-        ]
+        per_round = [r.scores(method) for r in scored]
         known = list(dict.fromkeys([*party_rows, *(p for s in per_round for p in s)]))
         total = dict.fromkeys(known, 0.0)
         total.update(digfl.totals(per_round))
@@ -785,6 +783,8 @@ class Ledger:
                     round_indices=tuple(t for t, _ in history),
                     attack=str(party_rows.get(pid, {}).get("attack", "")),
                     bounded_rounds=sum(1 for _, p in history if p.bounded),
+                    asked_rounds=sum(1 for r in scored if _asked(r, pid)),
+                    carry=sum(r.carry.get(pid, 0.0) for r in scored),
                 )
             )
         entries.sort(key=lambda c: (-c.total, c.party_id))
@@ -825,3 +825,14 @@ class Ledger:
                 h.update(_dumps(list(row)).encode())
                 h.update(b"\n")
         return h.hexdigest()
+
+
+def _asked(result: RoundResult, party: str) -> bool:
+    """Whether ``party`` was asked to train in the round.
+
+    Sampled, or (without sampling) it submitted or was late.
+    """
+    sampled = result.sampled
+    if sampled is not None:
+        return party in sampled
+    return party in result.late or any(p.party_id == party for p in result.parties)

@@ -5,8 +5,12 @@
     final_model.npz               the model when the run ended
     summary.json                  state, rounds and final metrics of a finished run
 
-A round's checkpoint is written before the ledger commits the round together with
-the resume pointer, so the pointer never names a file that is not whole on disk.
+A round's checkpoint is written and fsynced before the ledger commits the round
+together with the resume pointer, so the pointer never names a file that is not whole
+on disk. Its SHA-256 (in the pointer and the ``.sha256`` sidecar) and the pruning of
+older checkpoints may follow once the next model is published
+(:meth:`RunDir.seal_checkpoint`): until then the zip's CRC-32s check the file, and a
+resumed run seals a pointer a crash left unsealed (docs/faults.md).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,13 @@ import numpy as np
 
 from fedgrpc.errors import ConfigError
 from fedgrpc.layout import FlatLayout
-from fedgrpc.store.checkpoint import load_arrays, save_arrays
+from fedgrpc.store.checkpoint import (
+    load_arrays,
+    save_arrays,
+    seal,
+    write_arrays,
+    write_sidecar,
+)
 from fedgrpc.store.files import atomic_write
 from fedgrpc.store.ledger import LEDGER_FILE, Ledger
 
@@ -58,26 +69,74 @@ class RunDir:
         run_id: str,
         next_round: int,
         model: dict[str, Any] | None = None,
+        strategy_state: Mapping[str, np.ndarray] | None = None,
+        *,
+        sealed: bool = True,
     ) -> dict[str, Any]:
-        """Write a checkpoint; return the resume pointer the ledger commits.
+        """Write a checkpoint (fsynced); return the resume pointer the ledger commits.
 
         ``model`` describes how to rebuild the model (name, input shape, classes,
         hidden width) and is stored with it (``fedgrpc export`` reads it).
+        ``strategy_state`` (the server optimiser's moments, the parties' momenta) goes
+        beside it, in ``strategy-NNNNNN.npz``, named and checksummed by the pointer.
+        With ``sealed=False`` the files are written and fsynced but not hashed: the
+        pointer's checksums are None until :meth:`seal_checkpoint`.
         """
         path = self.checkpoint_path(next_round)
         meta: dict[str, Any] = {"run_id": run_id, "next_round": next_round}
         if model is not None:
             meta["model"] = model
-        digest = save_arrays(path, dict(layout.iter_arrays(theta)), meta)
-        return {
+        pointer: dict[str, Any] = {
             "next_round": next_round,
             "checkpoint": path.name,
-            "checkpoint_sha256": digest,
+            "checkpoint_sha256": _save(
+                path, dict(layout.iter_arrays(theta)), meta, sealed
+            ),
         }
+        if strategy_state:
+            side = self.path / CHECKPOINTS / f"strategy-{next_round:06d}.npz"
+            pointer["strategy_state"] = side.name
+            pointer["strategy_sha256"] = _save(side, strategy_state, meta, sealed)
+        return pointer
+
+    def load_strategy_state(self, ledger: Ledger) -> dict[str, np.ndarray]:
+        """The strategy state the resume pointer names (empty when it names none)."""
+        state = ledger.get_state(RESUME_KEY)
+        if state is None or not state.get("strategy_state"):
+            return {}
+        arrays, _ = load_arrays(
+            self.path / CHECKPOINTS / str(state["strategy_state"]),
+            expected_sha256=state.get("strategy_sha256") or None,
+        )
+        return arrays
+
+    def seal_checkpoint(
+        self, pointer: Mapping[str, Any], *, prune: bool = True
+    ) -> dict[str, Any]:
+        """The committed ``pointer`` with every checksum filled in; then pruning.
+
+        An unhashed file is hashed as it is on disk; a file whose sidecar is
+        missing gets it. The caller commits the returned pointer.
+        """
+        sealed = dict(pointer)
+        for key, sha_key in _SHA_KEYS.items():
+            if not pointer.get(key):
+                continue
+            path, digest = self.path / CHECKPOINTS / str(pointer[key]), pointer[sha_key]
+            if not digest:
+                sealed[sha_key] = seal(path)
+            elif not path.with_name(path.name + ".sha256").is_file():
+                write_sidecar(path, str(digest))
+        if prune:
+            self.prune_checkpoints(int(pointer["next_round"]))
+        return sealed
 
     def prune_checkpoints(self, newest: int) -> None:
         """Delete checkpoints older than the last ``KEEP_CHECKPOINTS``."""
-        for path in (self.path / CHECKPOINTS).glob("round-*.npz"):
+        for path in [
+            *(self.path / CHECKPOINTS).glob("round-*.npz"),
+            *(self.path / CHECKPOINTS).glob("strategy-*.npz"),
+        ]:
             if int(path.stem.split("-")[1]) <= newest - KEEP_CHECKPOINTS:
                 path.unlink(missing_ok=True)
                 path.with_name(path.name + ".sha256").unlink(missing_ok=True)
@@ -89,9 +148,11 @@ class RunDir:
             raise ConfigError(f"--resume {self.path}: no committed checkpoint")
         next_round = int(state["next_round"])
         self.cross_check(next_round, str(state["checkpoint"]))
+        path = self.path / CHECKPOINTS / state["checkpoint"]
+        # Unsealed (killed before the hash followed the publication): the sidecar,
+        # if it was written, or else the zip's CRCs check it.
         arrays, _ = load_arrays(
-            self.path / CHECKPOINTS / state["checkpoint"],
-            expected_sha256=state["checkpoint_sha256"],
+            path, expected_sha256=state.get("checkpoint_sha256") or None
         )
         return layout.flatten(arrays), next_round
 
@@ -137,8 +198,8 @@ class RunDir:
         """Copy the run online to ``dest``: a consistent ledger, then its files.
 
         The ledger copy comes first (SQLite's backup API); the checkpoint its resume
-        pointer names, the final model and the summary follow. Returns the files
-        written.
+        pointer names (and the strategy state beside it), the final model and the
+        summary follow. Returns the files written.
         """
         import shutil
 
@@ -150,9 +211,8 @@ class RunDir:
         with Ledger(dest / LEDGER_FILE) as copy:
             state = copy.get_state(RESUME_KEY)
         names = []
-        if state is not None:
-            ckpt = f"{CHECKPOINTS}/{state['checkpoint']}"
-            names += [ckpt, ckpt + ".sha256"]
+        for name, _ in _named_files(state or {}):
+            names += [f"{CHECKPOINTS}/{name}", f"{CHECKPOINTS}/{name}.sha256"]
         names += [FINAL_MODEL, FINAL_MODEL + ".sha256", SUMMARY]
         for name in names:
             src = self.path / name
@@ -160,6 +220,16 @@ class RunDir:
                 (dest / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dest / name)
                 written.append(dest / name)
+        if state is not None:
+            # Copied before the run sealed its newest checkpoint: seal the copy.
+            sealed = RunDir(dest).seal_checkpoint(state, prune=False)
+            if sealed != state:
+                with Ledger(dest / LEDGER_FILE) as copy:
+                    copy.set_state(RESUME_KEY, sealed)
+            for name, _ in _named_files(sealed):
+                side = dest / CHECKPOINTS / f"{name}.sha256"
+                if side not in written:
+                    written.append(side)
         return written
 
     def clean_temp_files(self) -> list[Path]:
@@ -208,3 +278,27 @@ class RunDir:
     def write_summary(self, summary: dict[str, Any]) -> None:
         """``summary.json`` of a finished run."""
         atomic_write(self.path / SUMMARY, json.dumps(summary, indent=2).encode())
+
+
+_SHA_KEYS = {"checkpoint": "checkpoint_sha256", "strategy_state": "strategy_sha256"}
+
+
+def _named_files(pointer: Mapping[str, Any]) -> list[tuple[str, str | None]]:
+    """The files a resume pointer names under ``checkpoints/``, with their SHA-256.
+
+    None: not sealed yet.
+    """
+    return [
+        (str(pointer[key]), pointer.get(sha) or None)
+        for key, sha in _SHA_KEYS.items()
+        if pointer.get(key)
+    ]
+
+
+def _save(
+    path: Path, arrays: Mapping[str, np.ndarray], meta: dict[str, Any], sealed: bool
+) -> str | None:
+    if sealed:
+        return save_arrays(path, arrays, meta)
+    write_arrays(path, arrays, meta)
+    return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from fedgrpc.config import RoundConfig
 from fedgrpc.errors import InvalidUpdateError
@@ -20,6 +21,7 @@ from fedgrpc.types import (
     PartyContribution,
     PartyRound,
     RoundResult,
+    RoundSkipped,
     RunState,
     RunStatus,
     SubmitHeader,
@@ -280,6 +282,18 @@ def training_done_from_proto(msg: aggregator_pb2.TrainingDone) -> TrainingDone:
     return TrainingDone(int(msg.rounds_completed), msg.reason)
 
 
+def round_skipped_to_proto(skip: RoundSkipped) -> aggregator_pb2.ModelMessage:
+    """A skipped message (client sampling: the party sits the round out)."""
+    return aggregator_pb2.ModelMessage(
+        skipped=aggregator_pb2.RoundSkipped(round=skip.round, reason=skip.reason)
+    )
+
+
+def round_skipped_from_proto(msg: aggregator_pb2.RoundSkipped) -> RoundSkipped:
+    """The RoundSkipped of a skipped message."""
+    return RoundSkipped(int(msg.round), msg.reason)
+
+
 # ------------------------------------------------------------------- submission
 def submit_header_to_proto(header: SubmitHeader) -> aggregator_pb2.SubmitMessage:
     """The first message of an upload."""
@@ -413,6 +427,8 @@ def report_to_proto(
             reference_share=pc.reference_share,
             attack=pc.attack,
             bounded_rounds=pc.bounded_rounds,
+            asked_rounds=pc.asked_rounds,
+            carry=pc.carry,
         )
         for t, pr in zip(pc.round_indices, pc.rounds, strict=True):
             msg.rounds.add(
@@ -431,6 +447,7 @@ def report_to_proto(
         # A party sees only its own part of each round: other parties' ids, and a round
         # total from which others' scores could be derived, are for admins.
         seen = [p for p in r.parties if viewer is None or p.party_id == viewer]
+        carry = {p: c for p, c in r.carry.items() if viewer is None or p == viewer}
         reply.rounds.add(
             round=r.round,
             status=r.status,
@@ -438,8 +455,11 @@ def report_to_proto(
             val_acc_before=r.val_acc_before,
             val_loss_after=r.val_loss_after,
             val_acc_after=r.val_acc_after,
-            predicted_drop=sum(p.score for p in seen),
-            predicted_drop_2=sum(p.score2 for p in seen),
+            predicted_drop=sum(p.score for p in seen) + sum(carry.values()),
+            predicted_drop_2=sum(p.score2 for p in seen) + sum(carry.values()),
+            sampled=[p for p in r.sampled or () if viewer is None or p == viewer],
+            carry=carry,
+            strategy=str(r.extra.get("strategy", "")),
             measured_drop=r.measured_drop,
             submitted=[p.party_id for p in seen],
             late=[p for p in r.late if viewer is None or p == viewer],
@@ -484,6 +504,8 @@ def report_from_proto(reply: aggregator_pb2.ContributionsReply) -> ContributionR
                 round_indices=tuple(int(r.round) for r in pc.rounds),
                 attack=pc.attack,
                 bounded_rounds=int(pc.bounded_rounds),
+                asked_rounds=int(pc.asked_rounds),
+                carry=pc.carry,
             )
         )
     by_round: dict[int, list[PartyRound]] = {}
@@ -513,6 +535,7 @@ def report_from_proto(reply: aggregator_pb2.ContributionsReply) -> ContributionR
                 duration_s=r.duration_s,
                 val_grad_s=r.val_grad_s,
                 aggregate_s=r.aggregate_s,
+                extra=_round_extra(r),
             )
         )
     return ContributionReport(
@@ -568,3 +591,15 @@ def status_from_proto(msg: aggregator_pb2.StatusReply) -> RunStatus:
         reason=msg.reason,
         run_id=msg.run_id,
     )
+
+
+def _round_extra(r: aggregator_pb2.RoundMetrics) -> dict[str, Any]:
+    """What RoundResult.extra holds of a round's strategy, sampling and carry."""
+    extra: dict[str, Any] = {}
+    if r.strategy:
+        extra["strategy"] = r.strategy
+    if r.sampled:
+        extra["sampled"] = list(r.sampled)
+    if r.carry:
+        extra["carry"] = dict(sorted(r.carry.items()))
+    return extra

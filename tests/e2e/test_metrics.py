@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from pathlib import Path
 
@@ -84,7 +85,16 @@ def test_metrics_scraped_from_a_live_run(tmp_path: Path) -> None:
             with pytest.raises(RemoteError) as refused:
                 update = {s.name: np.zeros(s.shape, np.float32) for s in client.specs}
                 client.submit(0, update, 1, train_loss=0.0, kind=UpdateKind.GRADIENT)
+        # The refusal reaches the party before the server's handler counts it.
+        reason = refused.value.code.name
+        bad = (("outcome", "refused"), ("reason", reason))
+        deadline = time.monotonic() + 30
         after = _scrape(mport)
+        while ("fedgrpc_submissions_total", bad) not in after and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.1)
+            after = _scrape(mport)
         server.terminate()
         assert wait_exit(server, 30, log) == 0
 
@@ -97,8 +107,6 @@ def test_metrics_scraped_from_a_live_run(tmp_path: Path) -> None:
     assert after[("fedgrpc_round_phase_seconds_sum", phase)] > 0
     ok = (("outcome", "accepted"), ("reason", ""))
     assert after[("fedgrpc_submissions_total", ok)] == 6
-    reason = refused.value.code.name
-    bad = (("outcome", "refused"), ("reason", reason))
     assert after[("fedgrpc_submissions_total", bad)] == 1
     # 650 float32 parameters per upload and per model version, plus framing.
     assert (

@@ -73,6 +73,23 @@ def test_worker_matches_in_process_validation(remote: RemoteValidator) -> None:
     assert not v.flags.writeable  # the worker's output region is read-only here
 
 
+def test_worker_torch_uses_one_thread_whatever_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The worker sets its threads itself: nobody has to remember OMP_NUM_THREADS,
+    # and a value left in the environment does not change them.
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    rv = RemoteValidator.start(CFG, "digits", 300, None)
+    try:
+        threads = rv.torch_threads
+        flat = rv.setup.theta0.copy()
+        rv.gradient(flat)  # a pass works with them
+    finally:
+        rv.close()
+
+    assert threads == (1, 1)
+
+
 def test_shared_file_is_unlinked_and_worker_exits_on_close() -> None:
     before = _shm_files()
     rv = RemoteValidator.start(CFG, "digits", 100, None)

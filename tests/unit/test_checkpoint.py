@@ -224,3 +224,61 @@ def test_checkpoint_plain_npy_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"m\.npz"):
         load_arrays(path)
+
+
+def test_checkpoint_written_from_memory_reads_like_savez(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedgrpc.store import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_WRITE_BLOCK", 40)  # many blocks per array
+    rng = np.random.default_rng(1)
+    arrays = {
+        **_arrays(),
+        "big": rng.normal(size=1001).astype(np.float32),
+        "fortran": np.asfortranarray(rng.normal(size=(3, 5))),
+        "strided": rng.normal(size=20)[::3],
+        "big_endian": np.arange(7, dtype=">i4"),
+    }
+    ours, theirs = tmp_path / "ours.npz", tmp_path / "theirs.npz"
+
+    digest = save_arrays(ours, arrays)
+    np.savez(theirs, allow_pickle=False, **arrays)
+
+    assert digest == hashlib.sha256(ours.read_bytes()).hexdigest()
+    with np.load(ours, allow_pickle=False) as a, np.load(theirs) as b:
+        assert a.files == b.files
+        for name in b.files:
+            assert a[name].dtype == b[name].dtype, name
+            np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_checkpoint_written_unhashed_is_sealed_later(tmp_path: Path) -> None:
+    from fedgrpc.store.checkpoint import seal, write_arrays
+
+    path = tmp_path / "m.npz"
+
+    write_arrays(path, _arrays(), {"round": 1})
+    before = _listing(tmp_path)
+    loaded_unsealed, _ = load_arrays(path)  # the zip CRCs alone check it
+    digest = seal(path)
+    loaded, meta = load_arrays(path)
+
+    assert before == ["m.npz"]
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert (tmp_path / "m.npz.sha256").read_text() == digest + "\n"
+    assert list(loaded_unsealed) == list(loaded) == list(_arrays())
+    assert meta == {"round": 1}
+
+
+def test_checkpoint_unsealed_damage_is_caught_by_the_zip_crc(tmp_path: Path) -> None:
+    from fedgrpc.store.checkpoint import write_arrays
+
+    path = tmp_path / "m.npz"
+    write_arrays(path, {"w": np.arange(1000, dtype=np.float32)})
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside w's values
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(ConfigError, match="cannot read checkpoint"):
+        load_arrays(path)

@@ -31,23 +31,26 @@ GROUND = {"fedgrpc", "types", "errors", "config", "factories", "layout"}
 ALLOWED: dict[str, set[str]] = {
     "ground": set(),
     "scoring": {"ground"},
-    "engine": {"ground", "scoring"},
+    "strategies": {"ground"},
+    "engine": {"ground", "scoring", "strategies"},
     "wire": {"ground", "proto"},
     "store": {"ground", "scoring"},
     "datasets": {"ground", "store"},
     "security": {"ground", "store"},
-    "learning": {"ground", "engine", "scoring", "store", "datasets", "torch"},
+    "learning": {
+        "ground", "engine", "scoring", "strategies", "store", "datasets", "torch",
+    },
     "server": {
-        "ground", "engine", "scoring", "store", "wire", "security", "learning",
-        "proto", "grpc",
+        "ground", "engine", "scoring", "strategies", "store", "wire", "security",
+        "learning", "proto", "grpc",
     },
     "client": {
         "ground", "store", "wire", "security", "learning", "datasets", "proto", "grpc",
         "ray",
     },
     "cli": {
-        "ground", "engine", "scoring", "store", "datasets", "learning", "security",
-        "server", "client",
+        "ground", "engine", "scoring", "strategies", "store", "datasets", "learning",
+        "security", "server", "client",
     },
     "proto": {"proto", "grpc"},
     "main": {"cli"},

@@ -26,6 +26,7 @@ from fedgrpc.types import (
     PartyRound,
     RoundOutcome,
     RoundResult,
+    RoundSkipped,
     RunState,
     RunStatus,
     SubmitHeader,
@@ -72,12 +73,16 @@ def _report() -> ContributionReport:
                     duration_s=1.5, val_grad_s=0.25, aggregate_s=0.125),
         RoundResult(1, RoundOutcome.FAILED, (), ("a", "b"), 2.0, 0.3, 2.0, 0.3, "m1",
                     reason="round 1: 0 of 2 required submissions"),
-        RoundResult(2, RoundOutcome.OK, (a2,), ("b",), 2.0, 0.3, 1.75, 0.5, "m2"),
+        RoundResult(2, RoundOutcome.OK, (a2,), ("b",), 2.0, 0.3, 1.75, 0.5, "m2",
+                    extra={"strategy": "median+avgm", "sampled": ["a", "b"],
+                           "carry": {"b": -0.0625}}),
     )  # fmt: skip
     parties = (
-        PartyContribution("a", 0.625, 2.5, 0.75, (a0, a2), (0, 2), "label-flip:0.2"),
-        PartyContribution("b", -0.25, -1.5, 0.25, (b0,), (0,)),
-    )
+        PartyContribution("a", 0.625, 2.5, 0.75, (a0, a2), (0, 2), "label-flip:0.2",
+                          asked_rounds=2),
+        PartyContribution("b", -0.25, -1.5, 0.25, (b0,), (0,), asked_rounds=2,
+                          carry=-0.0625),
+    )  # fmt: skip
     return ContributionReport("run1", "digfl-1", parties, rounds, 3)
 
 
@@ -276,6 +281,20 @@ def test_messages_report_for_a_party_shows_only_its_part() -> None:
     assert list(first.submitted) == ["a"]
     assert first.predicted_drop == pytest.approx(0.5)  # a's score alone, not a+b
     assert list(msg.rounds[1].late) == ["a"]
+    # Nor the others' sampling or momentum carry.
+    assert list(msg.rounds[2].sampled) == ["a"]
+    assert dict(msg.rounds[2].carry) == {}
+    assert msg.rounds[2].predicted_drop == pytest.approx(0.125)
+    b_view = wire.report_to_proto(_report(), viewer="b")
+    assert dict(b_view.rounds[2].carry) == {"b": -0.0625}
+    assert b_view.rounds[2].predicted_drop == pytest.approx(-0.0625)
+
+
+def test_messages_round_skipped_round_trip() -> None:
+    skip = RoundSkipped(7, "not sampled for round 7")
+    msg = _via_bytes(wire.round_skipped_to_proto(skip))
+    assert msg.WhichOneof("kind") == "skipped"
+    assert wire.round_skipped_from_proto(msg.skipped) == skip
 
 
 def test_messages_status_round_trip() -> None:
@@ -319,6 +338,7 @@ PAIRS_TESTED = {
     "model_header": test_messages_model_header_end_and_done_round_trip,
     "model_end": test_messages_model_header_end_and_done_round_trip,
     "training_done": test_messages_model_header_end_and_done_round_trip,
+    "round_skipped": test_messages_round_skipped_round_trip,
     "submit_header": test_messages_submit_header_and_trailer_round_trip,
     "submit_trailer": test_messages_submit_header_and_trailer_round_trip,
     "submit_reply": test_messages_submit_reply_round_trip,

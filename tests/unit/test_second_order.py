@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from collections.abc import Iterator, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,7 @@ from fedgrpc.config import RoundConfig
 from fedgrpc.engine import RoundEngine
 from fedgrpc.engine import spill as spill_module
 from fedgrpc.engine.second_order import PendingSecond
-from fedgrpc.engine.spill import DirSpill, MemorySpill, blocked_dot
+from fedgrpc.engine.spill import DirSpill, MemorySpill, Spill, blocked_dot
 from fedgrpc.errors import ConfigError, ErrorCode, FedGrpcError
 from fedgrpc.layout import update_digest
 from fedgrpc.store.ledger import LEDGER_FILE, SCHEMA_VERSION, Ledger
@@ -87,6 +89,8 @@ def _run(
     *,
     executor: futures.Executor | None = None,
     ledger: Ledger | None = None,
+    spill: Spill | None = None,
+    second_executor: futures.Executor | None = None,
     **cfg: Any,
 ) -> Run:
     kw: dict[str, Any] = {
@@ -127,6 +131,8 @@ def _run(
         on_finish=finish,
         clock=FakeClock(),
         max_in_flight=4,
+        spill=spill,
+        second_order_executor=second_executor,
     )
     for p in N:
         run.engine.join(p, N[p])
@@ -220,15 +226,16 @@ def test_second_order_scores_follow_the_trapezoid_oracle() -> None:
             )
 
 
-def test_second_order_arrives_one_round_late_last_after_the_run() -> None:
+def test_second_order_arrives_once_v_next_exists_last_after_the_run() -> None:
+    # Inline (no executor), v_{t+1} is computed as round t+1 opens: round t's
+    # digfl-2 is recorded right after its close, once the next model is published.
     run = _run(rounds=3)
 
     for t in range(3):
         for p, u in _updates(run, t, UpdateKind.GRADIENT).items():
             _submit(run.engine, p, t, u)
         run.engine.tick()
-        expected = list(range(t + 1)) if t == 2 else list(range(t))
-        assert sorted(run.second) == expected
+        assert sorted(run.second) == list(range(t + 1))
 
     assert run.events == [
         ("commit", 0),
@@ -259,18 +266,95 @@ def test_second_order_with_an_executor_matches_inline() -> None:
         assert threaded.second[t].scores == pytest.approx(inline.second[t].scores)
 
 
+class GatedSpill(MemorySpill):
+    """A memory spill whose second-order reads wait for ``gate``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def dot(self, round_index: int, party_id: str, v: np.ndarray) -> float | None:
+        assert self.gate.wait(10), "gate never opened"
+        return super().dot(round_index, party_id, v)
+
+
+def _round(run: Run, t: int) -> None:
+    for p, u in _updates(run, t, UpdateKind.GRADIENT).items():
+        _submit(run.engine, p, t, u)
+    run.engine.tick()
+
+
+def _until(what: str, cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_second_order_close_does_not_wait_for_the_job_but_the_next_commit_does() -> (
+    None
+):
+    spill = GatedSpill()
+    with (
+        futures.ThreadPoolExecutor(1) as vt,
+        futures.ThreadPoolExecutor(1) as jobs,
+    ):
+        run = _run(executor=vt, second_executor=jobs, spill=spill, rounds=3)
+        _round(run, 0)
+        _until("round 1", lambda: run.engine.open_round == 1)
+
+        _round(run, 1)  # round 0's job is blocked reading the spill
+        events_after_1 = list(run.events)
+        kept = spill.read(0, "a")
+        closing_2 = threading.Thread(target=_round, args=(run, 2), daemon=True)
+        closing_2.start()
+        closing_2.join(0.3)
+        blocked_2 = closing_2.is_alive()
+        events_blocked = list(run.events)
+        spill.gate.set()
+        closing_2.join(10)
+
+    assert events_after_1 == [("commit", 0), ("commit", 1)]
+    assert kept is not None  # the spill of round 0 waits for its job
+    # Round 2 is not committed before round 0's digfl-2: one round behind at most.
+    assert blocked_2 and events_blocked == events_after_1
+    assert not closing_2.is_alive()
+    ev = run.events
+    assert sorted(ev) == sorted(
+        [
+            *[("commit", t) for t in range(3)],
+            *[("second", t) for t in range(3)],
+            ("finish", 0),
+        ]
+    )
+    assert ev[-1] == ("finish", 0)
+    assert ev.index(("second", 0)) < ev.index(("commit", 2)) < ev.index(("second", 2))
+    assert [e for e in ev if e[0] == "second"] == [("second", t) for t in range(3)]
+    assert [spill.read(t, p) is None for t in (0, 1, 2) for p in N] == [True] * 9
+
+
 def test_second_order_spill_is_dropped_once_scored() -> None:
-    spill = MemorySpill()
-    run = _run(rounds=2)
-    run.engine.spill = spill
-
-    for t in range(2):
-        for p, u in _updates(run, t, UpdateKind.GRADIENT).items():
-            _submit(run.engine, p, t, u)
-        if t == 1:
-            assert spill.read(0, "a") is not None  # waits for v_1's pass
+    spill = GatedSpill()
+    with futures.ThreadPoolExecutor(1) as pool:
+        run = _run(executor=pool, spill=spill, rounds=2)
+        _round(run, 0)
+        time.sleep(0.05)
         run.engine.tick()
+        held_while_scoring = spill.read(0, "a") is not None
 
+        spill.gate.set()
+
+        def scored() -> bool:
+            run.engine.tick()  # the driver records finished jobs
+            return 0 in run.second
+
+        _until("round 0's digfl-2", scored)
+        dropped_once_scored = spill.read(0, "a") is None
+        _round(run, 1)
+
+    assert held_while_scoring
+    assert dropped_once_scored
+    assert sorted(run.second) == [0, 1]
     assert [spill.read(t, p) for t in (0, 1) for p in N] == [None] * 6
 
 
@@ -299,25 +383,34 @@ def test_second_order_dir_spill_round_trip(tmp_path: Path) -> None:
 def test_second_order_dir_spill_refuses_bad_files(tmp_path: Path) -> None:
     spill = DirSpill(tmp_path)
     spill.commit(spill.stage(0, "p0", np.ones(3, np.float32)))
+    spill.flush()  # written in the background
     path = tmp_path / "round-000000" / f"{b'p0'.hex()}.npy"
+    v = np.ones(3, np.float32)
 
     np.save(path, np.ones(3, np.float64))
-    wrong_dtype = spill.read(0, "p0")
+    wrong_dtype = (spill.read(0, "p0"), spill.dot(0, "p0", v))
+    np.save(path, np.ones(4, np.float32))
+    wrong_size = spill.dot(0, "p0", v)
+    path.write_bytes(path.read_bytes()[:-4])  # 3 of the 4 values
+    truncated = spill.dot(0, "p0", np.ones(4, np.float32))
     path.write_bytes(b"not an npy file")
-    garbage = spill.read(0, "p0")
+    garbage = (spill.read(0, "p0"), spill.dot(0, "p0", v))
 
-    assert wrong_dtype is None
-    assert garbage is None
+    assert wrong_dtype == (None, None)
+    assert wrong_size is None
+    assert truncated is None
+    assert garbage == (None, None)
 
 
 def test_second_order_dir_spill_drop_and_drop_all(tmp_path: Path) -> None:
     spill = DirSpill(tmp_path / "spill")
     for t in (0, 1, 2):
         spill.commit(spill.stage(t, "p0", np.ones(2, np.float32)))
+    spill.flush()  # written in the background
 
     spill.drop(0)
     after_drop = sorted(d.name for d in (tmp_path / "spill").iterdir())
-    spill.drop_all(keep=2)
+    spill.drop_all(keep=[2])
     after_keep = sorted(d.name for d in (tmp_path / "spill").iterdir())
     spill.drop(7)  # nothing there: no error
 
