@@ -235,6 +235,9 @@ def simulate(
         port_file=port_file,
         n_parties=len(parties),
         join_timeout_s=timeout_s,
+        # Processes join all at once, and a Join refused as RESOURCE_EXHAUSTED is
+        # not retried; the Ray pool paces its joins below the default cap.
+        concurrent_joins=len(parties) if backend == "processes" else 0,
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     log_level = logging.WARNING if quiet else logging.INFO
@@ -305,9 +308,11 @@ def simulate(
         threading.Thread(target=_warm_plot, name="warm-plot", daemon=True).start()
 
         # Short connect timeout: the aggregator exits at the end of the run (no
-        # grace period) and every failed call re-checks whether it did.
+        # grace period), and a call caught in its exit retried UNAVAILABLE for the
+        # whole timeout (5 s cost a third of 10-party runs 6 s); _watch re-checks
+        # whether it exited, and tolerates a live one unreachable for a while.
         observer = AggregatorClient(
-            ObserverConfig(server=address, insecure=True, connect_timeout_s=5.0)
+            ObserverConfig(server=address, insecure=True, connect_timeout_s=1.0)
         )
         try:
             shown = _watch(
@@ -386,6 +391,7 @@ def _serve_cmd(
     port_file: Path,
     n_parties: int,
     join_timeout_s: float,
+    concurrent_joins: int = 0,
 ) -> list[str]:
     """The ``fedgrpc serve`` command line that runs ``rcfg`` for ``n_parties``."""
     # repr() for floats: the child must parse back exactly the value we hold.
@@ -408,9 +414,13 @@ def _serve_cmd(
         str(rcfg.min_parties),
         "--expected-parties",
         str(n_parties),
-        # A simulation of more parties than the default limit raises it to fit.
+        # A simulation of more parties than the default limits raises them to fit:
+        # every party may join, and ``concurrent_joins`` Joins (plus this process's
+        # queries) are served at once.
         "--max-parties",
         str(max(Limits().max_parties, n_parties)),
+        "--max-concurrent-unary",
+        str(max(Limits().max_concurrent_unary, concurrent_joins + 8)),
         "--rounds",
         str(rcfg.rounds),
         "--update-kind",
@@ -591,6 +601,7 @@ def _watch(
             or more parties failed than the quorum can spare.
     """
     shown = 0
+    failing_since = 0.0  # when the current run of failed queries began
     while True:
         if time.monotonic() - t_start > timeout_s:
             raise FedGrpcError(f"simulation did not finish within {timeout_s:g} s")
@@ -610,10 +621,15 @@ def _watch(
             # The aggregator exits by itself at the end of the run; a call caught
             # in its shutdown fails (UNAVAILABLE, CANCELLED): see whether it exits.
             with contextlib.suppress(subprocess.TimeoutExpired):
-                server.wait(timeout=SERVER_EXIT_WAIT_S)
+                server.wait(timeout=2.0)
             if server.poll() is not None:
                 continue  # decided at the top of the loop
-            raise FedGrpcError(f"cannot query the aggregator: {err}") from None
+            failing_since = failing_since or time.monotonic()
+            if time.monotonic() - failing_since > SERVER_EXIT_WAIT_S:
+                raise FedGrpcError(f"cannot query the aggregator: {err}") from None
+            log.info("aggregator not answering (%s); asking again", err)
+            continue
+        failing_since = 0.0
         if st.state.finished:
             return shown
         dead = parties.failed()
