@@ -6,7 +6,7 @@ Guarded by the engine's lock (the table has none of its own).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass
 
 from fedgrpc.errors import (
@@ -41,6 +41,7 @@ class PartyTable:
         self._max_samples = max_samples
         self._clock = clock
         self._by_id: dict[str, PartyInfo] = {}
+        self._active: set[str] = set()  # kept with PartyInfo.active: O(1) per upload
         self.evicted: set[str] = set()
         """Ids an operator evicted (``fedgrpc parties evict``): they cannot join."""
 
@@ -120,21 +121,28 @@ class PartyTable:
     def seen(self, info: PartyInfo) -> None:
         """The party is alive: it is waited for again."""
         info.active = True
+        self._active.add(info.party_id)
         info.last_seen = self._clock()
 
     def ids(self) -> tuple[str, ...]:
         """Every joined party id, sorted."""
         return tuple(sorted(self._by_id))
 
-    def active(self) -> set[str]:
-        """Parties a round waits for."""
-        return {p for p, i in self._by_id.items() if i.active}
+    def active(self) -> Set[str]:
+        """Parties a round waits for: a live read-only view (copy it to keep it).
+
+        Kept as parties are seen and deactivated, so asking costs nothing: the engine
+        asks on every upload (a set built each time was O(N) per upload, O(N²) per
+        round: 1.6 % of the aggregator's samples at 500 parties, issue 14).
+        """
+        return self._active
 
     def deactivate(self, party_ids: Iterable[str]) -> None:
         """Stop waiting for these parties (they missed a round) until they are seen."""
         for p in party_ids:
             if p in self._by_id:
                 self._by_id[p].active = False
+                self._active.discard(p)
 
     def __len__(self) -> int:
         return len(self._by_id)

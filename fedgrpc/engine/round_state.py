@@ -100,12 +100,7 @@ class OpenRound:
         # Close early only with quorum: after a failed round the inactive parties must
         # not let a single resubmission close the retry.
         quorum = len(self.accepted) >= cfg.min_parties
-        if cfg.buffered:  # FedBuff: a step every buffer_size updates
-            everyone = len(self.accepted) >= cfg.buffer_size
-        else:  # sampled: only the parties asked are waited for
-            waited = active if self.sampled is None else active & self.sampled
-            everyone = waited <= set(self.accepted)
-        if quorum and (everyone or now >= self.deadline):
+        if self.complete(cfg, active) or (quorum and now >= self.deadline):
             return Ending(RoundOutcome.OK)
         if now >= self.deadline:
             return Ending(
@@ -115,6 +110,22 @@ class OpenRound:
                 "quorum lost",
             )
         return None
+
+    def complete(self, cfg: RoundConfig, active: Set[str]) -> bool:
+        """Whether the round may close now: quorum, and every party waited for is in.
+
+        O(1) for every upload but the last few (the engine asks on each one).
+        """
+        if len(self.accepted) < cfg.min_parties:
+            return False
+        if cfg.buffered:  # FedBuff: a step every buffer_size updates
+            return len(self.accepted) >= cfg.buffer_size
+        # Sampled: only the parties asked are waited for.
+        waited = active if self.sampled is None else active & self.sampled
+        # A subset only if no larger.
+        return len(waited) <= len(self.accepted) and all(
+            p in self.accepted for p in waited
+        )
 
     def result(
         self,

@@ -375,31 +375,45 @@ def test_second_order_dir_spill_round_trip(tmp_path: Path) -> None:
     assert odd is not None
     np.testing.assert_array_equal(odd, 2 * u)
     names = sorted(f.name for f in (tmp_path / "spill" / "round-000004").iterdir())
-    assert names == sorted([f"{b'p0'.hex()}.npy", f"{b'../odd id'.hex()}.npy"])
+    assert names == ["index.txt", "updates.f32"]  # one file per round, any id
     assert spill.read(4, "p1") is None
     assert spill.read(5, "p0") is None
+    spill.close()
+    # A resumed aggregator finds them through the index alone.
+    again = DirSpill(tmp_path / "spill")
+    np.testing.assert_array_equal(again.read(4, "../odd id"), 2 * u)
+    assert again.dot(4, "p0", np.ones(7)) == pytest.approx(float(u.sum()), rel=1e-6)
+    assert again.read(4, "p1") is None
 
 
 def test_second_order_dir_spill_refuses_bad_files(tmp_path: Path) -> None:
-    spill = DirSpill(tmp_path)
-    spill.commit(spill.stage(0, "p0", np.ones(3, np.float32)))
-    spill.flush()  # written in the background
-    path = tmp_path / "round-000000" / f"{b'p0'.hex()}.npy"
+    def written(values: np.ndarray) -> DirSpill:
+        spill = DirSpill(tmp_path)
+        spill.drop(0)
+        spill.commit(spill.stage(0, "p0", values))
+        spill.flush()  # written in the background
+        return spill
+
+    data = tmp_path / "round-000000" / "updates.f32"
+    index = tmp_path / "round-000000" / "index.txt"
     v = np.ones(3, np.float32)
 
-    np.save(path, np.ones(3, np.float64))
-    wrong_dtype = (spill.read(0, "p0"), spill.dot(0, "p0", v))
-    np.save(path, np.ones(4, np.float32))
-    wrong_size = spill.dot(0, "p0", v)
-    path.write_bytes(path.read_bytes()[:-4])  # 3 of the 4 values
-    truncated = spill.dot(0, "p0", np.ones(4, np.float32))
-    path.write_bytes(b"not an npy file")
-    garbage = (spill.read(0, "p0"), spill.dot(0, "p0", v))
+    wrong_size = written(np.ones(4, np.float32)).dot(0, "p0", v)
+    spill = written(np.ones(3, np.float32))
+    data.write_bytes(data.read_bytes()[:-4])  # 2 of the 3 values
+    truncated = (spill.read(0, "p0"), spill.dot(0, "p0", v))
+    spill = written(np.ones(3, np.float32))
+    data.write_bytes(np.full(3, 2.0, np.float32).tobytes())  # changed on disk
+    corrupt = (spill.read(0, "p0"), spill.dot(0, "p0", v))
+    written(np.ones(3, np.float32)).close()
+    index.write_text("zz 0 3 0123456789abcdef\n70 0 3\n")  # garbage lines only
+    garbage = DirSpill(tmp_path)
+    unnamed = (garbage.read(0, "p0"), garbage.dot(0, "p0", v))
 
-    assert wrong_dtype == (None, None)
     assert wrong_size is None
-    assert truncated is None
-    assert garbage == (None, None)
+    assert truncated == (None, None)
+    assert corrupt == (None, None)
+    assert unnamed == (None, None)
 
 
 def test_second_order_dir_spill_drop_and_drop_all(tmp_path: Path) -> None:

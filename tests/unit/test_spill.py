@@ -27,19 +27,25 @@ def _vec(seed: int) -> np.ndarray:
 
 
 class SlowDisk:
-    """Replaces the spill's npy writer: each write waits for ``release``."""
+    """Replaces the spill's raw writer: each write waits for ``release``.
+
+    With ``fail`` set, a released write raises it instead (the disk filled meanwhile).
+    """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.release = threading.Semaphore(0)
         self.started = threading.Semaphore(0)
-        real = np.lib.format.write_array
+        self.fail: OSError | None = None
+        real = spill_module._write_at
 
-        def write_array(f: object, arr: np.ndarray, **kw: object) -> None:
+        def write_at(fd: int, buffer: np.ndarray, offset: int) -> None:
             self.started.release()
             assert self.release.acquire(timeout=10), "write never released"
-            real(f, arr, **kw)  # type: ignore[arg-type]
+            if self.fail is not None:
+                raise self.fail
+            real(fd, buffer, offset)
 
-        monkeypatch.setattr(np.lib.format, "write_array", write_array)
+        monkeypatch.setattr(spill_module, "_write_at", write_at)
 
 
 def _in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
@@ -176,16 +182,17 @@ def test_spill_disk_full_is_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def full(*_a: object, **_k: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device", "spill/x.npy")
+        raise OSError(errno.ENOSPC, "No space left on device", "spill/updates.f32")
 
-    monkeypatch.setattr(np.lib.format, "write_array", full)
+    monkeypatch.setattr(spill_module, "_write_at", full)
     spill = DirSpill(tmp_path)
 
     spill.commit(spill.stage(0, "p", _vec(0)))
     spill.flush()
 
     assert spill.error is not None and spill.error.errno == errno.ENOSPC
-    assert list((tmp_path / "round-000000").iterdir()) == []  # no temp file left
+    # Nothing names the update that was not written.
+    assert (tmp_path / "round-000000" / "index.txt").read_text() == ""
     with pytest.raises(OSError, match="No space left"):
         spill.stage(1, "p", _vec(0))
 
@@ -220,12 +227,8 @@ def test_spill_failed_write_stops_the_engine_before_the_commit(
 
     accepted = sub.finish(update_digest(u)).accepted  # acknowledged before the write
     assert disk.started.acquire(timeout=5)
-    blocker = tmp_path / "round-000000"
-    for f in blocker.iterdir():
-        f.unlink()
-    blocker.rmdir()
-    blocker.write_bytes(b"")  # the write's rename now fails
-    disk.release.release()
+    disk.fail = OSError(errno.ENOSPC, "No space left on device", "updates.f32")
+    disk.release.release()  # the disk filled while the write waited
     engine.spill.flush()  # type: ignore[attr-defined]
     with pytest.raises(OSError):
         engine.tick()
