@@ -454,6 +454,13 @@ class RoundEngine:
             if not committed:
                 self.spill.discard(staged)
 
+    def accepts_now(self) -> bool:
+        """Whether :meth:`accept` takes an update without waiting.
+
+        The spill has a free buffer, and no FedBuff version can be closing under it.
+        """
+        return not self.cfg.buffered and self.spill.has_room()
+
     def _follow_versions(self, sub: Submission) -> None:
         """FedBuff: move an upload whose version closed meanwhile to the open one.
 

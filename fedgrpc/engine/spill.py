@@ -73,6 +73,10 @@ class Spill(Protocol):
         """Make a staged update the party's stored update of its round."""
         ...
 
+    def has_room(self) -> bool:
+        """Whether :meth:`stage` would copy at once (a buffer is free)."""
+        ...
+
     def discard(self, staged: object) -> None:
         """Forget a staged update that was not accepted."""
         ...
@@ -117,6 +121,10 @@ class MemorySpill:
         copy = np.array(update, dtype=np.float32, copy=True)
         copy.flags.writeable = False
         return round_index, party_id, copy
+
+    def has_room(self) -> bool:
+        """Memory is never full here."""
+        return True
 
     def commit(self, staged: object) -> None:
         """Keep the copy as the party's update."""
@@ -265,6 +273,11 @@ class DirSpill:
             self._give_back(buf)
             raise
         return _Staged(round_index, party_id, buf)
+
+    def has_room(self) -> bool:
+        """Whether a buffer is free (or none was sized yet)."""
+        with self._cond:
+            return self._error is not None or self._held < (self.buffers or 1)
 
     def commit(self, staged: object) -> None:
         """Queue the staged copy for its write (never blocks: its buffer is held)."""

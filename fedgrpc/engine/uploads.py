@@ -65,6 +65,13 @@ class Acceptor(Protocol):
         """Fold (or keep) the whole update; refuse it if its round is gone."""
         ...
 
+    def accepts_now(self) -> bool:
+        """Whether :meth:`accept` would take an update without waiting.
+
+        (For the disk, or for a version that is closing.)
+        """
+        ...
+
 
 class UploadPool:
     """Upload slots, their model-sized buffers, and expiry of uploads in flight.
@@ -374,6 +381,18 @@ class Submission:
         self._unscored.clear()
 
     # ---------------------------------------------------------------- the end
+    def finishes_now(self) -> bool:
+        """Whether :meth:`finish` would not wait.
+
+        v_t is known (or not needed) and the engine takes the update at once. The
+        servicer then finishes a small update on its event loop instead of handing
+        it to a thread: at 500 parties that hop cost a fifth of the aggregator's CPU
+        (issue 14).
+        """
+        return (
+            not self._unscored or self._val_grad.done()
+        ) and self._acceptor.accepts_now()
+
     def finish(self, digest: str) -> SubmitOutcome:
         """Hand the whole update to the engine (the caller checked completeness)."""
         with self._lock:
@@ -498,6 +517,10 @@ class Resend:
     def add(self, tensor_index: int, elem_offset: int, values: np.ndarray) -> None:
         """Check the piece fits the model; its values are not needed."""
         _place(self._layout, self.label, tensor_index, elem_offset, values)
+
+    def finishes_now(self) -> bool:
+        """A digest comparison: never waits."""
+        return True
 
     def finish(self, digest: str) -> SubmitOutcome:
         """OK if the bytes match the accepted update's."""

@@ -76,6 +76,11 @@ encoded-once) message into the stream's own transport buffer, so this bounds tha
 memory to FANOUT_STREAMS x chunk size instead of parties x chunk size; 32 loopback
 streams already keep both cores busy."""
 
+INLINE_ELEMS = 1 << 20
+"""Models of at most this many elements (4 MiB of float32) are accepted on the loop
+when nothing would wait: the copy to the spill and the fold take well under a
+millisecond, less than the hop to a pool thread and back (issue 14)."""
+
 OFFLOAD_ELEMS = 1 << 17
 """Chunks of at least this many elements (512 KiB of float32) are folded on the
 blocking-call pool; smaller ones on the loop, where a thread hop would cost more
@@ -556,8 +561,10 @@ class AggregatorServicer:
                     digest = dec.finish(wire.submit_trailer_from_proto(part))
                     if await _next(it, None) is not None:
                         raise InvalidUpdateError(f"{label}: messages after the trailer")
-                    # The fold (under the engine lock) and maybe the wait for v_t.
-                    outcome = await self._blocking_call(sub.finish, digest)
+                    if sub.finishes_now() and run.engine.layout.size <= INLINE_ELEMS:
+                        outcome = sub.finish(digest)  # a copy and a fold: no hop
+                    else:  # the wait for v_t or the disk, or a big model's copy
+                        outcome = await self._blocking_call(sub.finish, digest)
                     return wire.submit_reply_to_proto(outcome, dec.bytes_received)
                 else:
                     raise InvalidUpdateError(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from concurrent.futures import Executor, Future
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from fedgrpc.engine import RoundEngine
+from fedgrpc.engine.spill import DirSpill
 from fedgrpc.errors import LimitError
 from fedgrpc.layout import update_digest
 from fedgrpc.types import RunState
@@ -135,3 +137,56 @@ def test_engine_reserve_for_a_resend_needs_no_slot() -> None:
     resend.add(0, 0, flat[:6])
     resend.add(1, 0, flat[6:])
     assert resend.finish(update_digest(flat)).duplicate
+
+
+# ------------------------------------------- finishing on the servicer's loop
+def test_engine_finishes_now_only_when_nothing_would_wait(tmp_path: Path) -> None:
+    later = _LaterExecutor()
+    spill = DirSpill(tmp_path, buffers=1)
+    engine = RoundEngine(
+        _cfg(), SPECS, THETA_0, QuadraticValidator(), executor=later, spill=spill
+    )
+    for p, n in N3.items():
+        engine.join(p, n)
+    engine.tick()
+    g = G3["b"]
+    sub = engine.begin_submission("b", 0, 3, slot_timeout_s=1.0)
+    sub.add(0, 0, g[:6])
+    sub.add(1, 0, g[6:])
+    waits_for_v = not sub.finishes_now()  # v_t still computing: finish would wait
+    later.run_all()
+    ready = sub.finishes_now()
+    held = spill.stage(0, "someone", g)  # the spill's only buffer is taken
+    waits_for_disk = not sub.finishes_now()
+    spill.discard(held)
+
+    assert waits_for_v and ready and waits_for_disk
+    assert sub.finishes_now()
+    assert sub.finish(update_digest(g)).accepted
+
+
+def test_engine_fedbuff_never_finishes_on_the_loop() -> None:
+    run = _run(N3, buffer_size=2)
+    sub = run.engine.begin_submission("a", 0, 1, slot_timeout_s=1.0)
+    sub.add(0, 0, G3["a"][:6])
+    sub.add(1, 0, G3["a"][6:])
+
+    assert not sub.finishes_now()  # its version may close under it: it may wait
+    assert sub.finish(update_digest(G3["a"])).accepted
+
+
+def test_engine_wakes_its_driver_only_when_the_round_can_close() -> None:
+    run = _run(N3, round_timeout_s=1000.0)
+    woken: list[int] = []
+    changed = run.engine._changed
+    real = changed.notify_all
+
+    def notify_all() -> None:
+        woken.append(len(run.engine.status().submitted))
+        real()
+
+    changed.notify_all = notify_all  # type: ignore[method-assign]
+    for p, n in N3.items():
+        assert _submit(run.engine, p, 0, n, G3[p]).accepted
+
+    assert woken == [len(N3)]  # not once per upload: the last one completes it
