@@ -1,8 +1,13 @@
 """Round time, payload throughput, aggregator RSS and threads vs N parties (issue 14).
 
-N real gRPC parties (``fedgrpc.client.AggregatorClient``, one connection each) run as
-threads of a few driver processes against a real ``fedgrpc serve`` subprocess with the
-flat benchmark model of P float32 parameters. A party's local work is trivial: it
+N real gRPC parties (one connection each, the real channel options and wire protocol)
+run in a few driver processes against a real ``fedgrpc serve`` subprocess with the
+flat benchmark model of P float32 parameters. ``--driver aio`` (the default) runs a
+driver's parties as asyncio tasks on one ``grpc.aio`` event loop, speaking the
+protocol as ``fedgrpc.client.AggregatorClient`` does (raw model stream decoded and
+verified by ``fedgrpc.wire``, pre-serialized uploads); ``--driver threads`` runs each
+party as a thread with the synchronous ``AggregatorClient`` itself, whose CPU limits
+the round from a few hundred parties on. A party's local work is trivial: it
 answers every model version with a precomputed update, so the round is pure system
 cost. Every configuration runs for each code tree given (``--code NAME=DIR``; by
 default this tree as ``new`` and ``git archive`` of ``--baseline-ref`` as
@@ -15,13 +20,18 @@ Per configuration (rounds 1..R-2 measured; round 0 includes the joins):
 * ``payload_mb_s``: parties asked x 2 x P x 4 bytes (model down, update up) per
   ``round_s`` (all N without client sampling);
 * ``server_cpu_s``: the aggregator process's user+system CPU seconds per round;
+* ``driver``: which driver ran; ``driver_cpu_s``: the driver processes' CPU seconds
+  over the whole run (imports and joins included); ``driver_cpu_round_s``: theirs
+  per measured round, sampled like the aggregator's;
 * ``rss_mib`` / ``hwm_mib``: the aggregator's largest sampled VmRSS and its VmHWM;
   ``threads``: its largest sampled thread count (the validation worker is another
   process and is not counted);
-* ``errors``: failed calls seen by the parties, by status (and the first message).
+* ``errors``: failed calls seen by the parties, by status (and the first message);
+  a party that stopped on anything else counts as ``party stopped <Error>``.
 
     python scripts/bench_scale.py                          # N in 2..1000, P = 100 k
     python scripts/bench_scale.py --parties 1024 --code baseline=auto --rounds 3
+    python scripts/bench_scale.py --parties 128 --code new=. --driver threads
     python scripts/bench_scale.py --parties 1000 --code new=. \
         --serve-arg=--sample-count=100 --serve-arg=--min-parties=100  # sampling
 """
@@ -67,56 +77,129 @@ JOINS_AT_ONCE = 24
 
 
 # ------------------------------------------------------------------ driver
+GET_MODEL = "/fedgrpc.v1.Aggregator/GetModel"
+SUBMIT = "/fedgrpc.v1.Aggregator/SubmitGradient"
+DISTINCT_UPDATES = 8
+"""Parties share this many precomputed updates (party i sends number i % 8)."""
+
+
+class Tally:
+    """What one driver's parties saw: receipt times, acceptances, failed calls."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # uncontended with the aio driver
+        self.recv: dict[int, list[float]] = {}  # round -> receipt times of its model
+        self.sent: dict[int, list[float]] = {}  # round -> times the update was accepted
+        self.models: dict[int, int] = {}  # round -> parties that got the model
+        self.errors: Counter[str] = Counter()
+        self.first_error: dict[str, str] = {}
+        self.finished = 0
+
+    def error(self, where: str, code: str, text: str) -> None:
+        """Count a failed call (or a party that stopped) by place and status."""
+        key = f"{where} {code}"
+        with self.lock:
+            self.errors[key] += 1
+            self.first_error.setdefault(key, text[:300])
+
+    def asked(self, t: int) -> None:
+        """A party received model ``t`` to train on (it was sampled)."""
+        with self.lock:
+            self.models[t] = self.models.get(t, 0) + 1
+
+    def got(self, t: int, when: float) -> None:
+        """A party is through round ``t`` (update sent, or told to sit it out)."""
+        with self.lock:
+            self.recv.setdefault(t, []).append(when)
+
+    def accepted(self, t: int) -> None:
+        """A party's update for round ``t`` was accepted."""
+        with self.lock:
+            self.sent.setdefault(t, []).append(time.monotonic())
+
+    def done(self) -> None:
+        """A party received TrainingDone."""
+        with self.lock:
+            self.finished += 1
+
+    def result(self, driver: str, parties: int, cpu_s: float) -> dict[str, Any]:
+        """The driver's JSON output."""
+        import fedgrpc
+
+        return {
+            "fedgrpc": fedgrpc.__file__,
+            "driver": driver,
+            "parties": parties,
+            "finished": self.finished,
+            "recv": {t: [min(v), max(v), len(v)] for t, v in self.recv.items()},
+            "sent": {t: [max(v), len(v)] for t, v in self.sent.items()},
+            "models": self.models,
+            "errors": dict(self.errors),
+            "first_error": self.first_error,
+            "cpu_s": cpu_s,
+        }
+
+
 def driver_main(a: argparse.Namespace) -> int:
-    """One driver process: ``a.count`` parties as threads; write their timings."""
+    """One driver process: ``a.count`` parties (threads or aio tasks); write timings."""
     import numpy as np
 
-    import fedgrpc
     from fedgrpc.client import stub
-    from fedgrpc.client.stub import AggregatorClient, ModelVersion
-    from fedgrpc.config import ClientConfig
-    from fedgrpc.errors import ErrorCode, RemoteError
-    from fedgrpc.types import TrainingDone, UpdateKind
 
     if not a.shared_connections:
         # One TCP connection per party, as deployed parties have (gRPC otherwise
         # shares one connection between the channels of a process).
         stub.CHANNEL_OPTIONS.append(("grpc.use_local_subchannel_pool", 1))
-    threading.stack_size(512 << 10)
     rng = np.random.default_rng(a.first)
     updates = [
         {"w": rng.standard_normal(a.params, dtype=np.float32) * np.float32(1e-3)}
-        for _ in range(8)
+        for _ in range(DISTINCT_UPDATES)
     ]
-    joins = threading.Semaphore(max(1, JOINS_AT_ONCE // a.drivers))
-    lock = threading.Lock()
-    recv: dict[int, list[float]] = {}  # round -> receipt times of its model
-    sent: dict[int, list[float]] = {}  # round -> times the update was accepted
-    models: dict[int, int] = {}  # round -> parties that got the model (sampled)
-    errors: Counter[str] = Counter()
-    first_error: dict[str, str] = {}
-    done = [0]
-    end = time.monotonic() + a.timeout
+    tally = Tally()
     cpu0 = time.process_time()
+    if a.driver == "aio":
+        import asyncio
+
+        asyncio.run(_aio_parties(a, updates, tally))
+    else:
+        _thread_parties(a, updates, tally)
+    out = tally.result(a.driver, a.count, time.process_time() - cpu0)
+    Path(a.out).write_text(json.dumps(out))
+    return 0
+
+
+def _client_config(a: argparse.Namespace, pid: str) -> Any:
+    from fedgrpc.config import ClientConfig
+
+    return ClientConfig(
+        server=f"localhost:{a.port}",
+        party_id=pid,
+        data="",
+        insecure=True,
+        rpc_timeout_s=a.timeout,
+        connect_timeout_s=a.timeout,
+    )
+
+
+def _thread_parties(
+    a: argparse.Namespace, updates: list[dict[str, Any]], tally: Tally
+) -> None:
+    """Today's driver: each party a thread with a synchronous AggregatorClient."""
+    from fedgrpc.client.stub import AggregatorClient, ModelVersion
+    from fedgrpc.errors import ErrorCode, RemoteError
+    from fedgrpc.types import TrainingDone, UpdateKind
+
+    threading.stack_size(512 << 10)
+    joins = threading.Semaphore(max(1, JOINS_AT_ONCE // a.drivers))
+    end = time.monotonic() + a.timeout
 
     def note_error(err: RemoteError, where: str) -> None:
-        key = f"{where} {err.code.name if err.code else 'UNKNOWN'}"
-        with lock:
-            errors[key] += 1
-            first_error.setdefault(key, str(err)[:300])
+        tally.error(where, err.code.name if err.code else "UNKNOWN", str(err))
 
     def party(i: int) -> None:
         pid = f"p{i:05d}"
         update = updates[i % len(updates)]
-        cfg = ClientConfig(
-            server=f"localhost:{a.port}",
-            party_id=pid,
-            data="",
-            insecure=True,
-            rpc_timeout_s=a.timeout,
-            connect_timeout_s=a.timeout,
-        )
-        with AggregatorClient(cfg) as client:
+        with AggregatorClient(_client_config(a, pid)) as client:
             while True:
                 try:
                     with joins:
@@ -133,18 +216,15 @@ def driver_main(a: argparse.Namespace) -> int:
                     left = end - time.monotonic()
                     for item in client.models(next_round, left):
                         if isinstance(item, TrainingDone):
-                            with lock:
-                                done[0] += 1
+                            tally.done()
                             return
                         t = item.round
                         got = time.monotonic()
                         if not isinstance(item, ModelVersion):  # not sampled
-                            with lock:
-                                recv.setdefault(t, []).append(got)
+                            tally.got(t, got)
                             next_round = t + 1
                             continue
-                        with lock:
-                            models[t] = models.get(t, 0) + 1
+                        tally.asked(t)
                         reply = client.submit(
                             t,
                             update,
@@ -153,37 +233,219 @@ def driver_main(a: argparse.Namespace) -> int:
                             kind=UpdateKind.GRADIENT,
                             submission_id=f"{pid}:{t}",
                         )
-                        with lock:
-                            recv.setdefault(t, []).append(got)
-                            if reply.accepted:
-                                sent.setdefault(t, []).append(time.monotonic())
+                        tally.got(t, got)
+                        if reply.accepted:
+                            tally.accepted(t)
                         next_round = t + 1
                 except RemoteError as err:
                     # As the real party does: reconnect and ask for the round it needs.
                     note_error(err, "GetModel/Submit")
                     time.sleep(0.5)
 
+    def guarded(i: int) -> None:
+        try:
+            party(i)
+        except Exception as err:  # a party that stops is a result, not a crash
+            tally.error("party stopped", type(err).__name__, str(err))
+
     threads = [
-        threading.Thread(target=party, args=(i,), daemon=True)
+        threading.Thread(target=guarded, args=(i,), daemon=True)
         for i in range(a.first, a.first + a.count)
     ]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=max(0.0, end - time.monotonic()) + 5)
-    out = {
-        "fedgrpc": fedgrpc.__file__,
-        "parties": a.count,
-        "finished": done[0],
-        "recv": {t: [min(v), max(v), len(v)] for t, v in recv.items()},
-        "sent": {t: [max(v), len(v)] for t, v in sent.items()},
-        "models": models,
-        "errors": dict(errors),
-        "first_error": first_error,
-        "cpu_s": time.process_time() - cpu0,
-    }
-    Path(a.out).write_text(json.dumps(out))
-    return 0
+
+
+async def _aio_parties(
+    a: argparse.Namespace, updates: list[dict[str, Any]], tally: Tally
+) -> None:
+    """Each party an asyncio task on this process's one event loop (grpc.aio).
+
+    The same wire protocol and client options as ``AggregatorClient``: Join through
+    the proto stub, GetModel read as raw bytes and decoded and verified by
+    ``fedgrpc.wire`` (BundleDecoder, digest), SubmitGradient as pre-serialized
+    messages, ``stub.CHANNEL_OPTIONS``, the same deadlines and retries (UNAVAILABLE
+    with capped backoff; Join also on RESOURCE_EXHAUSTED, as the thread driver).
+    Each party's upload is framed once (its chunk messages and trailer are the same
+    bytes every round); only the header, which names the round, is built per round.
+    """
+    import asyncio
+    import random
+    from collections.abc import Awaitable, Callable
+
+    import grpc
+    import grpc.aio
+    import numpy as np
+
+    import fedgrpc
+    from fedgrpc import wire
+    from fedgrpc.client.stub import CHANNEL_OPTIONS, remote_error
+    from fedgrpc.errors import InvalidUpdateError
+    from fedgrpc.proto import aggregator_pb2, aggregator_pb2_grpc
+    from fedgrpc.types import SubmitHeader, SubmitOutcome, UpdateKind
+
+    joins = asyncio.Semaphore(max(1, JOINS_AT_ONCE // a.drivers))
+    end = time.monotonic() + a.timeout
+    jitter = random.Random(a.first)
+    framed: dict[int, tuple[list[bytes], bytes]] = {}  # update -> (chunks, trailer)
+
+    def note_error(err: grpc.aio.AioRpcError, where: str) -> None:
+        remote = remote_error(err)
+        tally.error(where, remote.code.name, str(remote))
+
+    async def retry(call: Callable[[], Awaitable[Any]], cfg: Any) -> Any:
+        # AggregatorClient.retry: only UNAVAILABLE, capped exponential backoff.
+        delay = cfg.backoff_initial_s
+        give_up = time.monotonic() + cfg.connect_timeout_s
+        while True:
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as err:
+                if (
+                    err.code() != grpc.StatusCode.UNAVAILABLE
+                    or time.monotonic() >= give_up
+                ):
+                    raise
+                await asyncio.sleep(
+                    min(delay, cfg.backoff_max_s) * (0.5 + jitter.random())
+                )
+                delay = min(delay * 2, cfg.backoff_max_s)
+
+    def upload(k: int, info: wire.JoinInfo) -> tuple[list[bytes], bytes]:
+        if k not in framed:
+            update = updates[k]
+            bundle = wire.prepare_bundle(
+                ((s.name, update[s.name]) for s in info.specs),
+                info.config.wire_dtype,
+            )
+            trailer = wire.submit_trailer_to_proto(bundle.digest).SerializeToString()
+            framed[k] = (list(bundle.messages()), trailer)
+        return framed[k]
+
+    async def party(i: int) -> None:
+        pid = f"p{i:05d}"
+        cfg = _client_config(a, pid)
+        async with grpc.aio.insecure_channel(
+            cfg.server, options=CHANNEL_OPTIONS
+        ) as channel:
+            join = aggregator_pb2_grpc.AggregatorStub(channel).Join
+            get_model: grpc.aio.UnaryStreamMultiCallable[
+                aggregator_pb2.GetModelRequest, bytes
+            ] = channel.unary_stream(
+                GET_MODEL,
+                request_serializer=aggregator_pb2.GetModelRequest.SerializeToString,
+                response_deserializer=None,
+            )
+            submit: grpc.aio.StreamUnaryMultiCallable[
+                bytes, aggregator_pb2.SubmitReply
+            ] = channel.stream_unary(
+                SUBMIT,
+                request_serializer=None,
+                response_deserializer=aggregator_pb2.SubmitReply.FromString,
+            )
+            request = wire.join_request_to_proto(pid, SAMPLES, fedgrpc.__version__)
+            while True:
+                try:
+                    async with joins:
+                        reply = await retry(
+                            lambda: join(request, timeout=cfg.rpc_timeout_s),
+                            cfg,
+                        )
+                    break
+                except grpc.aio.AioRpcError as err:
+                    note_error(err, "Join")
+                    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise
+                    await asyncio.sleep(0.2)
+            info = wire.join_reply_from_proto(reply)
+            chunks, trailer = upload(i % len(updates), info)
+            layout = wire.FlatLayout.of(info.specs)
+            flat = np.empty(layout.size, dtype=np.float32)  # reused for every model
+
+            def messages(t: int) -> list[bytes]:
+                header = SubmitHeader(
+                    party_id=pid,
+                    round=t,
+                    num_samples=SAMPLES,
+                    train_loss=0.0,
+                    update_kind=UpdateKind.GRADIENT,
+                    submission_id=f"{pid}:{t}",
+                )
+                head = wire.submit_header_to_proto(header).SerializeToString()
+                return [head, *chunks, trailer]
+
+            async def send(t: int) -> SubmitOutcome:
+                reply = await retry(
+                    lambda: submit(iter(messages(t)), timeout=cfg.rpc_timeout_s),
+                    cfg,
+                )
+                return wire.submit_reply_from_proto(reply)[0]
+
+            next_round = 0
+            while time.monotonic() < end:
+                try:
+                    left = end - time.monotonic()
+                    req = wire.get_model_request_to_proto(pid, next_round)
+                    header = None
+                    dec: wire.BundleDecoder | None = None
+                    # AggregatorClient._read_models, one message at a time.
+                    async for data in get_model(req, timeout=left):
+                        for kind, part in wire.read_messages(
+                            (data,), aggregator_pb2.ModelMessage
+                        ):
+                            if kind == "header":
+                                header = wire.model_header_from_proto(part)
+                                dec = wire.BundleDecoder(
+                                    info.specs,
+                                    wire_dtype=header.wire_dtype,
+                                    label=f"model of round {header.round}",
+                                )
+                            elif kind == "chunk":
+                                if dec is None:
+                                    raise InvalidUpdateError(
+                                        "model chunk before header"
+                                    )
+                                idx, off, raw = dec.feed(part)
+                                start = layout.offsets[idx] + off
+                                dec.widen(idx, raw, out=flat[start : start + raw.size])
+                            elif kind == "end":
+                                if dec is None or header is None:
+                                    raise InvalidUpdateError("model end before header")
+                                dec.finish(header.digest)
+                                t = header.round
+                                got = time.monotonic()
+                                header, dec = None, None
+                                tally.asked(t)
+                                outcome = await send(t)
+                                tally.got(t, got)
+                                if outcome.accepted:
+                                    tally.accepted(t)
+                                next_round = t + 1
+                            elif kind == "skipped":
+                                t = wire.round_skipped_from_proto(part).round
+                                tally.got(t, time.monotonic())
+                                next_round = t + 1
+                            elif kind == "done":
+                                tally.done()
+                                return
+                except grpc.aio.AioRpcError as err:
+                    # As the real party does: reconnect and ask for the round it needs.
+                    note_error(err, "GetModel/Submit")
+                    await asyncio.sleep(0.5)
+
+    async def guarded(i: int) -> None:
+        try:
+            await party(i)
+        except Exception as err:  # a party that stops is a result, not a crash
+            tally.error("party stopped", type(err).__name__, str(err))
+
+    tasks = [asyncio.create_task(guarded(i)) for i in range(a.first, a.first + a.count)]
+    _, pending = await asyncio.wait(tasks, timeout=a.timeout + 5)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 # ------------------------------------------------------------------ parent
@@ -344,6 +606,7 @@ def run_config(
             stderr=subprocess.DEVNULL,
         )
     drivers: list[tuple[subprocess.Popen[bytes], Path]] = []
+    driver_samplers: list[Sampler] = []
     try:
         end = time.monotonic() + 120
         while not port_file.exists():
@@ -360,7 +623,9 @@ def run_config(
             cmd = [
                 sys.executable,
                 str(Path(__file__).resolve()),
+                "--as-driver",
                 "--driver",
+                a.driver,
                 "--port",
                 str(port),
                 "--first",
@@ -378,7 +643,9 @@ def run_config(
             ]
             if a.shared_connections:
                 cmd.append("--shared-connections")
-            drivers.append((subprocess.Popen(cmd, env=env, cwd=run), out))
+            proc = subprocess.Popen(cmd, env=env, cwd=run)
+            drivers.append((proc, out))
+            driver_samplers.append(Sampler(proc.pid))
         for proc, _ in drivers:
             proc.wait(timeout=a.timeout + 60)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -389,6 +656,8 @@ def run_config(
                 proc.kill()
                 proc.wait(timeout=10)
         sampler.stop()
+        for s in driver_samplers:
+            s.stop()
         if spy is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 spy.wait(timeout=30)
@@ -407,7 +676,9 @@ def run_config(
             served_by = line.removeprefix("fedgrpc from ")
             break
     results = [json.loads(out.read_text()) for _, out in drivers if out.exists()]
-    row = analyse(name, n, a, results, sampler, wall_s, load0, server.returncode)
+    row = analyse(
+        name, n, a, results, sampler, driver_samplers, wall_s, load0, server.returncode
+    )
     row["served_by"] = served_by
     if not served_by.startswith(str(code)):
         raise RuntimeError(f"{name}: the aggregator ran {served_by}, not {code}")
@@ -420,6 +691,7 @@ def analyse(
     a: argparse.Namespace,
     results: list[dict[str, Any]],
     sampler: Sampler,
+    driver_samplers: list[Sampler],
     wall_s: float,
     load0: dict[str, Any],
     exit_code: int | None,
@@ -447,10 +719,13 @@ def analyse(
     measured = [t for t in range(1, a.rounds - 1) if t in first and t + 1 in first]
     rounds = [first[t + 1] - first[t] for t in measured]
     round_s = median(rounds)
-    cpu = float("nan")
+    cpu = driver_cpu = float("nan")
     if measured:
         lo, hi = first[measured[0]], first[measured[-1] + 1]
         cpu = (sampler.at(hi, "cpu_s") - sampler.at(lo, "cpu_s")) / len(measured)
+        driver_cpu = sum(
+            s.at(hi, "cpu_s") - s.at(lo, "cpu_s") for s in driver_samplers
+        ) / len(measured)
     # Model down and update up, for the parties asked (all, without sampling).
     asked = median(sampled[t] for t in measured) if measured else float(n)
     payload = asked * 2 * a.params * 4
@@ -469,7 +744,9 @@ def analyse(
         "ms_per_party": 1000 * round_s / n,
         "payload_mb_s": payload / round_s / 1e6 if rounds else float("nan"),
         "server_cpu_s": cpu,
+        "driver": a.driver,
         "driver_cpu_s": sum(r["cpu_s"] for r in results),
+        "driver_cpu_round_s": driver_cpu,
         "rss_mib": sampler.peak("VmRSS"),
         "hwm_mib": sampler.peak("VmHWM"),
         "threads": sampler.peak("Threads"),
@@ -504,6 +781,8 @@ COLUMNS = [
     ("ms_per_party", "ms/party"),
     ("payload_mb_s", "payload MB/s"),
     ("server_cpu_s", "server CPU s/round"),
+    ("driver", "driver"),
+    ("driver_cpu_round_s", "driver CPU s/round"),
     ("rss_mib", "RSS MiB"),
     ("hwm_mib", "VmHWM MiB"),
     ("threads", "threads"),
@@ -536,18 +815,26 @@ def main(argv: list[str] | None = None) -> int:
         help="extra argument for fedgrpc serve (e.g. --serve-arg=--sample-count=100)",
     )
     p.add_argument("--timeout", type=float, default=300.0, help="per run (s)")
+    p.add_argument(
+        "--driver",
+        choices=("aio", "threads"),
+        default="aio",
+        help="how a driver process runs its parties: asyncio tasks on one grpc.aio "
+        "event loop (default), or a thread each with the synchronous "
+        "AggregatorClient",
+    )
     p.add_argument("--shared-connections", action="store_true")
     p.add_argument("--py-spy", help="py-spy binary: profile the aggregator")
     p.add_argument("--profile-dir", type=Path, default=Path("profiles"))
     p.add_argument("--json-out", type=Path, help="append the rows here (JSON lines)")
     # Driver mode (internal).
-    p.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--as-driver", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.driver:
+    if a.as_driver:
         return driver_main(a)
     ns = [int(x) for x in a.parties.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="bench_scale-"))
@@ -573,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows
     ]
     print()
-    print(f"P = {human(a.params)} float32, {a.drivers} driver processes")
+    print(f"P = {human(a.params)} float32, {a.drivers} driver processes ({a.driver})")
     print(markdown_table(table, COLUMNS))
     emit({"bench": "load_at_end", **load_snapshot()})
     return 0

@@ -1,0 +1,104 @@
+"""scripts/bench_scale.py end to end at tiny N: real serve, real driver processes.
+
+The load driver is what issue 14's round times are measured with, so a driver that
+silently drops parties, rounds or errors would make those figures wrong. Each run
+here starts the real ``fedgrpc serve`` and two driver processes, and the rows it
+writes (``--json-out``) must show every party through every round, no failed call,
+and the aggregator running this tree's code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.helpers import ENV
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "bench_scale.py"
+ROUNDS = 3  # the fewest the script measures (round 1 of 0..2)
+
+
+def _bench(tmp_path: Path, *args: str) -> list[dict[str, Any]]:
+    out = tmp_path / "rows.jsonl"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--rounds",
+            str(ROUNDS),
+            "--params",
+            "2000",
+            "--drivers",
+            "2",
+            "--code",
+            "new=.",
+            "--timeout",
+            "60",
+            "--json-out",
+            str(out),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        env=ENV,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def _assert_sane(row: dict[str, Any], n: int, driver: str) -> None:
+    assert row["driver"] == driver
+    assert row["parties"] == n
+    assert row["errors"] == {}, row["first_error"]
+    assert row["rounds_complete"] == ROUNDS
+    assert row["finished"] == n
+    assert row["exit_code"] == 0
+    assert row["served_by"] == str(REPO / "fedgrpc" / "__init__.py")
+    assert row["fedgrpc"] == row["served_by"]  # the drivers ran this tree too
+    assert 0 < row["round_s"] < 10
+    assert math.isfinite(row["payload_mb_s"])
+    assert row["driver_cpu_s"] > 0
+
+
+@pytest.mark.parametrize(
+    ("driver", "parties"), [("aio", [2, 5]), ("threads", [4])], ids=["aio", "threads"]
+)
+def test_bench_scale_every_party_finishes_every_round(
+    tmp_path: Path, driver: str, parties: list[int]
+) -> None:
+    rows = _bench(
+        tmp_path, "--parties", ",".join(map(str, parties)), "--driver", driver
+    )
+
+    assert [r["parties"] for r in rows] == parties
+    for row in rows:
+        _assert_sane(row, row["parties"], driver)
+        assert row["asked_per_round"] == row["parties"]
+
+
+def test_bench_scale_aio_driver_sits_out_rounds_it_is_not_sampled_for(
+    tmp_path: Path,
+) -> None:
+    rows = _bench(
+        tmp_path,
+        "--parties",
+        "4",
+        "--serve-arg=--sample-count=2",
+        "--serve-arg=--min-parties=2",
+    )
+
+    (row,) = rows
+    _assert_sane(row, 4, "aio")  # the default driver
+    assert row["asked_per_round"] == 2
