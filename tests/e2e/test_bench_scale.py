@@ -102,3 +102,43 @@ def test_bench_scale_aio_driver_sits_out_rounds_it_is_not_sampled_for(
     (row,) = rows
     _assert_sane(row, 4, "aio")  # the default driver
     assert row["asked_per_round"] == 2
+
+
+def test_bench_grpc_floor_runs_every_round_and_prints_its_costs(
+    tmp_path: Path,
+) -> None:
+    # The floor the Scale section compares fedgrpc's round with: the same traffic
+    # through a bare grpc.aio server. A run that lost rounds would print no time.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "bench_grpc_floor.py"),
+            "--parties",
+            "3",
+            "--rounds",
+            "4",
+            "--params",
+            "1000",
+            "--drivers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        env=ENV,
+        cwd=tmp_path,
+        check=False,
+    )
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [
+        json.loads(line)
+        for line in proc.stdout.splitlines()
+        if line.startswith("{") and '"grpc_floor"' in line
+    ]
+    (row,) = rows
+    assert row["parties"] == 3
+    assert 0 < row["round_s"] < 10
+    assert row["server_cpu_s_per_round"] >= 0
+    assert row["client_cpu_s_per_round"] > 0
+    assert "| 3 |" in proc.stdout  # the table
