@@ -139,6 +139,8 @@ def test_bench_grpc_floor_runs_every_round_and_prints_its_costs(
     (row,) = rows
     assert row["parties"] == 3
     assert 0 < row["round_s"] < 10
+    # CPU is read in clock ticks (10 ms): a tiny run may round to zero.
     assert row["server_cpu_s_per_round"] >= 0
-    assert row["client_cpu_s_per_round"] > 0
+    assert row["client_cpu_s_per_round"] >= 0
+    assert row["server_ms_per_party_round"] >= 0
     assert "| 3 |" in proc.stdout  # the table
