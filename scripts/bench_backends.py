@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_common import proc_cpu_s
+
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 ROUND0 = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*round 0 open", re.M)
 CLOSED = re.compile(r"round \d+ closed: .*, ([\d.]+) s$", re.M)
@@ -43,9 +45,6 @@ CLOSED = re.compile(r"round \d+ closed: .*, ([\d.]+) s$", re.M)
 
 def _stamp(text: str) -> float:
     return dt.datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-
-
-TICK_S = os.sysconf("SC_CLK_TCK")
 
 
 def _kind(cmd: str) -> str:
@@ -92,11 +91,10 @@ class CpuSampler:
         while not self._stop.wait(0.2):
             for pid in self._tree():
                 try:
-                    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    cpu = proc_cpu_s(pid)
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
                 except OSError:
                     continue
-                cpu = (int(f[11]) + int(f[12])) / TICK_S
                 kind = _kind(" " + cmd.replace(b"\0", b" ").decode(errors="replace"))
                 # The last specific kind wins: a zombie's command line is empty, and
                 # a child seen before its exec still has its parent's.

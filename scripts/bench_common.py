@@ -125,6 +125,16 @@ def load_snapshot() -> dict[str, Any]:
     return out
 
 
+def proc_cpu_s(pid: int | str = "self") -> float:
+    """User + system CPU seconds of a process (/proc/PID/stat).
+
+    Raises:
+        OSError: the process is gone.
+    """
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_status_mib(field: str, pid: int | str = "self") -> float:
     """A ``kB`` field of /proc/PID/status (VmRSS, VmHWM) in MiB; NaN if unreadable."""
     try:

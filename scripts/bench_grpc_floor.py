@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from bench_common import emit, load_snapshot, machine_info, markdown_table
+from bench_common import emit, load_snapshot, machine_info, markdown_table, proc_cpu_s
 
 HEADER = b"h" * 64
 END = b"e" * 48
@@ -38,11 +37,6 @@ OPTIONS = [
     ("grpc.max_receive_message_length", 8 << 20),
     ("grpc.max_send_message_length", 8 << 20),
 ]
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------- server
@@ -187,10 +181,10 @@ def run(n: int, a: argparse.Namespace, tmp: Path) -> dict[str, object]:
     samples: list[tuple[float, float, float]] = []  # (time, server, clients) CPU s
     while server.poll() is None:
         with contextlib.suppress(OSError, ValueError, IndexError):
-            server_cpu = _cpu_s(server.pid)
+            server_cpu = proc_cpu_s(server.pid)
             for i, (p, _) in enumerate(drivers):
                 if p.poll() is None:
-                    client_cpu[i] = _cpu_s(p.pid)
+                    client_cpu[i] = proc_cpu_s(p.pid)
             samples.append((time.monotonic(), server_cpu, sum(client_cpu)))
         time.sleep(0.02)
     for p, _ in drivers:

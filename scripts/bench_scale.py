@@ -59,6 +59,7 @@ from bench_common import (
     markdown_table,
     median,
     parse_count,
+    proc_cpu_s,
     write_val_npz,
 )
 
@@ -277,14 +278,17 @@ async def _aio_parties(
 
     import grpc
     import grpc.aio
-    import numpy as np
 
     import fedgrpc
     from fedgrpc import wire
-    from fedgrpc.client.stub import CHANNEL_OPTIONS, remote_error
-    from fedgrpc.errors import InvalidUpdateError
+    from fedgrpc.client.stub import (
+        CHANNEL_OPTIONS,
+        ModelReader,
+        ModelVersion,
+        remote_error,
+    )
     from fedgrpc.proto import aggregator_pb2, aggregator_pb2_grpc
-    from fedgrpc.types import SubmitHeader, SubmitOutcome, UpdateKind
+    from fedgrpc.types import SubmitHeader, SubmitOutcome, TrainingDone, UpdateKind
 
     joins = asyncio.Semaphore(max(1, JOINS_AT_ONCE // a.drivers))
     end = time.monotonic() + a.timeout
@@ -361,8 +365,6 @@ async def _aio_parties(
                     await asyncio.sleep(0.2)
             info = wire.join_reply_from_proto(reply)
             chunks, trailer = upload(i % len(updates), info)
-            layout = wire.FlatLayout.of(info.specs)
-            flat = np.empty(layout.size, dtype=np.float32)  # reused for every model
 
             def messages(t: int) -> list[bytes]:
                 header = SubmitHeader(
@@ -388,48 +390,23 @@ async def _aio_parties(
                 try:
                     left = end - time.monotonic()
                     req = wire.get_model_request_to_proto(pid, next_round)
-                    header = None
-                    dec: wire.BundleDecoder | None = None
-                    # AggregatorClient._read_models, one message at a time.
+                    reader = ModelReader(info.specs, reuse=True)
                     async for data in get_model(req, timeout=left):
-                        for kind, part in wire.read_messages(
-                            (data,), aggregator_pb2.ModelMessage
-                        ):
-                            if kind == "header":
-                                header = wire.model_header_from_proto(part)
-                                dec = wire.BundleDecoder(
-                                    info.specs,
-                                    wire_dtype=header.wire_dtype,
-                                    label=f"model of round {header.round}",
-                                )
-                            elif kind == "chunk":
-                                if dec is None:
-                                    raise InvalidUpdateError(
-                                        "model chunk before header"
-                                    )
-                                idx, off, raw = dec.feed(part)
-                                start = layout.offsets[idx] + off
-                                dec.widen(idx, raw, out=flat[start : start + raw.size])
-                            elif kind == "end":
-                                if dec is None or header is None:
-                                    raise InvalidUpdateError("model end before header")
-                                dec.finish(header.digest)
-                                t = header.round
-                                got = time.monotonic()
-                                header, dec = None, None
+                        for item in reader.feed(data):
+                            if isinstance(item, TrainingDone):
+                                tally.done()
+                                return
+                            t = item.round
+                            got = time.monotonic()
+                            if isinstance(item, ModelVersion):
                                 tally.asked(t)
                                 outcome = await send(t)
                                 tally.got(t, got)
                                 if outcome.accepted:
                                     tally.accepted(t)
-                                next_round = t + 1
-                            elif kind == "skipped":
-                                t = wire.round_skipped_from_proto(part).round
-                                tally.got(t, time.monotonic())
-                                next_round = t + 1
-                            elif kind == "done":
-                                tally.done()
-                                return
+                            else:  # not sampled
+                                tally.got(t, got)
+                            next_round = t + 1
                 except grpc.aio.AioRpcError as err:
                     # As the real party does: reconnect and ask for the round it needs.
                     note_error(err, "GetModel/Submit")
@@ -458,8 +435,7 @@ def _proc_status(pid: int) -> dict[str, float]:
                 out[key] = int(value.split()[0]) / 1024
             elif key == "Threads":
                 out[key] = int(value)
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        out["cpu_s"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        out["cpu_s"] = proc_cpu_s(pid)
     except (OSError, ValueError, IndexError):
         pass
     return out

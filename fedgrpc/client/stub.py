@@ -35,6 +35,7 @@ from fedgrpc.errors import (
 from fedgrpc.proto import aggregator_pb2, aggregator_pb2_grpc
 from fedgrpc.types import (
     ContributionReport,
+    ModelHeader,
     RoundSkipped,
     RunStatus,
     SubmitHeader,
@@ -79,6 +80,59 @@ def remote_error(err: grpc.RpcError) -> RemoteError:
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
     return RemoteError(f"{code.name}: {details}", code=ErrorCode.of(code.name))
+
+
+class ModelReader:
+    """Decodes a GetModel stream one serialized message at a time.
+
+    Each complete model version, skipped round or end of training comes out of
+    :meth:`feed` as it completes; a version's digest is checked before it is given.
+    The synchronous client and the asyncio load driver (``scripts/bench_scale.py``)
+    read their streams with it.
+
+    Args:
+        specs: the model's tensors (from Join).
+        reuse: decode every version into the same array (the caller is done with a
+            version before the next arrives); by default each gets its own.
+    """
+
+    def __init__(self, specs: tuple[TensorSpec, ...], *, reuse: bool = False) -> None:
+        self._specs = specs
+        self._layout = wire.FlatLayout.of(specs)
+        self._reuse = reuse
+        self._flat = np.empty(self._layout.size if reuse else 0, dtype=np.float32)
+        self._header: ModelHeader | None = None
+        self._dec: wire.BundleDecoder | None = None
+
+    def feed(self, data: bytes) -> Iterator[ModelVersion | RoundSkipped | TrainingDone]:
+        """What ``data`` (one serialized ``ModelMessage``) completes, if anything."""
+        for kind, part in wire.read_messages((data,), aggregator_pb2.ModelMessage):
+            if kind == "header":
+                self._header = wire.model_header_from_proto(part)
+                self._dec = wire.BundleDecoder(
+                    self._specs,
+                    wire_dtype=self._header.wire_dtype,
+                    label=f"model of round {self._header.round}",
+                )
+                if not self._reuse:
+                    self._flat = np.empty(self._layout.size, dtype=np.float32)
+            elif kind == "chunk":
+                if self._dec is None:
+                    raise InvalidUpdateError("model chunk before its header")
+                idx, off, raw = self._dec.feed(part)
+                start = self._layout.offsets[idx] + off
+                self._dec.widen(idx, raw, out=self._flat[start : start + raw.size])
+            elif kind == "end":
+                header, dec = self._header, self._dec
+                if dec is None or header is None:
+                    raise InvalidUpdateError("model end before its header")
+                dec.finish(header.digest)
+                self._header, self._dec = None, None
+                yield ModelVersion(header.round, self._flat, header.digest)
+            elif kind == "skipped":
+                yield wire.round_skipped_from_proto(part)
+            elif kind == "done":
+                yield wire.training_done_from_proto(part)
 
 
 class AggregatorClient:
@@ -228,36 +282,12 @@ class AggregatorClient:
     def _read_models(
         self, stream: Iterator[bytes]
     ) -> Iterator[ModelVersion | RoundSkipped | TrainingDone]:
-        layout = wire.FlatLayout.of(self.specs)
-        header = None
-        dec: wire.BundleDecoder | None = None
-        flat = np.empty(0, dtype=np.float32)
-        for kind, part in wire.read_messages(stream, aggregator_pb2.ModelMessage):
-            if kind == "header":
-                header = wire.model_header_from_proto(part)
-                dec = wire.BundleDecoder(
-                    self.specs,
-                    wire_dtype=header.wire_dtype,
-                    label=f"model of round {header.round}",
-                )
-                flat = np.empty(layout.size, dtype=np.float32)
-            elif kind == "chunk":
-                if dec is None:
-                    raise InvalidUpdateError("model chunk before its header")
-                idx, off, raw = dec.feed(part)
-                start = layout.offsets[idx] + off
-                dec.widen(idx, raw, out=flat[start : start + raw.size])
-            elif kind == "end":
-                if dec is None or header is None:
-                    raise InvalidUpdateError("model end before its header")
-                dec.finish(header.digest)
-                yield ModelVersion(header.round, flat, header.digest)
-                header, dec = None, None
-            elif kind == "skipped":
-                yield wire.round_skipped_from_proto(part)
-            elif kind == "done":
-                yield wire.training_done_from_proto(part)
-                return
+        reader = ModelReader(self.specs)
+        for data in stream:
+            for item in reader.feed(data):
+                yield item
+                if isinstance(item, TrainingDone):
+                    return
 
     def submit(
         self,

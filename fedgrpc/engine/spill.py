@@ -485,38 +485,32 @@ class DirSpill:
                     w.cancelled = True
             while any(r == round_index for r, _ in self._pending):
                 self._cond.wait()
-            for table in (self._failed, self._where):
-                for key in [k for k in table if k[0] == round_index]:
-                    del table[key]
-            self._on_disk.pop(round_index, None)
-            f = self._files.pop(round_index, None)
-        if f is not None:
-            f.close()
+            self._forget({round_index})
         shutil.rmtree(self._dir(round_index), ignore_errors=True)
 
     def drop_all(self, keep: Collection[int] = ()) -> None:
         """Delete every spilled round but ``keep`` (a resumed run's pending ones)."""
         self.flush()
+        with self._cond:
+            known = {r for r, _ in self._where} | set(self._files) | set(self._on_disk)
+            self._forget(known - set(keep))
         if not self.root.is_dir():
             return
         kept = {self._dir(r).name for r in keep}
         for d in self.root.iterdir():
-            if d.name in kept:
-                continue
-            with self._cond:
-                for r in [r for r in self._files if self._dir(r).name == d.name]:
-                    self._files.pop(r).close()
-                self._where = {
-                    k: w
-                    for k, w in self._where.items()
-                    if self._dir(k[0]).name != d.name
-                }
-                self._on_disk = {
-                    r: x
-                    for r, x in self._on_disk.items()
-                    if self._dir(r).name != d.name
-                }
-            shutil.rmtree(d, ignore_errors=True)
+            if d.name not in kept:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def _forget(self, rounds: Collection[int]) -> None:
+        """Close and forget what is known of ``rounds`` (under the condition)."""
+        for table in (self._failed, self._where):
+            for key in [k for k in table if k[0] in rounds]:
+                del table[key]
+        for r in rounds:
+            self._on_disk.pop(r, None)
+            f = self._files.pop(r, None)
+            if f is not None:
+                f.close()
 
 
 def _read_index(folder: Path) -> dict[str, _Where]:

@@ -27,26 +27,10 @@ SCRIPT = REPO / "scripts" / "bench_scale.py"
 ROUNDS = 3  # the fewest the script measures (round 1 of 0..2)
 
 
-def _bench(tmp_path: Path, *args: str) -> list[dict[str, Any]]:
-    out = tmp_path / "rows.jsonl"
+def _script(tmp_path: Path, script: Path, *args: str) -> str:
+    """Run a benchmark script to its end; its stdout."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--rounds",
-            str(ROUNDS),
-            "--params",
-            "2000",
-            "--drivers",
-            "2",
-            "--code",
-            "new=.",
-            "--timeout",
-            "60",
-            "--json-out",
-            str(out),
-            *args,
-        ],
+        [sys.executable, str(script), *args],
         capture_output=True,
         text=True,
         timeout=80,
@@ -55,6 +39,28 @@ def _bench(tmp_path: Path, *args: str) -> list[dict[str, Any]]:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _bench(tmp_path: Path, *args: str) -> list[dict[str, Any]]:
+    out = tmp_path / "rows.jsonl"
+    _script(
+        tmp_path,
+        SCRIPT,
+        "--rounds",
+        str(ROUNDS),
+        "--params",
+        "2000",
+        "--drivers",
+        "2",
+        "--code",
+        "new=.",
+        "--timeout",
+        "60",
+        "--json-out",
+        str(out),
+        *args,
+    )
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
@@ -109,31 +115,22 @@ def test_bench_grpc_floor_runs_every_round_and_prints_its_costs(
 ) -> None:
     # The floor the Scale section compares fedgrpc's round with: the same traffic
     # through a bare grpc.aio server. A run that lost rounds would print no time.
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "bench_grpc_floor.py"),
-            "--parties",
-            "3",
-            "--rounds",
-            "4",
-            "--params",
-            "1000",
-            "--drivers",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=80,
-        env=ENV,
-        cwd=tmp_path,
-        check=False,
+    stdout = _script(
+        tmp_path,
+        REPO / "scripts" / "bench_grpc_floor.py",
+        "--parties",
+        "3",
+        "--rounds",
+        "4",
+        "--params",
+        "1000",
+        "--drivers",
+        "2",
     )
 
-    assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [
         json.loads(line)
-        for line in proc.stdout.splitlines()
+        for line in stdout.splitlines()
         if line.startswith("{") and '"grpc_floor"' in line
     ]
     (row,) = rows
@@ -143,4 +140,4 @@ def test_bench_grpc_floor_runs_every_round_and_prints_its_costs(
     assert row["server_cpu_s_per_round"] >= 0
     assert row["client_cpu_s_per_round"] >= 0
     assert row["server_ms_per_party_round"] >= 0
-    assert "| 3 |" in proc.stdout  # the table
+    assert "| 3 |" in stdout  # the table
