@@ -661,6 +661,32 @@ KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
 """The server's HTTP/2 keepalive and ping policy."""
 
 
+READ_BUFFER_BYTES = 64 * 1024
+"""The most one connection's pending TCP read may hold allocated.
+
+gRPC sizes a connection's next read buffer from its largest recent burst (doubling,
+then decaying by 1 % a read, with no upper bound by default; grpc/grpc#42194) and
+keeps it allocated while the connection is idle, so each party that once uploaded
+a model kept up to ~1.5 times that upload in empty read slices. With 1,000 parties
+x 400 kB updates, 587 MiB of the aggregator's heap was 64 KiB TCP read slices
+(heaptrack) and its RSS reached 670-740 MiB. Capped, a read takes at most this much
+of what the kernel has buffered; the TCP window is the kernel's and is unchanged
+(docs/benchmarks.md, Scale)."""
+
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.so_reuseport", 0),
+    # Without BDP probing each stream's HTTP/2 window stays at its default instead
+    # of growing per connection: peak RSS with 32 parties x 10 M parameters fell
+    # from 1365 to 843 MiB at the same round time.
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.experimental.tcp_max_read_buffer_size", READ_BUFFER_BYTES),
+    *KEEPALIVE_OPTIONS,
+    # Connections with no call for 10 min are closed.
+    ("grpc.max_connection_idle_ms", 600_000),
+]
+"""The aggregator's gRPC server options."""
+
+
 def _grpc_server(
     servicer: AggregatorServicer,
     health_servicer: ThreadSafeHealth,
@@ -691,19 +717,7 @@ def _grpc_server(
             server,
         )
 
-    return AioServer(
-        [
-            ("grpc.so_reuseport", 0),
-            # Without BDP probing each stream's HTTP/2 window stays at its default
-            # instead of growing per connection: peak RSS with 32 parties x 10 M
-            # parameters fell from 1365 to 843 MiB at the same round time.
-            ("grpc.http2.bdp_probe", 0),
-            *KEEPALIVE_OPTIONS,
-            # Connections with no call for 10 min are closed.
-            ("grpc.max_connection_idle_ms", 600_000),
-        ],
-        setup,
-    )
+    return AioServer(SERVER_OPTIONS, setup)
 
 
 MALLOC_ARENAS = 2
