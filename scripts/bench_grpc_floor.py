@@ -10,9 +10,15 @@ stored. What this costs per round is what any Python gRPC aggregator pays before
 doing any work, so it bounds the round time fedgrpc can reach on the same cores.
 
     python scripts/bench_grpc_floor.py --parties 1000 --params 100000 --rounds 6
+    python scripts/bench_grpc_floor.py --parties 1000 --rounds 8 \
+        --server-option=grpc.http2.bdp_probe=0 \
+        --server-option=grpc.experimental.tcp_max_read_buffer_size=65536
 
-Prints, per N: the median round time, and the server's and the clients' CPU seconds
-per round (user + system, from /proc), with the load average before and after.
+Prints, per N: the median round time, the server's and the clients' CPU seconds per
+round (user + system, from /proc) and the server's peak RSS (sampled every 20 ms),
+with the load average before and after. ``--server-option`` adds a channel option to
+the bare server (gRPC's defaults otherwise), e.g. those of fedgrpc's aggregator
+(``fedgrpc.server.app.SERVER_OPTIONS``).
 """
 
 from __future__ import annotations
@@ -28,7 +34,14 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from bench_common import emit, load_snapshot, machine_info, markdown_table, proc_cpu_s
+from bench_common import (
+    emit,
+    load_snapshot,
+    machine_info,
+    markdown_table,
+    proc_cpu_s,
+    proc_status_mib,
+)
 
 HEADER = b"h" * 64
 END = b"e" * 48
@@ -80,8 +93,9 @@ async def serve(a: argparse.Namespace) -> None:
             "Submit": grpc.stream_unary_rpc_method_handler(submit),
         },
     )
+    extra = [(k, int(v)) for k, _, v in (o.partition("=") for o in a.server_option)]
     server = grpc.aio.server(
-        options=[*OPTIONS, ("grpc.max_concurrent_streams", 1 << 16)]
+        options=[*OPTIONS, ("grpc.max_concurrent_streams", 1 << 16), *extra]
     )
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -147,6 +161,7 @@ def run(n: int, a: argparse.Namespace, tmp: Path) -> dict[str, object]:
             str(a.params),
             "--rounds",
             str(a.rounds),
+            *(f"--server-option={o}" for o in a.server_option),
         ]
     )
     while not port_file.exists():
@@ -179,9 +194,11 @@ def run(n: int, a: argparse.Namespace, tmp: Path) -> dict[str, object]:
         )
     client_cpu: list[float] = [0.0] * len(drivers)
     samples: list[tuple[float, float, float]] = []  # (time, server, clients) CPU s
+    rss_mib = 0.0
     while server.poll() is None:
         with contextlib.suppress(OSError, ValueError, IndexError):
             server_cpu = proc_cpu_s(server.pid)
+            rss_mib = max(rss_mib, proc_status_mib("VmRSS", server.pid))
             for i, (p, _) in enumerate(drivers):
                 if p.poll() is None:
                     client_cpu[i] = proc_cpu_s(p.pid)
@@ -211,6 +228,8 @@ def run(n: int, a: argparse.Namespace, tmp: Path) -> dict[str, object]:
         "server_cpu_s_per_round": round((s1 - s0) / measured, 3),
         "client_cpu_s_per_round": round((c1 - c0) / measured, 3),
         "server_ms_per_party_round": round(1e3 * (s1 - s0) / measured / n, 3),
+        "server_rss_mib": round(rss_mib, 1),
+        "server_options": " ".join(a.server_option) or "-",
         "load_1m_before": load0["loadavg_1m"],
         "load_1m_after": load_snapshot()["loadavg_1m"],
     }
@@ -222,6 +241,13 @@ def main() -> int:
     ap.add_argument("--params", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--drivers", type=int, default=4)
+    ap.add_argument(
+        "--server-option",
+        action="append",
+        default=[],
+        metavar="NAME=INT",
+        help="a channel option for the server (e.g. grpc.http2.bdp_probe=0)",
+    )
     ap.add_argument("--as-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--as-clients", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port-file", help=argparse.SUPPRESS)
@@ -256,6 +282,7 @@ def main() -> int:
                 ("round_s", "round s"),
                 ("server_cpu_s_per_round", "server CPU s/round"),
                 ("server_ms_per_party_round", "server ms/party-round"),
+                ("server_rss_mib", "server peak RSS MiB"),
                 ("client_cpu_s_per_round", "clients CPU s/round"),
                 ("load", "load 1m"),
             ],

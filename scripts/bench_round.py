@@ -288,16 +288,19 @@ def _server_main(
 
 
 def _add_server_options(extra: list[tuple[str, int | str]]) -> None:
-    """Append channel arguments to every ``grpc.server`` made in this process."""
+    """Append channel arguments to every ``grpc.server`` and ``grpc.aio.server`` (the
+    aggregator's) made in this process."""
     import grpc
+    import grpc.aio
 
-    make = grpc.server
+    for module in (grpc, grpc.aio):
+        make = module.server
 
-    def server(*args: Any, **kw: Any) -> Any:
-        kw["options"] = [*(kw.get("options") or []), *extra]
-        return make(*args, **kw)
+        def server(*args: Any, _make: Any = make, **kw: Any) -> Any:
+            kw["options"] = [*(kw.get("options") or []), *extra]
+            return _make(*args, **kw)
 
-    setattr(grpc, "server", server)  # noqa: B010
+        setattr(module, "server", server)  # noqa: B010
 
 
 def _validator_class(validator: str) -> type:

@@ -11,7 +11,10 @@ the round from a few hundred parties on. A party's local work is trivial: it
 answers every model version with a precomputed update, so the round is pure system
 cost. Every configuration runs for each code tree given (``--code NAME=DIR``; by
 default this tree as ``new`` and ``git archive`` of ``--baseline-ref`` as
-``baseline``), interleaved, so both see the same machine load.
+``baseline``), interleaved, so both see the same machine load. The aggregator is the
+tree's; the aio driver is this tree's code (the instrument, the same for every tree)
+with the tree's ``CHANNEL_OPTIONS`` (its keepalive pings, windows); the threads
+driver runs the tree's own ``AggregatorClient``.
 
 Per configuration (rounds 1..R-2 measured; round 0 includes the joins):
 
@@ -29,6 +32,11 @@ Per configuration (rounds 1..R-2 measured; round 0 includes the joins):
 * ``errors``: failed calls seen by the parties, by status (and the first message);
   a party that stopped on anything else counts as ``party stopped <Error>``.
 
+``--trace-dir DIR`` also writes, per run, ``DIR/<code>-<N>.json``: the aggregator's
+sampled RSS (MiB) and threads over time and each round's first and last model receipt,
+in seconds from its start. ``--serve-wrap 'heaptrack -o DIR/serve'`` runs the
+aggregator under a heap profiler (where the 1,000-party memory was found).
+
     python scripts/bench_scale.py                          # N in 2..1000, P = 100 k
     python scripts/bench_scale.py --parties 1024 --code baseline=auto --rounds 3
     python scripts/bench_scale.py --parties 128 --code new=. --driver threads
@@ -40,8 +48,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -147,6 +157,8 @@ def driver_main(a: argparse.Namespace) -> int:
 
     from fedgrpc.client import stub
 
+    if a.channel_options:  # the tree under test's (this tree's code runs the parties)
+        stub.CHANNEL_OPTIONS[:] = [tuple(o) for o in json.loads(a.channel_options)]
     if not a.shared_connections:
         # One TCP connection per party, as deployed parties have (gRPC otherwise
         # shares one connection between the channels of a process).
@@ -503,6 +515,24 @@ def _env(code: Path) -> dict[str, str]:
     return env
 
 
+@functools.cache
+def _channel_options(code: Path) -> str:
+    """``fedgrpc.client.stub.CHANNEL_OPTIONS`` of the tree at ``code``, as JSON."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json; from fedgrpc.client.stub import CHANNEL_OPTIONS as o; "
+            "print(json.dumps(o))",
+        ],
+        env=_env(code),
+        cwd=code,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
 def run_config(
     name: str,
     code: Path,
@@ -516,6 +546,7 @@ def run_config(
     run.mkdir()
     port_file = run / "port"
     serve = [
+        *shlex.split(a.serve_wrap),
         sys.executable,
         "-c",
         SERVE_MAIN,
@@ -619,7 +650,13 @@ def run_config(
             ]
             if a.shared_connections:
                 cmd.append("--shared-connections")
-            proc = subprocess.Popen(cmd, env=env, cwd=run)
+            driver_env = env
+            if a.driver == "aio":
+                # The instrument is this tree's; the client options are the
+                # measured tree's (they decide e.g. its keepalive pings).
+                cmd += ["--channel-options", _channel_options(code)]
+                driver_env = _env(REPO)
+            proc = subprocess.Popen(cmd, env=driver_env, cwd=run)
             drivers.append((proc, out))
             driver_samplers.append(Sampler(proc.pid))
         for proc, _ in drivers:
@@ -656,9 +693,32 @@ def run_config(
         name, n, a, results, sampler, driver_samplers, wall_s, load0, server.returncode
     )
     row["served_by"] = served_by
+    if a.trace_dir is not None:
+        write_trace(a.trace_dir / f"{name}-{n}.json", sampler, results, t0)
     if not served_by.startswith(str(code)):
         raise RuntimeError(f"{name}: the aggregator ran {served_by}, not {code}")
     return row
+
+
+def write_trace(
+    path: Path, sampler: Sampler, results: list[dict[str, Any]], t0: float
+) -> None:
+    """The aggregator's sampled RSS and threads over time, and each round's first and
+    last model receipt (seconds from the aggregator's start), as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rounds: dict[int, list[float]] = {}
+    for r in results:
+        for key, (lo, hi, _) in r["recv"].items():
+            lo_hi = rounds.setdefault(int(key), [lo, hi])
+            lo_hi[0], lo_hi[1] = min(lo_hi[0], lo), max(lo_hi[1], hi)
+    trace = {
+        "samples": [
+            [round(t - t0, 3), s.get("VmRSS"), s.get("Threads")]
+            for t, s in sampler.samples
+        ],
+        "rounds": {t: [round(v - t0, 3) for v in lo_hi] for t, lo_hi in rounds.items()},
+    }
+    path.write_text(json.dumps(trace))
 
 
 def analyse(
@@ -803,12 +863,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--py-spy", help="py-spy binary: profile the aggregator")
     p.add_argument("--profile-dir", type=Path, default=Path("profiles"))
     p.add_argument("--json-out", type=Path, help="append the rows here (JSON lines)")
+    p.add_argument(
+        "--serve-wrap",
+        default="",
+        metavar="CMD",
+        help="run the aggregator under this command (e.g. 'heaptrack -o DIR/serve'); "
+        "its RSS and CPU are then the wrapper's",
+    )
+    p.add_argument(
+        "--trace-dir",
+        type=Path,
+        help="write each run's RSS and threads over time, with its rounds, here",
+    )
     # Driver mode (internal).
     p.add_argument("--as-driver", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--channel-options", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.as_driver:
         return driver_main(a)

@@ -103,11 +103,22 @@ def test_bench_scale_aio_driver_sits_out_rounds_it_is_not_sampled_for(
         "4",
         "--serve-arg=--sample-count=2",
         "--serve-arg=--min-parties=2",
+        "--trace-dir",
+        str(tmp_path / "trace"),
     )
 
     (row,) = rows
     _assert_sane(row, 4, "aio")  # the default driver
     assert row["asked_per_round"] == 2
+    # The memory trace: the aggregator's RSS over time, and every round's receipts
+    # within the sampled span.
+    trace = json.loads((tmp_path / "trace" / "new-4.json").read_text())
+    times = [t for t, _, _ in trace["samples"]]
+    assert times == sorted(times) and len(times) > 5
+    assert max(rss for _, rss, _ in trace["samples"]) == row["rss_mib"]
+    assert sorted(trace["rounds"], key=int) == [str(t) for t in range(ROUNDS)]
+    for lo, hi in trace["rounds"].values():
+        assert times[0] <= lo <= hi <= times[-1]
 
 
 def test_bench_grpc_floor_runs_every_round_and_prints_its_costs(
@@ -126,6 +137,7 @@ def test_bench_grpc_floor_runs_every_round_and_prints_its_costs(
         "1000",
         "--drivers",
         "2",
+        "--server-option=grpc.experimental.tcp_max_read_buffer_size=65536",
     )
 
     rows = [
@@ -140,4 +152,6 @@ def test_bench_grpc_floor_runs_every_round_and_prints_its_costs(
     assert row["server_cpu_s_per_round"] >= 0
     assert row["client_cpu_s_per_round"] >= 0
     assert row["server_ms_per_party_round"] >= 0
+    assert row["server_rss_mib"] > 10  # a Python process with grpc loaded
+    assert row["server_options"] == "grpc.experimental.tcp_max_read_buffer_size=65536"
     assert "| 3 |" in stdout  # the table
