@@ -125,6 +125,12 @@ def load_snapshot() -> dict[str, Any]:
     return out
 
 
+def channel_option(kv: str) -> tuple[str, int | str]:
+    """A gRPC channel argument from ``NAME=VALUE`` (an int when it is one)."""
+    key, _, value = kv.partition("=")
+    return key, int(value) if value.lstrip("-").isdigit() else value
+
+
 def proc_cpu_s(pid: int | str = "self") -> float:
     """User + system CPU seconds of a process (/proc/PID/stat).
 

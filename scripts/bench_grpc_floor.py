@@ -35,6 +35,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from bench_common import (
+    channel_option,
     emit,
     load_snapshot,
     machine_info,
@@ -93,7 +94,7 @@ async def serve(a: argparse.Namespace) -> None:
             "Submit": grpc.stream_unary_rpc_method_handler(submit),
         },
     )
-    extra = [(k, int(v)) for k, _, v in (o.partition("=") for o in a.server_option)]
+    extra = [channel_option(o) for o in a.server_option]
     server = grpc.aio.server(
         options=[*OPTIONS, ("grpc.max_concurrent_streams", 1 << 16), *extra]
     )

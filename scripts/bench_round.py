@@ -52,6 +52,7 @@ import numpy as np
 from bench_common import (
     Control,
     WorkerPool,
+    channel_option,
     client_for,
     emit,
     human,
@@ -836,10 +837,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [parse_count(x) for x in a.params.split(",")]
     real_ns = [int(x) for x in a.real_val_parties.split(",") if x]
     server_env = dict(kv.split("=", 1) for kv in a.server_env)
-    grpc_args: list[tuple[str, int | str]] = []
-    for kv in a.grpc_arg:
-        key, value = kv.split("=", 1)
-        grpc_args.append((key, int(value) if value.lstrip("-").isdigit() else value))
+    grpc_args = [channel_option(kv) for kv in a.grpc_arg]
     emit(
         {
             "bench": "machine",

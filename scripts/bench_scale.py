@@ -700,23 +700,32 @@ def run_config(
     return row
 
 
+def receipts(results: list[dict[str, Any]]) -> dict[int, tuple[float, float, int]]:
+    """Per round, over all drivers: its first and last model receipt, and how many."""
+    out: dict[int, tuple[float, float, int]] = {}
+    for r in results:
+        for key, (lo, hi, cnt) in r["recv"].items():
+            t = int(key)
+            lo0, hi0, cnt0 = out.get(t, (lo, hi, 0))
+            out[t] = (min(lo0, lo), max(hi0, hi), cnt0 + cnt)
+    return out
+
+
 def write_trace(
     path: Path, sampler: Sampler, results: list[dict[str, Any]], t0: float
 ) -> None:
     """The aggregator's sampled RSS and threads over time, and each round's first and
     last model receipt (seconds from the aggregator's start), as JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    rounds: dict[int, list[float]] = {}
-    for r in results:
-        for key, (lo, hi, _) in r["recv"].items():
-            lo_hi = rounds.setdefault(int(key), [lo, hi])
-            lo_hi[0], lo_hi[1] = min(lo_hi[0], lo), max(lo_hi[1], hi)
     trace = {
         "samples": [
             [round(t - t0, 3), s.get("VmRSS"), s.get("Threads")]
             for t, s in sampler.samples
         ],
-        "rounds": {t: [round(v - t0, 3) for v in lo_hi] for t, lo_hi in rounds.items()},
+        "rounds": {
+            t: [round(lo - t0, 3), round(hi - t0, 3)]
+            for t, (lo, hi, _) in receipts(results).items()
+        },
     }
     path.write_text(json.dumps(trace))
 
@@ -733,17 +742,12 @@ def analyse(
     exit_code: int | None,
 ) -> dict[str, Any]:
     """One result row from the drivers' timings and the aggregator's samples."""
-    first: dict[int, float] = {}
-    last: dict[int, float] = {}
-    got: Counter[int] = Counter()
+    spans = receipts(results)
+    first = {t: lo for t, (lo, _, _) in spans.items()}
+    got = {t: cnt for t, (_, _, cnt) in spans.items()}
     errors: Counter[str] = Counter()
     first_error: dict[str, str] = {}
     for r in results:
-        for key, (lo, hi, cnt) in r["recv"].items():
-            t = int(key)
-            first[t] = min(first.get(t, lo), lo)
-            last[t] = max(last.get(t, hi), hi)
-            got[t] += cnt
         errors.update(r["errors"])
         for k, v in r["first_error"].items():
             first_error.setdefault(k, v)

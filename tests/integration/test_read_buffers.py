@@ -40,11 +40,9 @@ import grpc
 
 from fedgrpc.server.app import SERVER_OPTIONS
 
-CAP = "grpc.experimental.tcp_max_read_buffer_size"
-
 
 async def main() -> None:
-    options = [o for o in SERVER_OPTIONS if sys.argv[2] == "capped" or o[0] != CAP]
+    options = [o for o in SERVER_OPTIONS if o[0] not in sys.argv[2:]]  # dropped
 
     async def upload(messages, context):
         async for _ in messages:
@@ -110,7 +108,8 @@ async def _upload_from(port: int, n: int) -> list[grpc.aio.Channel]:
 
 def _growth_kib_per_connection(tmp_path: Path, mode: str) -> float:
     port_file = tmp_path / f"port-{mode}"
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(port_file), mode])
+    drop = [CAP] if mode == "uncapped" else []
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(port_file), *drop])
     try:
         deadline = time.monotonic() + 30
         while not port_file.exists() or not port_file.read_text():
